@@ -1,0 +1,10 @@
+"""The HTTP client factory: one shared AsyncClient per service, explicit timeouts."""
+
+import httpx
+
+
+def make_client(*, connect_timeout_s: float = 2.0, read_timeout_s: float = 30.0,
+                max_connections: int = 200) -> httpx.AsyncClient:
+    timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=10.0, pool=10.0)
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=50)
+    return httpx.AsyncClient(timeout=timeout, limits=limits)

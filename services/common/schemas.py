@@ -1,0 +1,67 @@
+"""Wire schemas shared by the services (one definition per message)."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SEQ_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+WORKER_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+MAX_TOKENS_LIMIT = 4096
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1)
+    seq_id: str | None = Field(None, pattern=SEQ_ID_PATTERN)
+    max_tokens: int = Field(50, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    model_name: str | None = None
+    stream: bool = True
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    context_tokens: int
+
+
+class Timings(BaseModel):
+    ttft_ms: float
+    prefill_ms: float
+    decode_ms: float
+
+
+class GenerateResult(BaseModel):
+    """The `done` event's fields, also the body of a `stream: false` response."""
+
+    seq_id: str
+    worker_id: str
+    text: str
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+    timings: Timings
+
+
+class RegisterRequest(BaseModel):
+    worker_id: str = Field(..., pattern=WORKER_ID_PATTERN)
+    address: str = Field(..., min_length=1, max_length=512, pattern=r"^https?://")
+    model_name: str | None = None
+
+
+class HeartbeatRequest(BaseModel):
+    worker_id: str = Field(..., pattern=WORKER_ID_PATTERN)
+
+
+class DeregisterRequest(BaseModel):
+    worker_id: str = Field(..., pattern=WORKER_ID_PATTERN)
+
+
+class RouteResponse(BaseModel):
+    seq_id: str
+    worker_id: str
+    address: str
+    epoch: int

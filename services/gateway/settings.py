@@ -1,0 +1,16 @@
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    """Environment variables: GATEWAY_<FIELD>, e.g. GATEWAY_COORDINATOR_URL."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_")
+
+    port: int = Field(8080, ge=1, le=65535)
+    coordinator_url: str = "http://127.0.0.1:8081"
+    connect_timeout_s: float = Field(2.0, gt=0)
+    # Between two bytes of a worker's stream; a long prefill is the slowest gap.
+    read_timeout_s: float = Field(300.0, gt=0)

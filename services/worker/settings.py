@@ -1,0 +1,51 @@
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings
+
+
+class WorkerSettings(ServiceSettings):
+    """Environment variables: WORKER_<FIELD>, e.g. WORKER_MODEL_NAME=gpt2."""
+
+    model_config = SettingsConfigDict(env_prefix="WORKER_")
+
+    port: int = Field(8082, ge=1, le=65535)
+    # Stable identity on the ring; defaults to "worker-<port>". In Kubernetes: the pod name.
+    worker_id: str = Field("", pattern=r"^[A-Za-z0-9._:-]{0,128}$")
+    # URL the gateway uses to reach this worker; defaults to http://127.0.0.1:<port>.
+    advertise_address: str = ""
+    coordinator_url: str = "http://127.0.0.1:8081"
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    # Set to false to run a worker without a coordinator (benchmarks, single-node use).
+    register_with_coordinator: bool = True
+
+    # A Hugging Face id or local path ("gpt2"), or a built-in preset: tiny-gpt2, gpt2-small-random.
+    model_name: str = "tiny-gpt2"
+    # Where presets are built and saved before being loaded with from_pretrained.
+    model_cache_dir: Path = Path.home() / ".cache" / "kvcache" / "models"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    # auto: float32 on CPU (bf16/fp16 are slower there), float16 on CUDA.
+    dtype: str = Field("auto", pattern=r"^(auto|float32|float16|bfloat16)$")
+
+    # KV budget in bytes; 0 = automatic (a fraction of free GPU memory, or of RAM on CPU).
+    kv_cache_bytes: int = Field(0, ge=0)
+    kv_cache_memory_fraction: float = Field(0.25, gt=0, le=0.95)
+    # false: every request recomputes its whole context (baseline for benchmarks).
+    enable_kv_reuse: bool = True
+
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    # Tokens in one forward pass: decode tokens plus chunks of prompts being prefilled.
+    max_batch_tokens: int = Field(512, ge=16)
+    max_waiting_requests: int = Field(256, ge=1)
+    torch_threads: int = Field(0, ge=0)  # 0 = torch's default
+
+    @model_validator(mode="after")
+    def _fill_identity(self) -> "WorkerSettings":
+        if not self.worker_id:
+            self.worker_id = f"worker-{self.port}"
+        if not self.advertise_address:
+            self.advertise_address = f"http://127.0.0.1:{self.port}"
+        self.advertise_address = self.advertise_address.rstrip("/")
+        return self
