@@ -4,7 +4,9 @@ import httpx
 
 
 def make_client(*, connect_timeout_s: float = 2.0, read_timeout_s: float = 30.0,
-                max_connections: int = 200) -> httpx.AsyncClient:
+                max_connections: int = 200,
+                transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+    """`transport` lets tests route the client to in-process apps (httpx.ASGITransport)."""
     timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=10.0, pool=10.0)
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=50)
-    return httpx.AsyncClient(timeout=timeout, limits=limits)
+    return httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
