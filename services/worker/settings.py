@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -13,7 +13,8 @@ class WorkerSettings(ServiceSettings):
 
     port: int = Field(8082, ge=1, le=65535)
     # Stable identity on the ring; defaults to "worker-<port>". In Kubernetes: the pod name.
-    worker_id: str = Field("", pattern=r"^[A-Za-z0-9._:-]{0,128}$")
+    worker_id: str = Field("", pattern=r"^[A-Za-z0-9._:-]{0,128}$",
+                           validation_alias=AliasChoices("WORKER_ID", "worker_id"))
     # URL the gateway uses to reach this worker; defaults to http://127.0.0.1:<port>.
     advertise_address: str = ""
     coordinator_url: str = "http://127.0.0.1:8081"
