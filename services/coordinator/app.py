@@ -1,0 +1,60 @@
+"""create_app(settings): the coordinator's FastAPI app, with a background TTL sweep."""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI
+
+from services.common.errors import install_error_handlers
+from services.coordinator.api import router
+from services.coordinator.membership import Membership
+from services.coordinator.metrics import CoordinatorMetrics
+from services.coordinator.settings import CoordinatorSettings
+
+log = logging.getLogger(__name__)
+
+
+async def sweep_forever(membership: Membership, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            membership.expire()
+        except Exception:  # one bad sweep must not stop expiry for the life of the process
+            log.exception("membership sweep failed")
+
+
+def build_membership(settings: CoordinatorSettings, metrics: CoordinatorMetrics,
+                     clock: Callable[[], float]) -> Membership:
+    def on_change(change: str, _worker_id: str, epoch: int) -> None:
+        metrics.record_change(change, len(membership), epoch)
+
+    membership = Membership(ttl_s=settings.ttl_s, vnodes=settings.vnodes, clock=clock,
+                            on_change=on_change)
+    return membership
+
+
+def create_app(settings: CoordinatorSettings | None = None, *,
+               clock: Callable[[], float] = time.monotonic) -> FastAPI:
+    """`clock` lets tests drive TTL expiry without sleeping."""
+    settings = settings or CoordinatorSettings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.metrics = CoordinatorMetrics()
+        app.state.membership = build_membership(settings, app.state.metrics, clock)
+        sweep = asyncio.create_task(sweep_forever(app.state.membership, settings.sweep_interval_s))
+        try:
+            yield
+        finally:
+            sweep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweep
+
+    app = FastAPI(title="kvcache coordinator", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

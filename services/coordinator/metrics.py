@@ -1,0 +1,43 @@
+"""All coordinator Prometheus metrics, on a registry owned by one app instance."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from services.common.metrics import PREFIX
+
+NAMESPACE = f"{PREFIX}_coordinator"
+ROUTE_OUTCOMES = ("ok", "invalid", "unavailable")
+HEARTBEAT_OUTCOMES = ("ok", "unknown")
+CHANGES = ("join", "leave", "expire", "update")
+
+
+class CoordinatorMetrics:
+    """Labels are closed sets (outcome, change kind); never worker or sequence ids."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.route_requests = Counter(
+            "route_requests", "Route lookups by outcome (ok, invalid, unavailable).",
+            ["outcome"], namespace=NAMESPACE, registry=self.registry)
+        self.heartbeats = Counter(
+            "heartbeats", "Heartbeats by outcome (ok, unknown).",
+            ["outcome"], namespace=NAMESPACE, registry=self.registry)
+        self.ring_changes = Counter(
+            "ring_changes", "Routing-table changes by kind (join, leave, expire, update).",
+            ["change"], namespace=NAMESPACE, registry=self.registry)
+        self.registered_workers = Gauge(
+            "registered_workers", "Workers currently registered and alive.",
+            namespace=NAMESPACE, registry=self.registry)
+        self.epoch = Gauge(
+            "epoch", "Current membership epoch.", namespace=NAMESPACE, registry=self.registry)
+        # Touch every label value so each series is exported at 0 before its first event.
+        for outcome in ROUTE_OUTCOMES:
+            self.route_requests.labels(outcome=outcome)
+        for outcome in HEARTBEAT_OUTCOMES:
+            self.heartbeats.labels(outcome=outcome)
+        for change in CHANGES:
+            self.ring_changes.labels(change=change)
+
+    def record_change(self, change: str, num_workers: int, epoch: int) -> None:
+        self.ring_changes.labels(change=change).inc()
+        self.registered_workers.set(num_workers)
+        self.epoch.set(epoch)

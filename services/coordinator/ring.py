@@ -1,0 +1,84 @@
+"""MD5 consistent-hash ring over the key space [0, 2**32). Pure: no I/O, no framework imports.
+
+Each worker owns `vnodes` points hashed from "<worker_id>-vn-<i>"; a key belongs to the first
+point at or clockwise after its hash, wrapping past 2**32 to the lowest point. MD5 rather than
+Python's hash() so every process (coordinator replicas, tests, tools) agrees on ownership.
+"""
+
+import bisect
+import hashlib
+
+KEY_SPACE = 2**32
+
+
+class EmptyRingError(LookupError):
+    """owner() was asked on a ring with no workers."""
+
+
+def hash_key(key: str) -> int:
+    return int.from_bytes(hashlib.md5(key.encode()).digest()[:4], "big")
+
+
+def vnode_key(worker_id: str, index: int) -> str:
+    return f"{worker_id}-vn-{index}"
+
+
+class HashRing:
+    def __init__(self, vnodes: int = 100):
+        if vnodes < 1:
+            raise ValueError(f"vnodes must be >= 1, got {vnodes}")
+        self.vnodes = vnodes
+        self._workers: set[str] = set()
+        # (point, worker_id) sorted; worker_id breaks ties so a hash collision resolves the
+        # same way in every process regardless of join order.
+        self._points: list[tuple[int, str]] = []
+        self._hashes: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._points)
+
+    def __contains__(self, worker_id: object) -> bool:
+        return worker_id in self._workers
+
+    @property
+    def workers(self) -> list[str]:
+        return sorted(self._workers)
+
+    def add(self, worker_id: str) -> bool:
+        """Returns False when the worker was already on the ring (no change)."""
+        if worker_id in self._workers:
+            return False
+        self._workers.add(worker_id)
+        points = [(hash_key(vnode_key(worker_id, i)), worker_id) for i in range(self.vnodes)]
+        self._rebuild(self._points + points)
+        return True
+
+    def remove(self, worker_id: str) -> bool:
+        """Returns False when the worker was not on the ring (no change)."""
+        if worker_id not in self._workers:
+            return False
+        self._workers.discard(worker_id)
+        self._rebuild([p for p in self._points if p[1] != worker_id])
+        return True
+
+    def owner(self, key: str) -> str:
+        if not self._points:
+            raise EmptyRingError("the hash ring has no workers")
+        index = bisect.bisect_left(self._hashes, hash_key(key))
+        return self._points[index % len(self._points)][1]
+
+    def shares(self) -> dict[str, float]:
+        """Fraction of the key space each worker owns; sums to 1 on a non-empty ring."""
+        totals = dict.fromkeys(self._workers, 0)
+        if self._points and self._hashes[0] == self._hashes[-1]:
+            # One distinct point (vnodes=1, one worker): every arc below is 0, yet it owns all.
+            totals[self._points[0][1]] = KEY_SPACE
+        for i, (point, worker_id) in enumerate(self._points):
+            # Point i owns the arc (previous point, point]; for i == 0 the previous point is the
+            # last one, one lap back, so the modulo gives the wrap-around arc.
+            totals[worker_id] += (point - self._hashes[i - 1]) % KEY_SPACE
+        return {w: arc / KEY_SPACE for w, arc in sorted(totals.items())}
+
+    def _rebuild(self, points: list[tuple[int, str]]) -> None:
+        self._points = sorted(points)
+        self._hashes = [p for p, _ in self._points]

@@ -1,0 +1,226 @@
+import asyncio
+
+import httpx
+import pytest
+
+from services.coordinator.app import create_app
+from services.coordinator.settings import CoordinatorSettings
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def client(clock):
+    settings = CoordinatorSettings(vnodes=50, ttl_s=5, sweep_interval_s=0.01)
+    app = create_app(settings, clock=clock)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            yield http
+
+
+async def register(client, worker_id: str, model_name: str | None = "gpt2") -> httpx.Response:
+    body = {"worker_id": worker_id, "address": f"http://{worker_id}:8000", "model_name": model_name}
+    return await client.post("/register", json=body)
+
+
+def assert_error(response: httpx.Response, status: int, error_type: str) -> None:
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["type"] == error_type
+    assert isinstance(error["message"], str) and error["message"]
+
+
+async def test_health(client):
+    response = await client.get("/health")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+async def test_register_returns_epoch(client):
+    response = await register(client, "w1")
+    assert response.status_code == 200
+    assert response.json() == {"worker_id": "w1", "address": "http://w1:8000",
+                               "model_name": "gpt2", "epoch": 1, "ttl_s": 5.0}
+    again = await register(client, "w1")
+    assert again.json()["epoch"] == 1
+
+
+async def test_route_is_sticky(client):
+    for i in range(3):
+        await register(client, f"w{i}")
+    first = await client.get("/route/seq-123")
+    assert first.status_code == 200
+    body = first.json()
+    assert body["seq_id"] == "seq-123" and body["epoch"] == 3
+    assert body["address"] == f"http://{body['worker_id']}:8000"
+    for _ in range(5):
+        assert (await client.get("/route/seq-123")).json() == body
+
+
+async def test_routes_spread_over_workers(client):
+    for i in range(3):
+        await register(client, f"w{i}")
+    owners = {(await client.get(f"/route/seq-{i}")).json()["worker_id"] for i in range(60)}
+    assert owners == {"w0", "w1", "w2"}
+
+
+async def test_route_without_workers_is_503(client):
+    response = await client.get("/route/seq-1")
+    assert_error(response, 503, "unavailable")
+    assert response.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize("seq_id", ["bad%20id", "x" * 129, "a%2Cb", "caf%C3%A9"])
+async def test_route_with_bad_seq_id_is_400(client, seq_id):
+    await register(client, "w1")
+    assert_error(await client.get(f"/route/{seq_id}"), 400, "invalid_request")
+
+
+async def test_unknown_heartbeat_is_404(client):
+    assert_error(await client.post("/heartbeat", json={"worker_id": "ghost"}), 404, "not_found")
+
+
+async def test_heartbeat_keeps_epoch(client):
+    await register(client, "w1")
+    response = await client.post("/heartbeat", json={"worker_id": "w1"})
+    assert response.status_code == 200
+    assert response.json() == {"worker_id": "w1", "epoch": 1}
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/register", {"worker_id": "w1"}),
+    ("/register", {"worker_id": "w 1", "address": "http://w1:8000"}),
+    ("/register", {"worker_id": "w1", "address": "ftp://w1"}),
+    ("/heartbeat", {}),
+    ("/heartbeat", {"worker_id": 7}),
+    ("/deregister", {"worker_id": ""}),
+])
+async def test_bad_bodies_are_422(client, path, body):
+    assert_error(await client.post(path, json=body), 422, "invalid_request")
+
+
+async def test_malformed_json_is_422(client):
+    response = await client.post("/register", content=b"{not json",
+                                 headers={"content-type": "application/json"})
+    assert_error(response, 422, "invalid_request")
+
+
+async def test_unknown_path_is_json_404(client):
+    assert_error(await client.get("/nope"), 404, "not_found")
+
+
+async def test_deregister_removes_worker(client):
+    await register(client, "w1")
+    await register(client, "w2")
+    response = await client.post("/deregister", json={"worker_id": "w1"})
+    assert response.json() == {"worker_id": "w1", "removed": True, "epoch": 3}
+    routed = {(await client.get(f"/route/seq-{i}")).json()["worker_id"] for i in range(30)}
+    assert routed == {"w2"}
+    again = await client.post("/deregister", json={"worker_id": "w1"})
+    assert again.status_code == 200
+    assert again.json() == {"worker_id": "w1", "removed": False, "epoch": 3}
+
+
+async def test_workers_listing(client, clock):
+    await register(client, "w2", model_name=None)
+    await register(client, "w1")
+    clock.now = 2.5
+    await client.post("/heartbeat", json={"worker_id": "w1"})
+    body = (await client.get("/workers")).json()
+    assert body["epoch"] == 2
+    assert [w["worker_id"] for w in body["workers"]] == ["w1", "w2"]
+    w1, w2 = body["workers"]
+    assert w1 == {"worker_id": "w1", "address": "http://w1:8000", "model_name": "gpt2",
+                  "age_s": 2.5, "last_heartbeat_age_s": 0.0}
+    assert w2["model_name"] is None and w2["last_heartbeat_age_s"] == 2.5
+
+
+async def test_stats(client):
+    empty = (await client.get("/stats")).json()
+    assert empty == {"epoch": 0, "num_workers": 0, "ring_points": 0, "vnodes": 50, "share": {}}
+    for i in range(4):
+        await register(client, f"w{i}")
+    stats = (await client.get("/stats")).json()
+    assert stats["epoch"] == 4 and stats["num_workers"] == 4
+    assert stats["ring_points"] == 200 and stats["vnodes"] == 50
+    assert set(stats["share"]) == {"w0", "w1", "w2", "w3"}
+    assert sum(stats["share"].values()) == pytest.approx(1.0)
+
+
+async def test_metrics(client):
+    await register(client, "w1")
+    await client.get("/route/seq-1")
+    await client.get("/route/bad%20id")
+    await client.post("/heartbeat", json={"worker_id": "ghost"})
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'kvcache_coordinator_route_requests_total{outcome="ok"} 1.0' in text
+    assert 'kvcache_coordinator_route_requests_total{outcome="invalid"} 1.0' in text
+    assert 'kvcache_coordinator_route_requests_total{outcome="unavailable"} 0.0' in text
+    assert 'kvcache_coordinator_heartbeats_total{outcome="unknown"} 1.0' in text
+    assert 'kvcache_coordinator_ring_changes_total{change="join"} 1.0' in text
+    assert "kvcache_coordinator_registered_workers 1.0" in text
+    assert "kvcache_coordinator_epoch 1.0" in text
+
+
+async def test_apps_have_separate_state_and_metrics():
+    first, second = create_app(CoordinatorSettings()), create_app(CoordinatorSettings())
+    async with first.router.lifespan_context(first), second.router.lifespan_context(second):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=first),
+                                     base_url="http://test") as http:
+            await register(http, "w1")
+        assert len(first.state.membership) == 1 and len(second.state.membership) == 0
+        assert first.state.metrics.registry is not second.state.metrics.registry
+        registry = second.state.metrics.registry
+        assert registry.get_sample_value("kvcache_coordinator_registered_workers") == 0
+
+
+async def wait_for(predicate, timeout_s: float = 5.0) -> None:
+    """Polls until the sweep task has run; the timeout only bounds a failing test."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await predicate():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_sweep_expires_silent_workers(client, clock):
+    await register(client, "w1")
+    await register(client, "w2")
+    clock.now = 4.0
+    await client.post("/heartbeat", json={"worker_id": "w2"})
+    clock.now = 6.0  # w1 silent 6 s > ttl 5 s; w2 silent 2 s
+
+    async def only_w2_left() -> bool:
+        workers = (await client.get("/workers")).json()["workers"]
+        return [w["worker_id"] for w in workers] == ["w2"]
+
+    await wait_for(only_w2_left)
+    assert (await client.get("/stats")).json()["epoch"] == 3
+    assert (await client.get("/route/seq-1")).json()["worker_id"] == "w2"
+    assert_error(await client.post("/heartbeat", json={"worker_id": "w1"}), 404, "not_found")
+    assert 'change="expire"} 1.0' in (await client.get("/metrics")).text
+    assert (await register(client, "w1")).json()["epoch"] == 4
+
+
+async def test_lifespan_cancels_sweep_on_shutdown():
+    app = create_app(CoordinatorSettings(sweep_interval_s=0.01))
+    before = asyncio.all_tasks()
+    async with app.router.lifespan_context(app):
+        started = asyncio.all_tasks() - before
+        assert len(started) == 1
+    sweep = started.pop()
+    assert sweep.done() and sweep.cancelled()
