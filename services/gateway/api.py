@@ -1,0 +1,51 @@
+"""Thin routes of the public gateway; the work is in proxy.GatewayProxy."""
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
+from starlette.responses import Response
+
+from services.common.errors import ServiceError, error_response
+from services.common.metrics import metrics_response
+from services.common.schemas import SEQ_ID_PATTERN, GenerateRequest
+from services.gateway.proxy import GatewayProxy
+
+router = APIRouter()
+SeqId = Annotated[str, Path(pattern=SEQ_ID_PATTERN)]
+
+
+def _proxy(request: Request) -> GatewayProxy:
+    return request.app.state.proxy
+
+
+@router.post("/generate", response_model=None)
+async def generate(body: GenerateRequest, request: Request) -> Response:
+    seq_id = body.seq_id or uuid.uuid4().hex
+    payload = body.model_dump(exclude_unset=True) | {"seq_id": seq_id, "stream": body.stream}
+    try:
+        response = await _proxy(request).generate(payload, stream=body.stream)
+    except ServiceError as exc:
+        response = error_response(exc)
+    response.headers["X-Seq-Id"] = seq_id
+    return response
+
+
+@router.delete("/sequences/{seq_id}", response_model=None)
+async def delete_sequence(seq_id: SeqId, request: Request) -> Response:
+    return await _proxy(request).delete_sequence(seq_id)
+
+
+@router.get("/stats")
+async def stats(request: Request) -> dict:
+    return await _proxy(request).cluster_stats()
+
+
+@router.get("/health")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/metrics", response_model=None)
+async def metrics(request: Request) -> Response:
+    return metrics_response(request.app.state.metrics.registry)

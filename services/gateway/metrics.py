@@ -1,0 +1,62 @@
+"""All gateway Prometheus metrics, on a per-app registry, with bounded labels."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.common.metrics import PREFIX
+
+_NAME = f"{PREFIX}_gateway"
+_TTFB_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_ENDPOINTS = {"/generate": "generate", "/stats": "stats", "/health": "health", "/metrics": "metrics"}
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            f"{_NAME}_requests_total", "HTTP requests by endpoint and status class.",
+            ["endpoint", "code_class"], registry=self.registry)
+        self.streams = Counter(
+            f"{_NAME}_streams_total", "Relayed token streams by how they ended.",
+            ["outcome"], registry=self.registry)
+        self.upstream_retries = Counter(
+            f"{_NAME}_upstream_retries_total",
+            "Requests re-routed and retried after a worker could not be reached.",
+            registry=self.registry)
+        self.active_streams = Gauge(
+            f"{_NAME}_active_streams", "Token streams being relayed now.", registry=self.registry)
+        self.ttfb_s = Histogram(
+            f"{_NAME}_time_to_first_byte_seconds",
+            "From request arrival to the worker's first event (streaming) or whole body (non-streaming).",
+            buckets=_TTFB_BUCKETS_S, registry=self.registry)
+
+
+def endpoint_label(path: str) -> str:
+    if path.startswith("/sequences/"):
+        return "sequences"
+    return _ENDPOINTS.get(path, "other")
+
+
+class RequestMetricsMiddleware:
+    """Counts every HTTP request by endpoint and status class (pure ASGI, so streams are not buffered)."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status_code = 500
+
+        async def send_recording_status(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_recording_status)
+        finally:
+            self.metrics.requests.labels(endpoint_label(scope["path"]), f"{status_code // 100}xx").inc()

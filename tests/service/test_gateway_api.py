@@ -1,0 +1,458 @@
+"""The gateway in-process, in front of a fake coordinator and fake workers (also in-process)."""
+
+import asyncio
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from services.common.errors import error_body
+from services.common.sse import aparse_events, encode_event, parse_events
+from services.gateway.app import create_app
+from services.gateway.settings import GatewaySettings
+
+_END = object()
+WAIT_S = 5.0  # guards against a hung test only; nothing asserts on time
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    def __init__(self, chunks: asyncio.Queue, disconnected: asyncio.Event) -> None:
+        self._chunks = chunks
+        self._disconnected = disconnected
+
+    async def __aiter__(self):
+        while (item := await self._chunks.get()) is not _END:
+            if isinstance(item, Exception):
+                raise httpx.ReadError(f"connection broke: {item!r}")
+            yield item
+
+    async def aclose(self) -> None:
+        self._disconnected.set()
+
+
+class StreamingASGITransport(httpx.AsyncBaseTransport):
+    """Like httpx.ASGITransport, but streams the response (0.28 buffers it whole), tells the app
+    `http.disconnect` once the response is closed, and turns an app failure mid-body into ReadError."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self._tasks: set[asyncio.Task] = set()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        body = b"".join([chunk async for chunk in request.stream])
+        start = asyncio.get_running_loop().create_future()
+        chunks: asyncio.Queue = asyncio.Queue()
+        disconnected = asyncio.Event()
+        body_sent = False
+
+        async def receive() -> dict:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await disconnected.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                start.set_result(message)
+            elif message["type"] == "http.response.body":
+                await chunks.put(message.get("body", b""))
+                if not message.get("more_body", False):
+                    await chunks.put(_END)
+
+        async def run_app() -> None:
+            try:
+                await self.app(_scope(request), receive, send)
+            except Exception as exc:
+                if not start.done():
+                    start.set_exception(exc)
+                await chunks.put(exc)
+            await chunks.put(_END)
+
+        task = asyncio.create_task(run_app())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        message = await start
+        return httpx.Response(message["status"], headers=message.get("headers", []),
+                              stream=_ResponseStream(chunks, disconnected))
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def _scope(request: httpx.Request) -> dict:
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+        "method": request.method, "scheme": request.url.scheme,
+        "path": request.url.path,
+        "raw_path": request.url.raw_path.split(b"?")[0], "query_string": request.url.query,
+        "headers": [(k.lower(), v) for k, v in request.headers.raw],
+        "server": (request.url.host, request.url.port), "client": ("127.0.0.1", 1234), "root_path": "",
+    }
+
+
+class HostDispatch(httpx.AsyncBaseTransport):
+    """Sends each request to the transport of its host:port; unknown or `down` hosts refuse to connect."""
+
+    def __init__(self, transports: dict[str, httpx.AsyncBaseTransport]) -> None:
+        self.transports = transports
+        self.down: set[str] = set()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        host = request.url.netloc.decode()
+        if host in self.down or host not in self.transports:
+            raise httpx.ConnectError(f"connection refused: {host}", request=request)
+        return await self.transports[host].handle_async_request(request)
+
+    async def aclose(self) -> None:
+        for transport in self.transports.values():
+            await transport.aclose()
+
+
+class FakeWorker:
+    """mode: ok | bad_request | overloaded | truncate (no terminal event) | break (dies mid-stream)
+    | hang (waits after the first token until the client goes away)."""
+
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self.mode = "ok"
+        self.requests: list[dict] = []
+        self.sequences: set[str] = set()
+        self.stream_cancelled = asyncio.Event()
+        self.app = self._build_app()
+
+    def done_fields(self, body: dict) -> dict:
+        return {"seq_id": body["seq_id"], "worker_id": self.worker_id, "text": body["prompt"].upper(),
+                "finish_reason": "length", "usage": {"prompt_tokens": 2, "cached_tokens": 0,
+                                                     "completion_tokens": 2, "context_tokens": 4},
+                "timings": {"ttft_ms": 1.0, "prefill_ms": 1.0, "decode_ms": 1.0}}
+
+    def events(self, body: dict) -> list[dict]:
+        start = {"type": "start", "seq_id": body["seq_id"], "worker_id": self.worker_id,
+                 "context_tokens": 2, "cached_tokens": 0}
+        tokens = [{"type": "token", "index": i, "token": word.upper(), "token_id": i}
+                  for i, word in enumerate(body["prompt"].split())]
+        return [start, *tokens, {"type": "done", **self.done_fields(body)}]
+
+    async def _stream(self, body: dict):
+        try:
+            yield b": ping\n\n"
+            for event in self.events(body)[:-1 if self.mode != "ok" else None]:
+                yield encode_event(event)
+                if event["type"] == "token" and self.mode in ("break", "hang"):
+                    break
+            if self.mode == "break":
+                raise RuntimeError("worker process died")
+            if self.mode == "hang":
+                await asyncio.Event().wait()
+            if self.mode == "ok":
+                self.sequences.add(body["seq_id"])
+        except asyncio.CancelledError:
+            self.stream_cancelled.set()
+            raise
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.post("/generate")
+        async def generate(request: Request):
+            body = await request.json()
+            self.requests.append(body)
+            if self.mode == "bad_request":
+                return JSONResponse(error_body("context_too_long", "prompt too long"), status_code=400)
+            if self.mode == "overloaded":
+                return JSONResponse(error_body("overloaded", "queue full"), status_code=429,
+                                    headers={"Retry-After": "3"})
+            if not body.get("stream", True):
+                return self.done_fields(body)
+            return StreamingResponse(self._stream(body), media_type="text/event-stream")
+
+        @app.delete("/sequences/{seq_id}")
+        async def delete(seq_id: str):
+            if seq_id not in self.sequences:
+                return JSONResponse(error_body("not_found", f"no sequence {seq_id}"), status_code=404)
+            self.sequences.discard(seq_id)
+            return {"seq_id": seq_id, "deleted": True}
+
+        @app.get("/stats")
+        async def stats():
+            return {"worker_id": self.worker_id, "model_name": "tiny", "sequences": len(self.sequences),
+                    "cached_tokens": 10, "kv_bytes_used": 1000, "hits": 3, "hit_rate": 0.5}
+
+        return app
+
+
+@dataclass
+class Cluster:
+    workers: dict[str, FakeWorker]
+    dispatch: HostDispatch | None = None
+    gateway: httpx.AsyncClient | None = None
+    routes: list[str] = field(default_factory=lambda: ["w1"])  # handed out in order; the last repeats
+    registered: list[str] = field(default_factory=lambda: ["w1", "w2"])
+    route_calls: list[str] = field(default_factory=list)
+
+    def next_route(self) -> str | None:
+        if not self.routes:
+            return None
+        return self.routes.pop(0) if len(self.routes) > 1 else self.routes[0]
+
+
+def fake_coordinator(cluster: Cluster) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/route/{seq_id}")
+    async def route(seq_id: str):
+        cluster.route_calls.append(seq_id)
+        worker_id = cluster.next_route()
+        if worker_id is None:
+            return JSONResponse(error_body("unavailable", "no live workers"), status_code=503)
+        return {"seq_id": seq_id, "worker_id": worker_id, "address": f"http://{worker_id}:8082", "epoch": 1}
+
+    @app.get("/workers")
+    async def workers():
+        return {"epoch": 1, "workers": [{"worker_id": w, "address": f"http://{w}:8082", "model_name": "tiny"}
+                                        for w in cluster.registered]}
+
+    return app
+
+
+@pytest.fixture
+async def cluster():
+    cluster = Cluster(workers={w: FakeWorker(w) for w in ("w1", "w2")})
+    transports = {f"{w}:8082": StreamingASGITransport(fake.app) for w, fake in cluster.workers.items()}
+    transports["coordinator:8081"] = StreamingASGITransport(fake_coordinator(cluster))
+    cluster.dispatch = HostDispatch(transports)
+    app = create_app(GatewaySettings(coordinator_url="http://coordinator:8081"), transport=cluster.dispatch)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=StreamingASGITransport(app), base_url="http://gateway") as client:
+            cluster.gateway = client
+            yield cluster
+
+
+def events_of(response: httpx.Response) -> list[dict]:
+    return list(parse_events(response.text.splitlines()))
+
+
+def assert_one_terminal_at_end(events: list[dict]) -> None:
+    terminal = [i for i, e in enumerate(events) if e["type"] in ("done", "error")]
+    assert terminal == [len(events) - 1]
+
+
+async def metrics_text(cluster: Cluster) -> str:
+    response = await cluster.gateway.get("/metrics")
+    assert response.status_code == 200
+    return response.text
+
+
+async def test_stream_relays_events_in_order_with_one_terminal(cluster):
+    response = await cluster.gateway.post("/generate", json={"prompt": "hello big world", "seq_id": "s-1"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["x-seq-id"] == "s-1"
+    events = events_of(response)
+    assert events == cluster.workers["w1"].events({"seq_id": "s-1", "prompt": "hello big world"})
+    assert [e["type"] for e in events] == ["start", "token", "token", "token", "done"]
+    assert_one_terminal_at_end(events)
+
+
+@pytest.mark.parametrize("seq_id", ["user:42.a", ".."])
+async def test_given_seq_id_is_routed_and_forwarded(cluster, seq_id):
+    body = {"prompt": "hi", "seq_id": seq_id, "max_tokens": 7, "temperature": 0.0}
+    response = await cluster.gateway.post("/generate", json=body)
+    assert response.status_code == 200
+    assert cluster.route_calls == [seq_id]
+    assert cluster.workers["w1"].requests == [{**body, "stream": True}]
+
+
+async def test_seq_id_is_generated_when_absent(cluster):
+    response = await cluster.gateway.post("/generate", json={"prompt": "hi"})
+    seq_id = response.headers["x-seq-id"]
+    assert len(seq_id) == 32 and int(seq_id, 16) >= 0
+    assert cluster.route_calls == [seq_id]
+    assert cluster.workers["w1"].requests[0]["seq_id"] == seq_id
+    assert events_of(response)[0]["seq_id"] == seq_id
+
+
+async def test_non_streaming_relays_worker_json(cluster):
+    response = await cluster.gateway.post("/generate", json={"prompt": "a b", "stream": False, "seq_id": "s2"})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["x-seq-id"] == "s2"
+    assert response.json() == cluster.workers["w1"].done_fields({"seq_id": "s2", "prompt": "a b"})
+    assert cluster.workers["w1"].requests[0]["stream"] is False
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_worker_400_is_relayed(cluster, stream):
+    cluster.workers["w1"].mode = "bad_request"
+    response = await cluster.gateway.post("/generate", json={"prompt": "x", "seq_id": "s3", "stream": stream})
+    assert response.status_code == 400
+    assert response.json() == error_body("context_too_long", "prompt too long")
+    assert response.headers["x-seq-id"] == "s3"
+
+
+async def test_worker_429_is_relayed_with_retry_after(cluster):
+    cluster.workers["w1"].mode = "overloaded"
+    response = await cluster.gateway.post("/generate", json={"prompt": "x"})
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "3"
+    assert response.json()["error"]["type"] == "overloaded"
+    assert "x-seq-id" in response.headers
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": ""},
+    {"prompt": "x", "seq_id": "bad id!"},
+    {"prompt": "x", "seq_id": "a/b"},
+    {"prompt": "x", "max_tokens": 0},
+    {"prompt": "x", "temperature": 3},
+    {"prompt": "x", "top_p": 0},
+    {"prompt": "x", "surprise": 1},
+    {"max_tokens": 5},
+    ["not", "an", "object"],
+])
+async def test_bad_input_is_422_json(cluster, body):
+    response = await cluster.gateway.post("/generate", json=body)
+    assert response.status_code == 422
+    assert response.json()["error"]["type"] == "invalid_request"
+    assert cluster.route_calls == []
+
+
+async def test_malformed_json_is_422(cluster):
+    response = await cluster.gateway.post("/generate", content=b"{not json",
+                                          headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["error"]["type"] == "invalid_request"
+
+
+async def test_coordinator_503_is_503_json(cluster):
+    cluster.routes = []
+    response = await cluster.gateway.post("/generate", json={"prompt": "x", "seq_id": "s4"})
+    assert response.status_code == 503
+    assert response.json() == error_body("unavailable", "no live workers")
+    assert response.headers["x-seq-id"] == "s4"
+
+
+async def test_coordinator_unreachable_is_503_json(cluster):
+    cluster.dispatch.down.add("coordinator:8081")
+    response = await cluster.gateway.post("/generate", json={"prompt": "x"})
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] == "unavailable"
+    assert "coordinator unreachable" in response.json()["error"]["message"]
+
+
+async def test_connect_error_reroutes_and_retries_once(cluster):
+    cluster.routes = ["w1", "w2"]
+    cluster.dispatch.down.add("w1:8082")
+    response = await cluster.gateway.post("/generate", json={"prompt": "a b", "seq_id": "s5"})
+    assert response.status_code == 200
+    assert events_of(response)[-1]["worker_id"] == "w2"
+    assert cluster.route_calls == ["s5", "s5"]
+    assert len(cluster.workers["w2"].requests) == 1
+    assert "kvcache_gateway_upstream_retries_total 1.0" in await metrics_text(cluster)
+
+
+async def test_connect_error_twice_is_503_json(cluster):
+    cluster.dispatch.down.add("w1:8082")
+    response = await cluster.gateway.post("/generate", json={"prompt": "x", "seq_id": "s6"})
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] == "unavailable"
+    assert response.headers["x-seq-id"] == "s6"
+    assert cluster.route_calls == ["s6", "s6"]
+
+
+@pytest.mark.parametrize("mode", ["truncate", "break"])
+async def test_stream_that_breaks_midway_ends_with_one_error_event(cluster, mode):
+    cluster.workers["w1"].mode = mode
+    response = await cluster.gateway.post("/generate", json={"prompt": "a b c"})
+    assert response.status_code == 200
+    events = events_of(response)
+    assert [e["type"] for e in events[:2]] == ["start", "token"]
+    assert events[-1]["type"] == "error"
+    assert events[-1]["error"]["type"] == "upstream_error"
+    assert_one_terminal_at_end(events)
+    assert 'kvcache_gateway_streams_total{outcome="upstream_error"} 1.0' in await metrics_text(cluster)
+
+
+async def test_client_disconnect_closes_upstream_stream(cluster):
+    worker = cluster.workers["w1"]
+    worker.mode = "hang"
+    seen = []
+    async with cluster.gateway.stream("POST", "/generate", json={"prompt": "a b c"}) as response:
+        assert response.status_code == 200
+        async for event in aparse_events(response.aiter_lines()):
+            seen.append(event["type"])
+            if event["type"] == "token":
+                break
+    assert seen == ["start", "token"]
+    await asyncio.wait_for(worker.stream_cancelled.wait(), WAIT_S)
+    text = await metrics_text(cluster)
+    assert "kvcache_gateway_active_streams 0.0" in text
+    assert 'kvcache_gateway_streams_total{outcome="client_disconnect"} 1.0' in text
+
+
+async def test_delete_is_routed_and_relayed(cluster):
+    await cluster.gateway.post("/generate", json={"prompt": "x", "seq_id": "s7"})
+    response = await cluster.gateway.delete("/sequences/s7")
+    assert response.status_code == 200
+    assert response.json() == {"seq_id": "s7", "deleted": True}
+    response = await cluster.gateway.delete("/sequences/s7")
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "not_found"
+    assert cluster.route_calls == ["s7", "s7", "s7"]
+
+
+async def test_delete_with_bad_seq_id_is_422(cluster):
+    response = await cluster.gateway.delete("/sequences/bad%20id")
+    assert response.status_code == 422
+    assert cluster.route_calls == []
+
+
+async def test_stats_aggregates_and_lists_unreachable(cluster):
+    cluster.registered = ["w1", "w2", "w3"]
+    response = await cluster.gateway.get("/stats")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["num_workers"] == 3
+    assert body["unreachable"] == ["w3"]
+    assert body["workers"]["w1"]["worker_id"] == "w1"
+    assert "error" in body["workers"]["w3"]
+    assert body["totals"]["kv_bytes_used"] == 2000
+    assert body["totals"]["hits"] == 6
+    assert "model_name" not in body["totals"] and "worker_id" not in body["totals"]
+
+
+async def test_stats_without_coordinator_is_503(cluster):
+    cluster.dispatch.down.add("coordinator:8081")
+    response = await cluster.gateway.get("/stats")
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] == "unavailable"
+
+
+async def test_health_needs_no_dependency(cluster):
+    cluster.dispatch.down.update({"coordinator:8081", "w1:8082", "w2:8082"})
+    response = await cluster.gateway.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+async def test_metrics_exposes_gateway_series(cluster):
+    await cluster.gateway.post("/generate", json={"prompt": "a"})
+    await cluster.gateway.post("/generate", json={"prompt": ""})
+    text = await metrics_text(cluster)
+    assert 'kvcache_gateway_requests_total{code_class="2xx",endpoint="generate"} 1.0' in text
+    assert 'kvcache_gateway_requests_total{code_class="4xx",endpoint="generate"} 1.0' in text
+    assert 'kvcache_gateway_streams_total{outcome="done"} 1.0' in text
+    assert "kvcache_gateway_time_to_first_byte_seconds_count 1.0" in text
+    assert "kvcache_gateway_active_streams 0.0" in text
+
+
+async def test_no_debug_or_docs_endpoints(cluster):
+    for path in ("/docs", "/openapi.json", "/debug"):
+        response = await cluster.gateway.get(path)
+        assert response.status_code == 404
+        assert response.json()["error"]["type"] == "not_found"
