@@ -1,0 +1,29 @@
+output "cluster_name" {
+  description = "Name of the GKE cluster."
+  value       = google_container_cluster.kvcache.name
+}
+
+output "zone" {
+  description = "Zone of the cluster."
+  value       = google_container_cluster.kvcache.location
+}
+
+output "get_credentials_command" {
+  description = "Points kubectl at the cluster."
+  value       = "gcloud container clusters get-credentials ${google_container_cluster.kvcache.name} --zone ${var.zone} --project ${var.project_id}"
+}
+
+output "image_registry" {
+  description = "Docker registry prefix for scripts/build_images.sh and scripts/deploy_gke.sh."
+  value       = "${var.region}-docker.pkg.dev/${var.project_id}/${google_artifact_registry_repository.images.repository_id}"
+}
+
+output "workload_identity_pool" {
+  description = "Workload Identity pool; the pods' Kubernetes service account is kvcache/kvcache."
+  value       = "${var.project_id}.svc.id.goog"
+}
+
+output "k8s_overlay" {
+  description = "The k8s/overlays directory that matches the worker pool."
+  value       = var.enable_gpu ? "gpu" : "cpu"
+}
