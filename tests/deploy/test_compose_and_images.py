@@ -1,0 +1,109 @@
+"""docker-compose.yml and the Dockerfiles agree with the code and with the k8s manifests."""
+
+import os
+import re
+import tomllib
+from unittest import mock
+from urllib.parse import urlsplit
+
+from tests.deploy.manifests import (
+    GENERIC_ENV, REPO_ROOT, SETTINGS, default_port, interpolate_compose, load_compose,
+    only_container, raw_base, serves, settings_env_names, workloads,
+)
+
+HEALTHCHECK_URL = re.compile(r"http://127\.0\.0\.1:(\d+)(/[\w/]*)")
+
+
+def service_kind(name: str) -> str:
+    return "worker" if name.startswith("worker") else name
+
+
+def compose_env(service: dict) -> dict[str, str]:
+    return {k: interpolate_compose(str(v)) for k, v in service.get("environment", {}).items()}
+
+
+def k8s_env_names() -> dict[str, set[str]]:
+    return {w["metadata"]["name"]: {e["name"] for e in only_container(w).get("env", [])}
+            for w in workloads(raw_base())}
+
+
+def test_compose_runs_every_service_with_two_workers():
+    services = load_compose()["services"]
+    assert {"coordinator", "gateway"} <= set(services)
+    assert len([name for name in services if service_kind(name) == "worker"]) >= 2
+    for name, service in services.items():
+        assert service["build"]["target"] == service_kind(name)
+
+
+def test_compose_env_vars_are_settings_named_as_in_the_manifests():
+    k8s_names = k8s_env_names()
+    for name, service in load_compose()["services"].items():
+        kind = service_kind(name)
+        env = compose_env(service)
+        allowed = settings_env_names(SETTINGS[kind]) | GENERIC_ENV
+        assert set(env) <= allowed, f"{name}: not settings: {sorted(set(env) - allowed)}"
+        assert set(env) <= k8s_names[kind], f"{name}: not in the manifests: {sorted(set(env) - k8s_names[kind])}"
+        with mock.patch.dict(os.environ, env, clear=True):
+            settings = SETTINGS[kind]()
+        assert settings.host == "0.0.0.0" and settings.port == default_port(kind)
+
+
+def test_compose_workers_advertise_their_service_names():
+    services = load_compose()["services"]
+    coordinator_port = default_port("coordinator")
+    for name, service in services.items():
+        env = compose_env(service)
+        if service_kind(name) == "worker":
+            assert env["WORKER_ID"] == name
+            assert env["WORKER_ADVERTISE_ADDRESS"] == f"http://{name}:{default_port('worker')}"
+        for key, value in env.items():
+            if key.endswith("_COORDINATOR_URL"):
+                assert (urlsplit(value).hostname, urlsplit(value).port) == ("coordinator", coordinator_port)
+
+
+def test_compose_healthchecks_hit_real_routes():
+    for name, service in load_compose()["services"].items():
+        kind = service_kind(name)
+        port, path = HEALTHCHECK_URL.search(" ".join(service["healthcheck"]["test"])).groups()
+        assert int(port) == default_port(kind)
+        assert serves(kind, path)
+        for published in service.get("ports", []):
+            assert published.endswith(f":{default_port(kind)}")
+
+
+def dockerfile_stages(path):
+    """{stage name: [instruction lines]}, continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", path.read_text())
+    stages, current = {}, None
+    for line in text.splitlines():
+        line = line.strip()
+        if match := re.match(r"FROM\s+\S+\s+AS\s+(\S+)", line, re.IGNORECASE):
+            current = stages.setdefault(match.group(1), [])
+        elif line and not line.startswith("#") and current is not None:
+            current.append(line)
+    return stages
+
+
+def test_dockerfile_targets_match_settings_and_console_scripts():
+    scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    targets = dockerfile_stages(REPO_ROOT / "Dockerfile")
+    targets["worker-cuda"] = dockerfile_stages(REPO_ROOT / "Dockerfile.cuda")["worker"]
+    for target, lines in targets.items():
+        if target in ("builder", "runtime"):
+            continue
+        kind = service_kind(target)
+        port = default_port(kind)
+        assert f"EXPOSE {port}" in lines, target
+        [healthcheck] = [line for line in lines if line.startswith("HEALTHCHECK")]
+        assert HEALTHCHECK_URL.search(healthcheck).groups() == (str(port), "/health")
+        [cmd] = [line for line in lines if line.startswith("CMD")]
+        assert scripts[cmd.split('"')[1]] == f"services.{kind}.__main__:main"
+    assert {"coordinator", "gateway", "worker"} <= set(targets)
+
+
+def test_k8s_images_are_built_by_the_dockerfiles():
+    targets = set(dockerfile_stages(REPO_ROOT / "Dockerfile"))
+    for workload in workloads(raw_base()):
+        image = only_container(workload)["image"]
+        assert image.split(":")[0] == f"kvcache/{workload['metadata']['name']}"
+        assert workload["metadata"]["name"] in targets

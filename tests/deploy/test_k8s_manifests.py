@@ -1,0 +1,275 @@
+"""The Kubernetes manifests agree with the code: settings, ports, routes, worker DNS."""
+
+import os
+import re
+from unittest import mock
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.deploy.manifests import (
+    GENERIC_ENV, K8S_DIR, NAMESPACE, SETTINGS, SUBSTITUTION_ONLY_ENV, default_port, find, load_docs,
+    manifest_sets, only_container, pod_spec, rendered_overlays, resolve_env, sample_pod_name,
+    selects, serves, settings_env_names, workloads,
+)
+
+SETS = manifest_sets()
+WORKER_DNS = re.compile(r"^http://worker-\d+\.worker\.[a-z0-9-]+\.svc\.cluster\.local:8082$")
+UVICORN_GRACEFUL_SHUTDOWN_S = 10
+
+
+@pytest.fixture(params=sorted(SETS), ids=lambda name: f"manifests={name}")
+def docs(request):
+    return SETS[request.param]
+
+
+def settings_from_env(cls, env):
+    with mock.patch.dict(os.environ, env, clear=True):
+        return cls()
+
+
+def container_port(container, port):
+    if isinstance(port, int):
+        return port
+    matches = [p["containerPort"] for p in container.get("ports", []) if p.get("name") == port]
+    assert matches, f"no container port named {port}"
+    return matches[0]
+
+
+def test_every_service_has_a_workload(docs):
+    names = {w["metadata"]["name"] for w in workloads(docs)}
+    assert names == set(SETTINGS)
+    for workload in workloads(docs):
+        assert only_container(workload)["name"] == workload["metadata"]["name"]
+
+
+def test_env_vars_are_settings_of_their_service(docs):
+    for workload in workloads(docs):
+        service = workload["metadata"]["name"]
+        container = only_container(workload)
+        allowed = settings_env_names(SETTINGS[service]) | GENERIC_ENV | SUBSTITUTION_ONLY_ENV
+        env = resolve_env(container, docs, sample_pod_name(workload))
+        assert set(env) <= allowed, f"{service}: not settings: {sorted(set(env) - allowed)}"
+        raw_values = " ".join(str(e.get("value", "")) for e in container.get("env", []))
+        for name in SUBSTITUTION_ONLY_ENV & set(env):
+            assert f"$({name})" in raw_values, f"{service}: {name} is set but never used"
+
+
+def test_env_values_validate_as_settings(docs):
+    for workload in workloads(docs):
+        service = workload["metadata"]["name"]
+        env = resolve_env(only_container(workload), docs, sample_pod_name(workload))
+        settings = settings_from_env(SETTINGS[service], env)
+        assert settings.host == "0.0.0.0", f"{service} must listen on all interfaces in a pod"
+
+
+def test_container_port_is_the_settings_port(docs):
+    for workload in workloads(docs):
+        service = workload["metadata"]["name"]
+        container = only_container(workload)
+        env = resolve_env(container, docs, sample_pod_name(workload))
+        port = settings_from_env(SETTINGS[service], env).port
+        assert port == default_port(service)
+        assert [p["containerPort"] for p in container["ports"]] == [port]
+
+
+def test_probes_hit_real_routes_on_the_service_port(docs):
+    readiness = {"coordinator": "/health", "gateway": "/health", "worker": "/ready"}
+    for workload in workloads(docs):
+        service = workload["metadata"]["name"]
+        container = only_container(workload)
+        probes = {kind: container[kind] for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
+        for kind, probe in probes.items():
+            assert serves(service, probe["httpGet"]["path"]), f"{service} {kind}: no such route"
+            assert container_port(container, probe["httpGet"]["port"]) == default_port(service)
+        assert probes["livenessProbe"]["httpGet"]["path"] == "/health"
+        assert probes["readinessProbe"]["httpGet"]["path"] == readiness[service]
+
+
+def test_route_matching_tells_routes_apart():
+    assert serves("worker", "/ready") and serves("coordinator", "/route/seq-1")
+    assert not serves("gateway", "/ready")
+    assert not serves("worker", "/health", method="POST")
+
+
+def test_worker_startup_probe_allows_model_loading(docs):
+    probe = only_container(find(docs, "StatefulSet", "worker"))["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 300
+
+
+def test_shutdown_leaves_time_to_deregister_and_drain(docs):
+    for workload in workloads(docs):
+        spec = pod_spec(workload)
+        pre_stop = only_container(workload).get("lifecycle", {}).get("preStop", {})
+        sleep_s = pre_stop.get("sleep", {}).get("seconds", 0)
+        grace_s = spec.get("terminationGracePeriodSeconds", 30)
+        assert grace_s > sleep_s + UVICORN_GRACEFUL_SHUTDOWN_S, workload["metadata"]["name"]
+    assert only_container(find(docs, "StatefulSet", "worker"))["lifecycle"]["preStop"]
+
+
+def test_services_select_pods_and_target_their_ports(docs):
+    for service in (d for d in docs if d["kind"] == "Service"):
+        name = service["metadata"]["name"]
+        workload = next(w for w in workloads(docs)
+                        if selects(service["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"]))
+        assert workload["metadata"]["name"] == name
+        for port in service["spec"]["ports"]:
+            assert container_port(only_container(workload), port["targetPort"]) == default_port(name)
+
+
+def test_gateway_is_a_load_balancer_on_port_80(docs):
+    service = find(docs, "Service", "gateway")
+    assert service["spec"]["type"] == "LoadBalancer"
+    assert [p["port"] for p in service["spec"]["ports"]] == [80]
+    assert find(docs, "Service", "coordinator")["spec"].get("type", "ClusterIP") == "ClusterIP"
+
+
+def test_coordinator_url_is_the_coordinator_service(docs):
+    service = find(docs, "Service", "coordinator")
+    for workload in workloads(docs):
+        env = resolve_env(only_container(workload), docs, sample_pod_name(workload))
+        for name, value in env.items():
+            if name.endswith("_COORDINATOR_URL"):
+                url = urlsplit(value)
+                assert url.hostname in ("coordinator", f"coordinator.{NAMESPACE}.svc.cluster.local")
+                assert url.port in [p["port"] for p in service["spec"]["ports"]]
+
+
+def test_single_coordinator_replaced_not_rolled(docs):
+    deployment = find(docs, "Deployment", "coordinator")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_worker_advertises_its_headless_service_dns_name(docs):
+    statefulset = find(docs, "StatefulSet", "worker")
+    service = find(docs, "Service", "worker")
+    assert statefulset["spec"]["serviceName"] == "worker"
+    assert service["spec"]["clusterIP"] == "None"
+    assert selects(service["spec"]["selector"], statefulset["spec"]["template"]["metadata"]["labels"])
+    container = only_container(statefulset)
+    env_list = container["env"]
+    names = [e["name"] for e in env_list]
+    by_name = {e["name"]: e for e in env_list}
+    assert by_name["WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert by_name["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert by_name["WORKER_ADVERTISE_ADDRESS"]["value"] == (
+        "http://$(WORKER_ID).worker.$(POD_NAMESPACE).svc.cluster.local:8082")
+    assert names.index("WORKER_ADVERTISE_ADDRESS") > max(names.index("WORKER_ID"), names.index("POD_NAMESPACE"))
+    for ordinal in range(statefulset["spec"]["replicas"] + 1):
+        pod = f"worker-{ordinal}"
+        settings = settings_from_env(SETTINGS["worker"], resolve_env(container, docs, pod))
+        assert settings.worker_id == pod
+        assert settings.advertise_address == f"http://{pod}.worker.{NAMESPACE}.svc.cluster.local:{settings.port}"
+        assert WORKER_DNS.match(settings.advertise_address)
+
+
+def test_worker_model_cache_and_hf_home_are_on_writable_volumes(docs):
+    statefulset = find(docs, "StatefulSet", "worker")
+    container = only_container(statefulset)
+    volumes = {v["name"]: v for v in pod_spec(statefulset)["volumes"]}
+    mounts = [m["mountPath"] for m in container["volumeMounts"]
+              if "emptyDir" in volumes[m["name"]] or "persistentVolumeClaim" in volumes[m["name"]]]
+    env = resolve_env(container, docs, "worker-0")
+    settings = settings_from_env(SETTINGS["worker"], env)
+    for path in (str(settings.model_cache_dir), env["HF_HOME"]):
+        assert any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts), path
+
+
+def test_containers_are_locked_down(docs):
+    for workload in workloads(docs):
+        name = workload["metadata"]["name"]
+        spec = pod_spec(workload)
+        container = only_container(workload)
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["automountServiceAccountToken"] is False, name
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True, name
+        assert security["allowPrivilegeEscalation"] is False, name
+        assert security["capabilities"]["drop"] == ["ALL"], name
+        assert "/tmp" in [m["mountPath"] for m in container["volumeMounts"]], name
+        for bound in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(container["resources"][bound]), (name, bound)
+
+
+def test_gateway_autoscales_on_cpu(docs):
+    hpa = find(docs, "HorizontalPodAutoscaler", "gateway")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "gateway"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 10)
+    [metric] = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"] == {"type": "Utilization", "averageUtilization": 70}
+
+
+def test_every_workload_has_a_disruption_budget(docs):
+    budgets = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    for workload in workloads(docs):
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert any(selects(b["spec"]["selector"]["matchLabels"], labels) for b in budgets), \
+            workload["metadata"]["name"]
+
+
+def test_network_policies_expose_only_the_gateway(docs):
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert any(p["spec"]["podSelector"] == {} and "ingress" not in p["spec"]
+               and p["spec"]["policyTypes"] == ["Ingress"] for p in policies), "no default deny"
+    for workload in workloads(docs):
+        name = workload["metadata"]["name"]
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        rules = [rule for p in policies if p["spec"]["podSelector"]
+                 and selects(p["spec"]["podSelector"]["matchLabels"], labels)
+                 for rule in p["spec"].get("ingress", [])]
+        assert rules, f"nothing may reach {name}"
+        for rule in rules:
+            assert [p["port"] for p in rule["ports"]] == [default_port(name)]
+            if name == "gateway":
+                assert "from" not in rule
+            else:
+                assert rule["from"] == [{"podSelector": {}}], f"{name} must be namespace-only"
+
+
+@pytest.mark.skipif(rendered_overlays() is None, reason="needs kubectl/kustomize or KVCACHE_RENDERED_DIR")
+def test_gpu_overlay_puts_workers_on_gpus():
+    for overlay, docs in rendered_overlays().items():
+        statefulset = find(docs, "StatefulSet", "worker")
+        container = only_container(statefulset)
+        spec = pod_spec(statefulset)
+        env = resolve_env(container, docs, "worker-0")
+        gpus = container["resources"]["limits"].get("nvidia.com/gpu")
+        if overlay == "gpu":
+            assert gpus == 1
+            assert spec["nodeSelector"]["cloud.google.com/gke-accelerator"] == "nvidia-tesla-t4"
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+            assert env["WORKER_DEVICE"] == "cuda"
+            assert container["image"].split(":")[0].endswith("/worker-cuda")
+        else:
+            assert gpus is None and "tolerations" not in spec
+            assert env["WORKER_DEVICE"] == "cpu"
+        assert spec["nodeSelector"]["kvcache-pool"] == "worker"
+        for name in ("coordinator", "gateway"):
+            assert pod_spec(find(docs, "Deployment", name))["nodeSelector"] == {"kvcache-pool": "general"}
+
+
+def test_raw_yaml_files_parse_and_kustomizations_resolve():
+    files = sorted(K8S_DIR.rglob("*.yaml"))
+    assert files
+    for path in files:
+        docs = load_docs(path)
+        assert docs and all("apiVersion" in d and "kind" in d for d in docs), path
+        for doc in docs:
+            if doc["kind"] in ("Kustomization", "Component"):
+                refs = doc.get("resources", []) + doc.get("components", [])
+                refs += [p["path"] for p in doc.get("patches", []) if "path" in p]
+                for ref in refs:
+                    assert (path.parent / ref).exists(), f"{path}: missing {ref}"
+
+
+def test_overlay_patches_set_only_settings():
+    for path in sorted((K8S_DIR / "overlays").rglob("*.yaml")) + sorted((K8S_DIR / "components").rglob("*.yaml")):
+        for doc in load_docs(path):
+            template = doc.get("spec", {}).get("template", {}).get("spec", {})
+            for container in template.get("containers", []):
+                allowed = settings_env_names(SETTINGS[container["name"]]) | GENERIC_ENV
+                names = {e["name"] for e in container.get("env", [])}
+                assert names <= allowed, f"{path}: {sorted(names - allowed)}"
