@@ -34,6 +34,11 @@ class NotFound(ServiceError):
     error_type = "not_found"
 
 
+class Conflict(ServiceError):
+    status_code = 409
+    error_type = "conflict"
+
+
 class Overloaded(ServiceError):
     status_code = 429
     error_type = "overloaded"

@@ -1,0 +1,255 @@
+"""The engine loop: one thread that schedules, runs one packed forward, and emits tokens.
+
+The event loop never runs a forward pass: requests arrive through an inbox queue, and events go
+back through each request's thread-safe sink.
+"""
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from services.common.errors import ContextTooLong, Overloaded, ServiceError, Unavailable
+from services.worker.engine.detokenizer import DetokState, next_text
+from services.worker.engine.sampling import make_generator, sample_token
+from services.worker.engine.scheduler import Admission, ScheduledItem, Scheduler
+from services.worker.engine.sequence import Request, Status
+from services.worker.kv_store import KVCapacityError, KVStore, SequenceEntry
+from services.worker.model.loader import LoadedModel
+from services.worker.model.runner import ModelRunner, StepInput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    worker_id: str
+    max_batch_size: int = 32
+    max_batch_tokens: int = 512
+    max_waiting_requests: int = 256
+    enable_kv_reuse: bool = True
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, store: KVStore, config: EngineConfig):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.store = store
+        self.config = config
+        self.runner = ModelRunner(loaded)
+        self.scheduler = Scheduler(self._admit, config.max_batch_size, config.max_batch_tokens)
+        self.lock = threading.Lock()  # guards scheduler + store against readers (stats, delete)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._num_queued = 0  # submitted, not yet taken from the inbox
+        self._queued_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.counters = dict.fromkeys(
+            ("requests", "hits", "misses", "new_sequences", "prefill_tokens", "reused_tokens",
+             "generated_tokens", "steps", "aborted", "rejected"), 0)
+
+    # --- called from other threads -------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        self._thread.join(timeout=10)
+
+    def submit(self, request: Request) -> None:
+        with self._queued_lock:
+            waiting = self._num_queued + len(self.scheduler.waiting)
+            if waiting >= self.config.max_waiting_requests:
+                raise Overloaded(f"{waiting} requests already waiting on this worker", retry_after_s=1)
+            self._num_queued += 1
+        request.in_inbox = True
+        self._inbox.put(request)
+
+    def abort(self, request: Request) -> None:
+        request.aborted = True
+        self._inbox.put(request)  # wakes the loop; it drops aborted requests
+
+    def delete_sequence(self, seq_id: str) -> bool | None:
+        """True if deleted, False if unknown, None if a request is running on it."""
+        with self.lock:
+            entry = self.store.get(seq_id)
+            if entry is None:
+                return False
+            return True if self.store.delete(seq_id) else None
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {**self.store.stats(), **self.counters,
+                    "running": len(self.scheduler.running),
+                    "waiting": len(self.scheduler.waiting) + self._num_queued}
+
+    # --- engine thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._take_inbox(block=not self.scheduler.has_work())
+            with self.lock:
+                batch = self.scheduler.schedule()
+            if batch:
+                self._run_step(batch)
+
+    def _take_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            while True:
+                self._accept(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _accept(self, request: Request | None) -> None:
+        if request is None:
+            return
+        with self.lock:
+            if request.in_inbox:  # first arrival (an abort puts the same request in again)
+                request.in_inbox = False
+                with self._queued_lock:
+                    self._num_queued -= 1
+                if not request.aborted:
+                    self.scheduler.add(request)
+                    return
+            if request.aborted:
+                self._drop(request)
+
+    def _run_step(self, batch: list[ScheduledItem]) -> None:
+        inputs = [StepInput(item.request.entry.kv, self._feed_ids(item), item.samples) for item in batch]
+        try:
+            logits = self.runner.forward(inputs)
+        except Exception as exc:  # noqa: BLE001 - a failed step must not kill the engine
+            logger.exception("forward pass failed")
+            self._fail_batch(batch, exc)
+            return
+        with self.lock:
+            self.counters["steps"] += 1
+            sampled = 0
+            for item, step_input in zip(batch, inputs):
+                item.request.entry.kv.num_tokens += item.num_tokens
+                if step_input.sample:
+                    self._on_token(item.request, logits[sampled])
+                    sampled += 1
+                elif item.request.status is Status.COMPLETING:
+                    self._finish(item.request)
+
+    @staticmethod
+    def _feed_ids(item: ScheduledItem) -> list[int]:
+        start = item.request.entry.kv.num_tokens
+        return item.request.entry.token_ids[start:start + item.num_tokens]
+
+    # --- admission -------------------------------------------------------------------------
+    def _admit(self, req: Request) -> Admission:
+        if req.aborted:
+            self._drop(req)
+            return Admission.REJECTED
+        entry = self.store.get_or_create(req.seq_id)
+        prompt_ids = self.tokenizer.encode(req.prompt, add_special_tokens=False)
+        context = len(entry.token_ids) + len(prompt_ids)
+        window = self.store.layout.max_positions
+        if context + req.params.max_tokens > window:
+            return self._reject(req, entry, ContextTooLong(
+                f"context of {context} tokens ({len(entry.token_ids)} earlier + {len(prompt_ids)} "
+                f"new) plus max_tokens {req.params.max_tokens} exceeds the model window of {window}"))
+        if not self.config.enable_kv_reuse:
+            self.store.drop_kv(entry)
+        try:  # reserve the whole generation up front: a running request never runs out of KV
+            self.store.reserve(entry, context + req.params.max_tokens)
+        except KVCapacityError as exc:
+            if exc.ever_fits:
+                return Admission.NO_ROOM
+            return self._reject(req, entry, Unavailable(f"request too large for this worker's KV budget: {exc}"))
+        entry.busy = True
+        req.entry = entry
+        req.cached_tokens = entry.num_cached
+        entry.token_ids.extend(prompt_ids)
+        self._start(req, prompt_ids)
+        return Admission.ADMITTED
+
+    def _start(self, req: Request, prompt_ids: list[int]) -> None:
+        known = len(req.entry.token_ids) > len(prompt_ids)
+        self.counters["requests"] += 1
+        self.counters["new_sequences" if not known else ("hits" if req.cached_tokens else "misses")] += 1
+        self.counters["reused_tokens"] += req.cached_tokens
+        self.counters["prefill_tokens"] += len(req.entry.token_ids) - req.cached_tokens
+        req.prompt_tokens = len(prompt_ids)
+        req.context_tokens = len(req.entry.token_ids)
+        req.sampler = make_generator(req.params.seed, self.store.layout.device)
+        req.detok = DetokState()
+        req.admitted_s = time.perf_counter()
+        req.sink({"type": "start", "seq_id": req.seq_id, "worker_id": self.config.worker_id,
+                  "context_tokens": req.context_tokens, "cached_tokens": req.cached_tokens})
+
+    def _reject(self, req: Request, entry: SequenceEntry, error: ServiceError) -> Admission:
+        self.counters["rejected"] += 1
+        if not entry.token_ids:  # do not keep an empty sequence for a rejected first request
+            self.store.delete(entry.seq_id)
+        req.status = Status.FINISHED
+        req.sink(error)
+        return Admission.REJECTED
+
+    # --- tokens and endings ----------------------------------------------------------------
+    def _on_token(self, req: Request, logits: torch.Tensor) -> None:
+        p = req.params
+        token = sample_token(logits, p.temperature, p.top_p, req.sampler)
+        now = time.perf_counter()
+        req.first_token_s = req.first_token_s or now
+        req.last_token_s = now
+        req.generated.append(token)
+        req.entry.token_ids.append(token)
+        self.counters["generated_tokens"] += 1
+        req.sink({"type": "token", "index": len(req.generated) - 1, "token_id": token,
+                  "token": next_text(self.tokenizer, req.generated, req.detok)})
+        if token == self.loaded.eos_token_id:
+            self._done(req, "stop")
+        elif len(req.generated) >= p.max_tokens:
+            self._done(req, "length")
+
+    def _done(self, req: Request, reason: str) -> None:
+        req.sink({"type": "done", **self._result(req, reason)})
+        if self.config.enable_kv_reuse:
+            req.status = Status.COMPLETING  # one more step writes the last token's KV
+        else:
+            self._finish(req)
+
+    def _result(self, req: Request, reason: str) -> dict:
+        ms = 1000.0
+        return {
+            "seq_id": req.seq_id, "worker_id": self.config.worker_id,
+            "text": self.tokenizer.decode(req.generated), "finish_reason": reason,
+            "usage": {"prompt_tokens": req.prompt_tokens, "cached_tokens": req.cached_tokens,
+                      "completion_tokens": len(req.generated), "context_tokens": req.context_tokens},
+            "timings": {"ttft_ms": (req.first_token_s - req.arrival_s) * ms,
+                        "prefill_ms": (req.first_token_s - req.admitted_s) * ms,
+                        "decode_ms": (req.last_token_s - req.first_token_s) * ms},
+        }
+
+    def _finish(self, req: Request) -> None:
+        req.status = Status.FINISHED
+        self.scheduler.remove(req)
+        if req.entry is not None:
+            req.entry.busy = False
+            if not self.config.enable_kv_reuse:
+                self.store.drop_kv(req.entry)
+
+    def _drop(self, req: Request) -> None:
+        """An aborted request: its sequence keeps the tokens generated so far."""
+        if req.status in (Status.WAITING, Status.RUNNING):
+            self.counters["aborted"] += 1
+        if req.status is not Status.FINISHED:
+            self._finish(req)
+
+    def _fail_batch(self, batch: list[ScheduledItem], exc: Exception) -> None:
+        with self.lock:
+            for item in batch:
+                req = item.request
+                if req.status is Status.RUNNING:
+                    req.sink({"type": "error", "error": {"type": "internal_error",
+                                                         "message": f"generation failed: {exc}"}})
+                self.store.drop_kv(req.entry)  # partially written: recompute next time
+                self._finish(req)

@@ -1,0 +1,59 @@
+"""A generation request as the engine sees it (no torch, no asyncio)."""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from typing import Any
+
+from services.worker.kv_store import SequenceEntry
+
+# Receives event dicts, or a ServiceError before the `start` event. Must be thread-safe.
+EventSink = Callable[[Any], None]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 50
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()     # prefilling or decoding
+    COMPLETING = auto()  # done was sent; writing the last token's KV so a continuation finds it
+    FINISHED = auto()
+
+
+@dataclass(eq=False)
+class Request:
+    seq_id: str
+    prompt: str
+    params: SamplingParams
+    sink: EventSink
+    arrival_s: float = field(default_factory=time.perf_counter)
+    status: Status = Status.WAITING
+    entry: SequenceEntry | None = None
+    generated: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    context_tokens: int = 0
+    aborted: bool = False
+    in_inbox: bool = False
+    sampler: Any = None          # per-request random generator, set at admission
+    detok: Any = None            # incremental detokenizer state
+    admitted_s: float = 0.0
+    first_token_s: float = 0.0
+    last_token_s: float = 0.0
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens of the context whose KV is not written yet (1 while decoding)."""
+        kv = self.entry.kv if self.entry else None
+        return len(self.entry.token_ids) - kv.num_tokens if kv else 0
+
+    @property
+    def wants_sample(self) -> bool:
+        return self.status is Status.RUNNING

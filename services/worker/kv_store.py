@@ -1,0 +1,191 @@
+"""Per-sequence KV cache with a byte budget and whole-sequence LRU eviction.
+
+Each sequence owns one preallocated buffer `[layers, 2, capacity, kv_heads, head_dim]`; new
+tokens are written in place at their positions (no concatenation), and the buffer grows
+geometrically, so appending is amortized O(1). Entries sit in an OrderedDict in LRU order.
+Eviction frees a sequence's whole buffer (never some layers) and keeps its token ids, so its
+next request recomputes the KV and produces the same output.
+"""
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+BLOCK_TOKENS = 64  # capacity granularity
+
+
+class KVCapacityError(Exception):
+    """The budget cannot hold the request, even after evicting every idle sequence."""
+
+    def __init__(self, message: str, *, ever_fits: bool):
+        super().__init__(message)
+        self.ever_fits = ever_fits
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    max_positions: int
+
+    @property
+    def bytes_per_token(self) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * itemsize
+
+
+class SequenceKV:
+    """One sequence's K/V. `num_tokens` positions are valid; writes beyond it are scratch."""
+
+    def __init__(self, layout: KVLayout, capacity: int):
+        # [layers, 2 (k, v), capacity, kv_heads, head_dim]
+        self.data = torch.empty((layout.num_layers, 2, capacity, layout.num_kv_heads, layout.head_dim),
+                                dtype=layout.dtype, device=layout.device)
+        self.num_tokens = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.data.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
+        """Write `[n, kv_heads, head_dim]` at positions start..start+n; return the layer's K and V
+        views over positions 0..start+n, each `[start+n, kv_heads, head_dim]` (no copy)."""
+        end = start + keys.shape[0]
+        self.data[layer, 0, start:end] = keys
+        self.data[layer, 1, start:end] = values
+        return self.data[layer, 0, :end], self.data[layer, 1, :end]
+
+    def copy_from(self, other: "SequenceKV") -> None:
+        n = other.num_tokens
+        self.data[:, :, :n] = other.data[:, :, :n]
+        self.num_tokens = n
+
+
+@dataclass
+class SequenceEntry:
+    seq_id: str
+    token_ids: list[int] = field(default_factory=list)
+    kv: SequenceKV | None = None
+    busy: bool = False  # a request is running on it: never evicted
+
+    @property
+    def num_cached(self) -> int:
+        return min(self.kv.num_tokens, len(self.token_ids)) if self.kv else 0
+
+
+class KVStore:
+    def __init__(self, layout: KVLayout, budget_bytes: int, max_sequences: int = 100_000):
+        self.layout = layout
+        self.budget_bytes = budget_bytes
+        self.max_sequences = max_sequences
+        self.entries: OrderedDict[str, SequenceEntry] = OrderedDict()
+        self.used_bytes = 0
+        self.peak_bytes = 0
+        self.evictions = 0
+
+    def get(self, seq_id: str) -> SequenceEntry | None:
+        return self.entries.get(seq_id)
+
+    def get_or_create(self, seq_id: str) -> SequenceEntry:
+        entry = self.entries.get(seq_id)
+        if entry is None:
+            entry = self.entries[seq_id] = SequenceEntry(seq_id)
+            self._forget_oldest_idle()
+        self.entries.move_to_end(seq_id)
+        return entry
+
+    def reserve(self, entry: SequenceEntry, num_tokens: int) -> None:
+        """Make `entry.kv` hold at least `num_tokens` positions, evicting idle sequences (LRU
+        first) as needed. Old and new buffers coexist during a grow, so both are counted; if
+        they cannot, the entry's own KV is dropped (read `entry.num_cached` afterwards)."""
+        if num_tokens > self.layout.max_positions:
+            raise ValueError(f"{num_tokens} tokens exceed the model window {self.layout.max_positions}")
+        current = entry.kv.capacity if entry.kv else 0
+        if num_tokens <= current:
+            return
+        exact = min(_round_up(num_tokens, BLOCK_TOKENS), self.layout.max_positions)
+        doubled = min(max(exact, 2 * current), self.layout.max_positions)
+        bpt = self.layout.bytes_per_token
+        if self.used_bytes + doubled * bpt <= self.budget_bytes:  # geometric growth if free
+            self._grow(entry, doubled)
+            return
+        if self._make_room(exact * bpt, keep=entry.seq_id):
+            self._grow(entry, exact)
+            return
+        if entry.kv is not None:  # cannot hold old and new at once: recompute this one instead
+            self.drop_kv(entry)
+            if self._make_room(exact * bpt, keep=entry.seq_id):
+                self._grow(entry, exact)
+                return
+        need = exact * self.layout.bytes_per_token
+        raise KVCapacityError(
+            f"KV for {num_tokens} tokens needs {need} bytes; budget {self.budget_bytes}, "
+            f"in use by running sequences {self.used_bytes - (entry.kv.nbytes if entry.kv else 0)}",
+            ever_fits=need <= self.budget_bytes)
+
+    def drop_kv(self, entry: SequenceEntry) -> None:
+        if entry.kv is not None:
+            self.used_bytes -= entry.kv.nbytes
+            entry.kv = None
+
+    def delete(self, seq_id: str) -> bool:
+        entry = self.entries.get(seq_id)
+        if entry is None or entry.busy:
+            return False
+        self.drop_kv(entry)
+        del self.entries[seq_id]
+        return True
+
+    def stats(self) -> dict:
+        cached = [e for e in self.entries.values() if e.kv is not None]
+        return {
+            "sequences": len(self.entries),
+            "cached_sequences": len(cached),
+            "cached_tokens": sum(e.num_cached for e in cached),
+            "kv_bytes_used": self.used_bytes,
+            "kv_bytes_peak": self.peak_bytes,
+            "kv_bytes_limit": self.budget_bytes,
+            "kv_bytes_per_token": self.layout.bytes_per_token,
+            "evictions": self.evictions,
+        }
+
+    def _grow(self, entry: SequenceEntry, capacity: int) -> None:
+        new = SequenceKV(self.layout, capacity)
+        self.used_bytes += new.nbytes
+        self.peak_bytes = max(self.peak_bytes, self.used_bytes)
+        if entry.kv is not None:
+            new.copy_from(entry.kv)
+            self.drop_kv(entry)
+        entry.kv = new
+
+    def _make_room(self, nbytes: int, keep: str) -> bool:
+        if self.used_bytes + nbytes <= self.budget_bytes:
+            return True
+        for entry in list(self.entries.values()):  # LRU first
+            if entry.busy or entry.kv is None or entry.seq_id == keep:
+                continue
+            self.drop_kv(entry)
+            self.evictions += 1
+            if self.used_bytes + nbytes <= self.budget_bytes:
+                return True
+        return False
+
+    def _forget_oldest_idle(self) -> None:
+        while len(self.entries) > self.max_sequences:
+            victim = next((e for e in self.entries.values() if not e.busy), None)
+            if victim is None:
+                return
+            self.drop_kv(victim)
+            del self.entries[victim.seq_id]
+
+
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
