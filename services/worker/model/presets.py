@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
-PRESET_VERSION = 1  # bump when a preset's recipe changes, so cached copies are rebuilt
+PRESET_VERSION = 2  # bump when a preset's recipe changes, so cached copies are rebuilt
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,14 @@ class Preset:
     n_positions: int = 1024
     seed: int = 0
     initializer_range: float = 0.02
+    ascii_output: bool = False  # greedy output stays ASCII, so generated text round-trips
 
 
 PRESETS = {
     # Small and fast: the default for local runs and tests.
-    "tiny-gpt2": Preset(n_layer=4, n_head=4, n_embd=128, vocab_size=257, initializer_range=0.2),
+    # Wide weight init spreads the logits, so greedy choices are far from ties.
+    "tiny-gpt2": Preset(n_layer=4, n_head=4, n_embd=128, vocab_size=257, initializer_range=0.2,
+                        ascii_output=True),
     # Exactly GPT-2 124M's parameter shapes, random weights: for benchmarks.
     "gpt2-small-random": Preset(n_layer=12, n_head=12, n_embd=768, vocab_size=50257),
 }
@@ -83,12 +86,16 @@ def build_preset(name: str, path: Path) -> None:
         n_layer=spec.n_layer, n_head=spec.n_head, initializer_range=spec.initializer_range,
         bos_token_id=spec.vocab_size - 1, eos_token_id=spec.vocab_size - 1,
     )
+    config.tie_word_embeddings = not spec.ascii_output
     torch.manual_seed(spec.seed)
     model = GPT2LMHeadModel(config)
+    # A random model would emit EOS at random and end generations early. A zero output row
+    # gives that token a logit of exactly 0, well below the usual maximum, so greedy decoding
+    # does not pick it (sampling still can). tiny-gpt2 (untied head) does the same for bytes
+    # >= 128, so its greedy output is ASCII and decoded text re-encodes to the same tokens.
+    silenced = [config.eos_token_id] + (list(range(128, 256)) if spec.ascii_output else [])
     with torch.no_grad():
-        # A random model would emit EOS at random and end generations early; a zero EOS row
-        # (the LM head is tied to it) gives EOS a logit of exactly 0, below the usual maximum.
-        model.transformer.wte.weight[config.eos_token_id].zero_()
+        model.get_output_embeddings().weight[silenced] = 0.0
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     build_byte_tokenizer(spec.vocab_size).save_pretrained(path)

@@ -1,0 +1,69 @@
+"""Helpers shared by the end-to-end, stress and cache-performance suites (real HTTP)."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from services.common.sse import aparse_events, parse_events
+from services.localcluster import LocalCluster
+from services.worker.model.presets import resolve_model_path
+
+
+@dataclass
+class Generation:
+    status: int
+    seq_id: str | None
+    events: list[dict]
+
+    @property
+    def start(self) -> dict:
+        return self.events[0]
+
+    @property
+    def done(self) -> dict:
+        assert self.events[-1]["type"] == "done", self.events[-1]
+        return self.events[-1]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [e["token_id"] for e in self.events if e["type"] == "token"]
+
+
+def generate(base_url: str, timeout_s: float = 120.0, **body) -> Generation:
+    with httpx.Client(timeout=timeout_s) as client, \
+            client.stream("POST", f"{base_url}/generate", json=body) as resp:
+        if resp.status_code != 200:
+            resp.read()
+            return Generation(resp.status_code, resp.headers.get("x-seq-id"), [resp.json()])
+        events = list(parse_events(resp.iter_lines()))
+    return Generation(resp.status_code, resp.headers.get("x-seq-id"), events)
+
+
+async def agenerate(client: httpx.AsyncClient, base_url: str, **body) -> Generation:
+    async with client.stream("POST", f"{base_url}/generate", json=body) as resp:
+        if resp.status_code != 200:
+            await resp.aread()
+            return Generation(resp.status_code, resp.headers.get("x-seq-id"), [resp.json()])
+        events = [e async for e in aparse_events(resp.aiter_lines())]
+    return Generation(resp.status_code, resp.headers.get("x-seq-id"), events)
+
+
+def assert_well_formed(gen: Generation) -> None:
+    """start, tokens with indexes 0..n-1, exactly one terminal event, last."""
+    types = [e["type"] for e in gen.events]
+    assert gen.status == 200 and types[0] == "start", gen.events[:2]
+    assert types[-1] == "done", gen.events[-1]
+    assert types.count("done") + types.count("error") == 1
+    indexes = [e["index"] for e in gen.events if e["type"] == "token"]
+    assert indexes == list(range(len(indexes)))
+    assert gen.done["usage"]["completion_tokens"] == len(indexes)
+
+
+def start_cluster(tmp_dir: Path, num_workers: int = 2, **worker_env: str) -> LocalCluster:
+    """A cluster of real processes serving tiny-gpt2, built once into tmp_dir/models."""
+    models = tmp_dir / "models"
+    resolve_model_path("tiny-gpt2", models)  # build before workers start, not in each of them
+    env = {"WORKER_MODEL_CACHE_DIR": str(models), "WORKER_MODEL_NAME": "tiny-gpt2",
+           "WORKER_TORCH_THREADS": "1", **worker_env}
+    return LocalCluster(num_workers=num_workers, log_dir=tmp_dir / "logs", worker_env=env).start()
