@@ -107,6 +107,7 @@ tools() {
 
 render() {
   local overlay
+  rm -f "${render_dir}"/*.yaml
   for overlay in cpu gpu; do
     kubectl kustomize "k8s/overlays/${overlay}" >"${render_dir}/${overlay}.yaml" || return 1
     echo "   k8s/overlays/${overlay} -> $(grep -c '^kind:' "${render_dir}/${overlay}.yaml") objects"
@@ -116,8 +117,20 @@ render() {
   echo "   scripts/deploy_gke.sh --dry-run -> $(grep -c '^kind:' "${render_dir}/deploy-dry-run.yaml") objects"
 }
 
+# rendered_files: fail unless render wrote both overlays.
+rendered_files() {
+  local overlay
+  for overlay in cpu gpu; do
+    [[ -s "${render_dir}/${overlay}.yaml" ]] || {
+      echo "   no rendered ${overlay}.yaml (render failed)"
+      return 1
+    }
+  done
+}
+
 k8s_schema() {
   local out
+  rendered_files || return 1
   # An unknown kind or apiVersion is only a warning to kubernetes-validate: fail on those too.
   out="$(kubernetes-validate --strict --quiet -k "${K8S_VERSION}" "${render_dir}"/*.yaml 2>&1)" || {
     echo "${out}"
@@ -201,6 +214,7 @@ PY
 
 checkov_all() {
   local checkov="${CHECKOV_VENV}/bin/checkov" opts=(--skip-download --quiet --compact)
+  rendered_files || return 1
   "${checkov}" "${opts[@]}" --framework terraform -d infra \
     && "${checkov}" "${opts[@]}" --framework kubernetes \
       -f "${render_dir}/cpu.yaml" -f "${render_dir}/gpu.yaml" \
@@ -219,7 +233,12 @@ project_python() {
   fi
   if ! "${DEPLOY_VENV}/bin/python" -c 'import pytest, services.worker.app' 2>/dev/null; then
     echo "   installing the project into .venv-deploy for the pytest" >&2
-    "${DEPLOY_VENV}/bin/python" -m pip install --disable-pip-version-check --quiet -e '.[dev]' >&2 || return 1
+    if ! "${DEPLOY_VENV}/bin/python" -m pip install --disable-pip-version-check --quiet -e '.[dev]' \
+      >"${DEPLOY_VENV}.pip.log" 2>&1; then
+      cat "${DEPLOY_VENV}.pip.log" >&2
+      return 1
+    fi
+    rm -f "${DEPLOY_VENV}.pip.log"
   fi
   echo "${DEPLOY_VENV}/bin/python"
 }
