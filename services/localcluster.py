@@ -124,7 +124,7 @@ class LocalCluster:
         self.procs.clear()
 
     def __enter__(self) -> "LocalCluster":
-        return self.start()
+        return self if self.procs else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""Benchmark: KV-cache reuse vs recomputation, batching vs one at a time, engine overhead.
+
+Starts its own clusters on loopback with `gpt2-small-random` (GPT-2 124M shapes, random
+weights): one worker with KV reuse, one with reuse disabled (every request recomputes its whole
+context). Plain transformers (`model.generate` / a bare forward loop, sdpa attention) runs in
+this process as the alternative a user would pick. Run it on an otherwise idle machine:
+
+    .venv/bin/python scripts/bench.py            # writes bench_results/{results.json,results.md,results.png}
+    .venv/bin/python scripts/bench.py --reps 3   # quicker
+
+Scenarios (medians over repetitions, min/max in the JSON and the table):
+  1. continuation TTFT: ~990 tokens cached + 16 new, cached vs recompute vs transformers
+  2. the same continuation end to end with 16 generated tokens
+  3. 16 concurrent generations x 32 tokens vs the same 16 one at a time (tokens/s)
+  4. engine time per decode step at batch 1 vs a bare transformers forward + argmax
+  5. decode step time at ~1024 vs ~128 tokens of context
+"""
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import string
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from services.common.sse import parse_events  # noqa: E402
+from services.localcluster import LocalCluster  # noqa: E402
+from services.worker.model.presets import resolve_model_path  # noqa: E402
+
+MODEL = "gpt2-small-random"
+CACHED_CONTEXT = 990   # GPT-2's window is 1024: 990 cached + 16 new + 16 generated = 1022
+NEW_TOKENS = 16
+
+
+def text(n: int, rng: random.Random) -> str:
+    """n ASCII characters = n tokens with the byte-level tokenizer."""
+    return "".join(rng.choice(string.ascii_letters + " ") for _ in range(n))
+
+
+def stream(url: str, **body) -> dict:
+    """POST /generate; returns the done event plus client-side ttft_s and total_s."""
+    t0 = time.perf_counter()
+    ttft = None
+    with httpx.Client(timeout=600) as client, client.stream("POST", f"{url}/generate", json=body) as resp:
+        resp.raise_for_status()
+        for event in parse_events(resp.iter_lines()):
+            if event["type"] == "token" and ttft is None:
+                ttft = time.perf_counter() - t0
+            if event["type"] == "error":
+                raise RuntimeError(event)
+            if event["type"] == "done":
+                return {**event, "client_ttft_s": ttft, "client_total_s": time.perf_counter() - t0}
+    raise RuntimeError("stream ended without done")
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+class Bare:
+    """Plain transformers in this process: what a user would run without this system."""
+
+    def __init__(self, path: str):
+        from transformers import AutoModelForCausalLM
+        self.model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+
+    @torch.inference_mode()
+    def generate(self, ids: list[int], new: int) -> tuple[float, float]:
+        """(ttft_s, total_s) for model.generate, greedy. TTFT timed as generate(max_new_tokens=1)."""
+        x = torch.tensor([ids])
+        t0 = time.perf_counter()
+        self.model.generate(x, max_new_tokens=1, do_sample=False, pad_token_id=0)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        return ttft, time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def decode_step_s(self, context: int, steps: int) -> float:
+        """Median time of one decode step (forward of one token with a DynamicCache + argmax)."""
+        from transformers import DynamicCache
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(torch.randint(0, 50000, (1, context)), past_key_values=cache, use_cache=True,
+                         logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            out = self.model(token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+
+def scenario_continuation(cached: str, recompute: str, bare: Bare, reps: int, generated: int,
+                          rng: random.Random) -> dict:
+    """Scenarios 1 (generated=1: TTFT) and 2 (generated=16: end to end)."""
+    rows = {"cached": [], "recompute": [], "transformers": [], "cached_server_ttft": [],
+            "recompute_server_ttft": [], "cached_tokens": []}
+    key = "client_ttft_s" if generated == 1 else "client_total_s"
+    for _ in range(reps):
+        first, follow = text(CACHED_CONTEXT - 1, rng), text(NEW_TOKENS, rng)
+        for name, url in (("cached", cached), ("recompute", recompute)):
+            seq = f"bench-{uuid.uuid4().hex[:10]}"
+            stream(url, prompt=first, seq_id=seq, max_tokens=1, temperature=0)
+            done = stream(url, prompt=follow, seq_id=seq, max_tokens=generated, temperature=0)
+            rows[name].append(done[key])
+            rows[f"{name}_server_ttft"].append(done["timings"]["ttft_ms"] / 1000)
+            if name == "cached":
+                rows["cached_tokens"].append(done["usage"]["cached_tokens"])
+        ids = list((first + "x" + follow).encode())  # same length as the cached context + new
+        ttft, total = bare.generate(ids, generated)
+        rows["transformers"].append(ttft if generated == 1 else total)
+    return {k: summary(v) for k, v in rows.items()}
+
+
+def scenario_batching(url: str, reps: int, rng: random.Random) -> dict:
+    """Scenario 3: 16 x 32 tokens, concurrently vs one at a time, on the same worker."""
+    def one(i: int) -> dict:
+        return stream(url, prompt=text(16, rng), seq_id=f"batch-{uuid.uuid4().hex[:8]}-{i}",
+                      max_tokens=32, temperature=0)
+
+    concurrent, sequential = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            done = list(pool.map(one, range(16)))
+        concurrent.append(sum(d["usage"]["completion_tokens"] for d in done) / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        done = [one(i) for i in range(16)]
+        sequential.append(sum(d["usage"]["completion_tokens"] for d in done) / (time.perf_counter() - t0))
+    return {"concurrent_tok_s": summary(concurrent), "sequential_tok_s": summary(sequential),
+            "speedup": summary([c / s for c, s in zip(concurrent, sequential)])}
+
+
+def server_step_s(url: str, prompt_tokens: int, steps: int, rng: random.Random) -> float:
+    done = stream(url, prompt=text(prompt_tokens, rng), seq_id=f"step-{uuid.uuid4().hex[:8]}",
+                  max_tokens=steps + 1, temperature=0)
+    return done["timings"]["decode_ms"] / 1000 / steps  # first token comes from the prefill
+
+
+def scenario_step_overhead(url: str, bare: Bare, reps: int, rng: random.Random) -> dict:
+    """Scenario 4: per decode step, batch 1, short context: engine (server-side) vs bare."""
+    engine, plain = [], []
+    for _ in range(reps):
+        engine.append(server_step_s(url, 64, 48, rng))
+        plain.append(bare.decode_step_s(64, 48))
+    return {"engine_step_s": summary(engine), "bare_step_s": summary(plain),
+            "overhead": summary([e / b - 1 for e, b in zip(engine, plain)])}
+
+
+def scenario_context_growth(url: str, bare: Bare, reps: int, rng: random.Random) -> dict:
+    """Scenario 5: decode step time at ~1024 vs ~128 tokens of context."""
+    rows = {"engine_128": [], "engine_1024": [], "bare_128": [], "bare_1024": []}
+    for _ in range(reps):
+        rows["engine_128"].append(server_step_s(url, 112, 32, rng))
+        rows["engine_1024"].append(server_step_s(url, 975, 32, rng))
+        rows["bare_128"].append(bare.decode_step_s(112, 32))
+        rows["bare_1024"].append(bare.decode_step_s(975, 32))
+    out = {k: summary(v) for k, v in rows.items()}
+    out["engine_ratio"] = summary([b / a for a, b in zip(rows["engine_128"], rows["engine_1024"])])
+    out["bare_ratio"] = summary([b / a for a, b in zip(rows["bare_128"], rows["bare_1024"])])
+    return out
+
+
+def ratio(a: dict, b: dict) -> float:
+    return a["median"] / b["median"]
+
+
+def fmt(s: dict, scale: float = 1000, unit: str = "ms") -> str:
+    return f"{s['median'] * scale:.1f} {unit} ({s['min'] * scale:.1f}-{s['max'] * scale:.1f})"
+
+
+def table(r: dict) -> str:
+    s1, s2, s3, s4, s5 = (r[f"s{i}"] for i in range(1, 6))
+    lines = [
+        "| scenario | kvcache | baseline | ratio | target |", "|---|---|---|---|---|",
+        f"| 1. continuation TTFT, {s1['cached_tokens']['median']:.0f} cached + {NEW_TOKENS} new | "
+        f"{fmt(s1['cached'])} | recompute {fmt(s1['recompute'])}; transformers {fmt(s1['transformers'])} | "
+        f"**{ratio(s1['recompute'], s1['cached']):.1f}x** (vs transformers {ratio(s1['transformers'], s1['cached']):.1f}x) | >= 13x |",
+        f"| 2. same, end to end with 16 generated | {fmt(s2['cached'])} | recompute {fmt(s2['recompute'])}; "
+        f"transformers {fmt(s2['transformers'])} | **{ratio(s2['recompute'], s2['cached']):.1f}x** "
+        f"(vs transformers {ratio(s2['transformers'], s2['cached']):.1f}x) | >= 2.5x |",
+        f"| 3. 16 concurrent x 32 tokens, tokens/s | {fmt(s3['concurrent_tok_s'], 1, 'tok/s')} | "
+        f"one at a time {fmt(s3['sequential_tok_s'], 1, 'tok/s')} | **{s3['speedup']['median']:.2f}x** "
+        f"({s3['speedup']['min']:.2f}-{s3['speedup']['max']:.2f}) | >= 3x |",
+        f"| 4. decode step, batch 1 (engine vs bare forward) | {fmt(s4['engine_step_s'])} | "
+        f"{fmt(s4['bare_step_s'])} | **{s4['overhead']['median'] * 100:+.1f}%** "
+        f"({s4['overhead']['min'] * 100:+.1f}% to {s4['overhead']['max'] * 100:+.1f}%) | <= +10% |",
+        f"| 5. decode step at ~1024 vs ~128 context | {fmt(s5['engine_1024'])} vs {fmt(s5['engine_128'])} | "
+        f"transformers {fmt(s5['bare_1024'])} vs {fmt(s5['bare_128'])} | **{s5['engine_ratio']['median']:.2f}x** "
+        f"(transformers {s5['bare_ratio']['median']:.2f}x) | attention growth only |",
+    ]
+    return "\n".join(lines)
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, key, title in ((axes[0], "s1", "1. continuation TTFT (ms)"), (axes[1], "s2", "2. continuation + 16 tokens (ms)")):
+        names = ["cached", "recompute", "transformers"]
+        ax.bar(names, [r[key][n]["median"] * 1000 for n in names], color=["tab:green", "tab:red", "tab:gray"])
+        ax.set_title(title)
+    s3 = r["s3"]
+    axes[2].bar(["16 concurrent", "one at a time"], [s3["concurrent_tok_s"]["median"], s3["sequential_tok_s"]["median"]],
+                color=["tab:green", "tab:gray"])
+    axes[2].set_title("3. tokens/s, 16 x 32 tokens")
+    fig.suptitle(f"kvcache, {MODEL} on {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
+    import os
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
+    parser.add_argument("--model-cache-dir", type=Path, default=Path.home() / ".cache" / "kvcache" / "models")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    path = resolve_model_path(MODEL, args.model_cache_dir)
+    env = {"WORKER_MODEL_NAME": MODEL, "WORKER_MODEL_CACHE_DIR": str(args.model_cache_dir),
+           "WORKER_KV_CACHE_BYTES": str(4 << 30)}
+    cached = LocalCluster(num_workers=1, log_dir=args.out / "logs-cached", worker_env=env)
+    recompute = LocalCluster(num_workers=1, log_dir=args.out / "logs-recompute", start_gateway=False,
+                             start_coordinator=False, worker_env={**env, "WORKER_ENABLE_KV_REUSE": "false"})
+    print(f"machine: {machine()}\nstarting clusters ({MODEL})...", flush=True)
+    bare = Bare(path)
+    with cached, recompute:
+        gw, rc = cached.gateway_url, recompute.worker_urls[0]
+        stream(gw, prompt=text(64, rng), max_tokens=8, temperature=0)  # warm-up
+        stream(rc, prompt=text(64, rng), max_tokens=8, temperature=0)
+        bare.generate(list(range(64)), 4)
+        results = {"model": MODEL, "machine": machine(), "reps": args.reps}
+        steps = [("s1", lambda: scenario_continuation(gw, rc, bare, args.reps, 1, rng)),
+                 ("s2", lambda: scenario_continuation(gw, rc, bare, args.reps, 16, rng)),
+                 ("s3", lambda: scenario_batching(gw, max(2, args.reps // 2), rng)),
+                 ("s4", lambda: scenario_step_overhead(cached.worker_urls[0], bare, args.reps, rng)),
+                 ("s5", lambda: scenario_context_growth(cached.worker_urls[0], bare, args.reps, rng))]
+        for key, run in steps:
+            t0 = time.perf_counter()
+            results[key] = run()
+            print(f"scenario {key[1]} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    md = f"Machine: {results['machine']}; model {MODEL}; medians of {args.reps} runs (min-max).\n\n{table(results)}\n"
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    (args.out / "results.md").write_text(md)
+    plot(results, args.out / "results.png")
+    print("\n" + md + f"\nwritten: {args.out}/results.json, results.md, results.png")
+
+
+if __name__ == "__main__":
+    main()
