@@ -18,6 +18,8 @@ COPY pyproject.toml README.md ./
 COPY services ./services
 RUN pip install --no-cache-dir . && pip check
 
+# One virtualenv for every target: the package depends on torch, so the gateway and coordinator
+# images carry it too; the layers are shared, so a node pulls them once.
 FROM python:3.11-slim-bookworm AS runtime
 RUN groupadd --system --gid 10001 kvcache \
     && useradd --system --uid 10001 --gid kvcache --create-home --home-dir /home/kvcache \
