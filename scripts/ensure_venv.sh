@@ -12,6 +12,6 @@ _stamp="$_root/.venv/.kvcache-installed"
 if [[ ! -f "$_stamp" || "$_root/pyproject.toml" -nt "$_stamp" ]]; then
   echo "installing kvcache and its dependencies into .venv (first run: a few minutes)"
   "$_root/.venv/bin/python" -m pip install --quiet --upgrade pip
-  "$_root/.venv/bin/python" -m pip install --quiet -e "$_root[dev]"
+  "$_root/.venv/bin/python" -m pip install --quiet -e "${_root}[dev]"
   touch "$_stamp"
 fi
