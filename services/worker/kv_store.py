@@ -98,7 +98,7 @@ class KVStore:
         entry = self.entries.get(seq_id)
         if entry is None:
             entry = self.entries[seq_id] = SequenceEntry(seq_id)
-            self._forget_oldest_idle()
+            self._forget_oldest_idle(keep=seq_id)
         self.entries.move_to_end(seq_id)
         return entry
 
@@ -178,9 +178,9 @@ class KVStore:
                 return True
         return False
 
-    def _forget_oldest_idle(self) -> None:
+    def _forget_oldest_idle(self, keep: str) -> None:
         while len(self.entries) > self.max_sequences:
-            victim = next((e for e in self.entries.values() if not e.busy), None)
+            victim = next((e for e in self.entries.values() if not e.busy and e.seq_id != keep), None)
             if victim is None:
                 return
             self.drop_kv(victim)

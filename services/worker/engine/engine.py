@@ -203,12 +203,12 @@ class Engine:
         req.generated.append(token)
         req.entry.token_ids.append(token)
         self.counters["generated_tokens"] += 1
+        finish = ("stop" if token == self.loaded.eos_token_id
+                  else "length" if len(req.generated) >= p.max_tokens else None)
         req.sink({"type": "token", "index": len(req.generated) - 1, "token_id": token,
-                  "token": next_text(self.tokenizer, req.generated, req.detok)})
-        if token == self.loaded.eos_token_id:
-            self._done(req, "stop")
-        elif len(req.generated) >= p.max_tokens:
-            self._done(req, "length")
+                  "token": next_text(self.tokenizer, req.generated, req.detok, final=finish is not None)})
+        if finish:
+            self._done(req, finish)
 
     def _done(self, req: Request, reason: str) -> None:
         req.sink({"type": "done", **self._result(req, reason)})

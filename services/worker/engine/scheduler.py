@@ -65,15 +65,19 @@ class Scheduler:
 
     def _admit_waiting(self) -> None:
         busy = {r.seq_id for r in self.running}
+        skipped = 0
         for req in list(self.waiting):
             if len(self.running) >= self.max_batch_size:
                 return
             if req.seq_id in busy:
+                skipped += 1
                 continue
+            # Dequeued before admit: a request told it is rejected no longer counts as waiting.
+            self.waiting.remove(req)
             result = self.admit(req)
             if result is Admission.NO_ROOM:
-                return  # keep FIFO order: nobody overtakes the head for memory
-            self.waiting.remove(req)
+                self.waiting.insert(skipped, req)  # back in place: nobody overtakes it for memory
+                return
             if result is Admission.ADMITTED:
                 req.status = Status.RUNNING
                 self.running.append(req)
