@@ -1,0 +1,363 @@
+"""The worker app in-process: lifespan (model load off the loop, engine thread), routes,
+stream format, validation and error bodies. httpx's ASGITransport buffers whole responses,
+which is fine for complete streams."""
+
+import asyncio
+import re
+import threading
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from services.common.schemas import GenerateResult
+from services.common.sse import parse_events
+from services.worker.api import _stream
+from services.worker.app import create_app
+from services.worker.engine.sequence import SamplingParams, Status
+from services.worker.settings import WorkerSettings
+from services.worker.streams import RequestHandle
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+WAIT_S = 30.0
+KV_BYTES = 16 * 2**20
+
+
+def worker_settings(cache_dir, **overrides) -> WorkerSettings:
+    values = dict(register_with_coordinator=False, model_name="tiny-gpt2", model_cache_dir=cache_dir,
+                  device="cpu", dtype="float32", kv_cache_bytes=KV_BYTES, worker_id="w-api",
+                  port=18082, max_batch_size=8)
+    return WorkerSettings(**{**values, **overrides})
+
+
+async def wait_ready(client: httpx.AsyncClient) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while (await client.get("/ready")).status_code != 200:
+        assert loop.time() < deadline, "worker not ready in time"
+        await asyncio.sleep(0.02)
+
+
+async def wait_for(predicate, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while not predicate():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+class running_app:
+    """Runs the app's lifespan and yields a client once /ready answers 200."""
+
+    def __init__(self, settings: WorkerSettings, ready: bool = True):
+        self.app = create_app(settings)
+        self.ready = ready
+
+    async def __aenter__(self) -> tuple:
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        await self._lifespan.__aenter__()
+        self._client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app),
+                                         base_url="http://worker", timeout=WAIT_S)
+        if self.ready:
+            await wait_ready(self._client)
+        return self.app, self._client
+
+    async def __aexit__(self, *exc) -> None:
+        await self._client.aclose()
+        await self._lifespan.__aexit__(*exc)
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def worker(tiny_model_cache_dir):
+    async with running_app(worker_settings(tiny_model_cache_dir)) as (app, client):
+        yield app, client
+
+
+@pytest.fixture
+def client(worker):
+    return worker[1]
+
+
+@pytest.fixture
+def engine(worker):
+    return worker[0].state.worker.engine
+
+
+def assert_error(response: httpx.Response, status: int, error_type: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert error["type"] == error_type
+    assert isinstance(error["message"], str) and error["message"]
+    return error
+
+
+async def stream(client, **body) -> tuple[httpx.Response, list[dict]]:
+    response = await client.post("/generate", json=body)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    return response, list(parse_events(response.text.splitlines()))
+
+
+def tokens_of(events: list[dict]) -> list[int]:
+    return [e["token_id"] for e in events if e["type"] == "token"]
+
+
+# --- streaming -----------------------------------------------------------------------------
+async def test_stream_event_order_and_fields(client):
+    response, events = await stream(client, prompt="Hello there", seq_id="api-order", max_tokens=6,
+                                    temperature=0)
+    assert response.headers["x-seq-id"] == "api-order"
+    start, tokens, done = events[0], events[1:-1], events[-1]
+    assert start == {"type": "start", "seq_id": "api-order", "worker_id": "w-api",
+                     "context_tokens": 11, "cached_tokens": 0}
+    assert [e["type"] for e in tokens] == ["token"] * 6
+    assert [e["index"] for e in tokens] == list(range(6))
+    assert all(set(e) == {"type", "index", "token", "token_id"} for e in tokens)
+    assert [e["type"] for e in events].count("done") == 1 and done["type"] == "done"
+    result = GenerateResult.model_validate({k: v for k, v in done.items() if k != "type"})
+    assert result.seq_id == "api-order" and result.worker_id == "w-api"
+    assert result.finish_reason == "length"
+    assert result.usage.model_dump() == {"prompt_tokens": 11, "cached_tokens": 0,
+                                         "completion_tokens": 6, "context_tokens": 11}
+    assert result.text == "".join(e["token"] for e in tokens)
+
+
+async def test_seq_id_is_minted_when_absent(client):
+    response, events = await stream(client, prompt="no id", max_tokens=2, temperature=0)
+    seq_id = response.headers["x-seq-id"]
+    assert re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", seq_id)
+    assert events[0]["seq_id"] == seq_id == events[-1]["seq_id"]
+
+
+async def test_continuation_reports_cached_tokens(client):
+    _, first = await stream(client, prompt="First part.", seq_id="api-cont", max_tokens=5, temperature=0)
+    _, second = await stream(client, prompt=" Second.", seq_id="api-cont", max_tokens=5, temperature=0)
+    earlier = first[0]["context_tokens"] + 5
+    assert second[0]["cached_tokens"] == earlier
+    assert second[0]["context_tokens"] == earlier + len(" Second.")
+    assert second[-1]["usage"]["cached_tokens"] == earlier
+
+
+async def test_stream_false_returns_the_done_fields(client):
+    _, events = await stream(client, prompt="Same prompt", seq_id="api-s", max_tokens=5, temperature=0)
+    response = await client.post("/generate", json={"prompt": "Same prompt", "seq_id": "api-ns",
+                                                    "max_tokens": 5, "temperature": 0, "stream": False})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers["x-seq-id"] == "api-ns"
+    body = response.json()
+    assert "type" not in body
+    result = GenerateResult.model_validate(body)
+    assert result.seq_id == "api-ns" and result.usage.completion_tokens == 5
+    assert result.text == events[-1]["text"]  # greedy: same prompt, same output
+
+
+async def test_concurrent_streams_all_complete(client):
+    results = await asyncio.gather(*(
+        stream(client, prompt=f"concurrent {i} " * (i + 1), seq_id=f"api-c{i}", max_tokens=4 + i,
+               temperature=0) for i in range(6)))
+    for i, (_, events) in enumerate(results):
+        assert events[0]["type"] == "start" and events[-1]["type"] == "done"
+        assert len(tokens_of(events)) == 4 + i
+
+
+# --- errors before streaming ---------------------------------------------------------------
+async def test_wrong_model_name_is_400(client):
+    response = await client.post("/generate", json={"prompt": "hi", "model_name": "gpt2"})
+    error = assert_error(response, 400, "invalid_request")
+    assert "tiny-gpt2" in error["message"]
+    ok = await client.post("/generate", json={"prompt": "hi", "model_name": "tiny-gpt2",
+                                              "max_tokens": 1, "stream": False})
+    assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("stream_flag", [True, False])
+async def test_context_too_long_is_400(client, stream_flag):
+    response = await client.post("/generate", json={"prompt": "x" * 1000, "max_tokens": 100,
+                                                    "stream": stream_flag})
+    assert_error(response, 400, "context_too_long")
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": ""},
+    {},
+    {"prompt": "hi", "seq_id": "has spaces"},
+    {"prompt": "hi", "seq_id": ""},
+    {"prompt": "hi", "seq_id": "x" * 129},
+    {"prompt": "hi", "max_tokens": 0},
+    {"prompt": "hi", "max_tokens": 10**6},
+    {"prompt": "hi", "temperature": 3},
+    {"prompt": "hi", "temperature": -0.1},
+    {"prompt": "hi", "top_p": 0},
+    {"prompt": "hi", "top_p": 1.5},
+    {"prompt": "hi", "seed": -1},
+    {"prompt": "hi", "unknown": 1},
+    {"prompt": 5},
+])
+async def test_bad_bodies_are_422(client, body):
+    assert_error(await client.post("/generate", json=body), 422, "invalid_request")
+
+
+async def test_malformed_json_is_422(client):
+    response = await client.post("/generate", content=b"{not json",
+                                 headers={"content-type": "application/json"})
+    assert_error(response, 422, "invalid_request")
+
+
+# --- sequences, stats, health, metrics -------------------------------------------------------
+async def test_delete_sequence(client, engine):
+    await stream(client, prompt="to delete", seq_id="api-del", max_tokens=3, temperature=0)
+    await wait_for(lambda: not engine.store.get("api-del").busy, "the request to finish")
+    response = await client.delete("/sequences/api-del")
+    assert response.status_code == 200 and response.json() == {"seq_id": "api-del", "deleted": True}
+    assert_error(await client.delete("/sequences/api-del"), 404, "not_found")
+    assert_error(await client.delete("/sequences/never-seen"), 404, "not_found")
+    assert_error(await client.delete("/sequences/bad%20id"), 400, "invalid_request")
+    _, events = await stream(client, prompt="again", seq_id="api-del", max_tokens=2, temperature=0)
+    assert events[0]["cached_tokens"] == 0 and events[0]["context_tokens"] == 5
+
+
+async def test_stats(client):
+    await stream(client, prompt="stats", seq_id="api-stats", max_tokens=2, temperature=0)
+    stats = (await client.get("/stats")).json()
+    assert stats["worker_id"] == "w-api" and stats["model_name"] == "tiny-gpt2"
+    assert stats["ready"] is True and stats["enable_kv_reuse"] is True
+    assert stats["kv_bytes_limit"] == KV_BYTES
+    assert 0 < stats["kv_bytes_used"] <= stats["kv_bytes_peak"] <= KV_BYTES
+    assert stats["kv_bytes_per_token"] == 4 * 2 * 128 * 4  # tiny-gpt2: 4 layers, 128 wide, fp32
+    for key in ("sequences", "cached_sequences", "cached_tokens", "hits", "misses", "evictions",
+                "requests", "new_sequences", "prefill_tokens", "reused_tokens", "generated_tokens",
+                "steps", "aborted", "rejected", "running", "waiting"):
+        assert isinstance(stats[key], int), key
+    assert stats["requests"] >= 1 and stats["generated_tokens"] >= 2 and stats["sequences"] >= 1
+
+
+async def test_health_and_ready(client):
+    assert (await client.get("/health")).json() == {"status": "ok"}
+    response = await client.get("/ready")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready", "worker_id": "w-api"}
+
+
+async def test_metrics(client):
+    await stream(client, prompt="metrics", max_tokens=2, temperature=0)
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    text = response.text
+    for name in ("kvcache_worker_generate_requests_total", "kvcache_worker_ttft_seconds_bucket",
+                 "kvcache_worker_kv_bytes_used", "kvcache_worker_kv_bytes_limit",
+                 "kvcache_worker_requests_total", "kvcache_worker_prefill_tokens_total",
+                 "kvcache_worker_evictions_total", "kvcache_worker_running"):
+        assert name in text, name
+    assert 'kvcache_worker_generate_requests_total{outcome="accepted"}' in text
+
+
+# --- client disconnect -------------------------------------------------------------------------
+async def test_closing_the_stream_aborts_the_request(worker, engine):
+    """What a client disconnect does: sse-starlette closes the event generator, whose `finally`
+    aborts the request; the engine drops it at its next step."""
+    app, client = worker
+    # Earlier tests' last step (writing the final token's KV) may still be due: let it run first.
+    await wait_for(lambda: engine.stats()["running"] == 0, "an idle engine")
+    gate = threading.Event()
+    reached = threading.Event()
+    forward = engine.runner.forward
+    calls = 0
+
+    def gated(inputs):  # holds the engine in its 3rd forward: the request is surely running
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            reached.set()
+            gate.wait(WAIT_S)
+        return forward(inputs)
+
+    engine.runner.forward = gated
+    try:
+        handle = RequestHandle(engine, "api-disc", "disconnect me",
+                               SamplingParams(max_tokens=500, temperature=0))
+        handle.submit()
+        start = await handle.first_event()
+        events = _stream(handle, start, app.state.worker.metrics)
+        assert b'"start"' in await events.__anext__()
+        assert b'"token"' in await events.__anext__()
+        assert await asyncio.to_thread(reached.wait, WAIT_S)
+        await events.aclose()  # the client went away
+        gate.set()
+        await wait_for(lambda: handle.request.status is Status.FINISHED, "the abort")
+        assert len(handle.request.generated) == 3  # the step in flight, then nothing
+    finally:
+        engine.runner.forward = forward
+        gate.set()
+    assert engine.stats()["aborted"] >= 1
+    _, events = await stream(client, prompt=" back", seq_id="api-disc", max_tokens=2,
+                             temperature=0)
+    assert events[0]["context_tokens"] == len("disconnect me") + 3 + len(" back")
+
+
+# --- other app states --------------------------------------------------------------------------
+async def test_before_the_model_is_loaded(tiny_model_cache_dir):
+    app = create_app(worker_settings(tiny_model_cache_dir))  # lifespan not run: nothing loaded
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://w") as client:
+        ready = await client.get("/ready")
+        assert_error(ready, 503, "unavailable")
+        assert ready.headers["retry-after"] == "2"
+        response = await client.post("/generate", json={"prompt": "hi"})
+        assert_error(response, 503, "unavailable")
+        assert int(response.headers["retry-after"]) > 0
+        assert_error(await client.delete("/sequences/abc"), 503, "unavailable")
+        assert (await client.get("/health")).status_code == 200
+        stats = await client.get("/stats")
+        assert stats.status_code == 200 and stats.json()["ready"] is False
+        assert (await client.get("/metrics")).status_code == 200
+
+
+async def test_failed_model_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    settings = worker_settings(tmp_path, model_name=str(empty))
+    async with running_app(settings, ready=False) as (app, client):
+        await wait_for(lambda: app.state.worker.load_error is not None, "the load to fail")
+        health = await client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        ready = await client.get("/ready")
+        assert_error(ready, 503, "unavailable")
+        assert "retry-after" not in ready.headers  # it will not get better by waiting
+
+
+async def test_overloaded_is_429_and_too_large_is_503(tiny_model_cache_dir):
+    bpt = 4 * 2 * 128 * 4
+    settings = worker_settings(tiny_model_cache_dir, max_waiting_requests=1, kv_cache_bytes=128 * bpt,
+                               worker_id="w-small")
+    async with running_app(settings) as (app, client):
+        engine = app.state.worker.engine
+        too_large = await client.post("/generate", json={"prompt": "x" * 100, "max_tokens": 100})
+        assert_error(too_large, 503, "unavailable")
+
+        gate, reached = threading.Event(), threading.Event()
+        forward = engine.runner.forward
+
+        def gated(inputs):
+            reached.set()
+            gate.wait(WAIT_S)
+            return forward(inputs)
+
+        engine.runner.forward = gated
+        try:
+            body = {"prompt": "one", "max_tokens": 3, "temperature": 0, "stream": False}
+            first = asyncio.create_task(client.post("/generate", json=body))
+            assert await asyncio.to_thread(reached.wait, WAIT_S)  # the engine is inside a forward
+            second = asyncio.create_task(client.post("/generate", json={**body, "prompt": "two"}))
+            await wait_for(lambda: engine.stats()["waiting"] == 1 or second.done(),
+                           "a queued request")
+            assert not second.done(), (second.result().status_code, second.result().text, engine.stats())
+            third = await client.post("/generate", json={**body, "prompt": "three"})
+            assert_error(third, 429, "overloaded")
+            assert int(third.headers["retry-after"]) > 0
+        finally:
+            engine.runner.forward = forward
+            gate.set()
+        assert (await first).status_code == 200 and (await second).status_code == 200
