@@ -107,8 +107,9 @@ async def stats(request: Request):
 @router.get("/health")
 async def health(request: Request):
     state = request.app.state.worker
-    if state.load_error:  # liveness fails so an orchestrator restarts the worker
-        return JSONResponse({"status": "failed", "error": state.load_error}, status_code=503)
+    failure = state.load_error or (state.engine and not state.engine.alive and "engine thread stopped")
+    if failure:  # liveness fails so an orchestrator restarts the worker
+        return JSONResponse({"status": "failed", "error": failure}, status_code=503)
     return {"status": "ok"}
 
 

@@ -13,8 +13,8 @@ class DetokState:
 def next_text(tokenizer, ids: list[int], state: DetokState, final: bool = False) -> str:
     """The new text that `ids[-1]` completes. `final`: the generation ends here, so flush what
     is held back (an incomplete character decodes as U+FFFD, as in the final text)."""
-    prefix = tokenizer.decode(ids[state.prefix_offset:state.read_offset])
-    full = tokenizer.decode(ids[state.prefix_offset:])
+    prefix = tokenizer.decode(ids[state.prefix_offset:state.read_offset], skip_special_tokens=True)
+    full = tokenizer.decode(ids[state.prefix_offset:], skip_special_tokens=True)
     if not final and (len(full) <= len(prefix) or full.endswith("\ufffd")):
         return ""  # an incomplete character: wait for its next bytes
     state.prefix_offset, state.read_offset = state.read_offset, len(ids)

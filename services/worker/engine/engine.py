@@ -88,13 +88,26 @@ class Engine:
                     "waiting": len(self.scheduler.waiting) + self._num_queued}
 
     # --- engine thread ---------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._take_inbox(block=not self.scheduler.has_work())
-            with self.lock:
-                batch = self.scheduler.schedule()
-            if batch:
-                self._run_step(batch)
+            try:
+                self._take_inbox(block=not self.scheduler.has_work())
+                with self.lock:
+                    batch = self.scheduler.schedule()
+                if batch:
+                    self._run_step(batch)
+            except Exception as exc:  # noqa: BLE001 - fail the requests, keep serving
+                logger.exception("engine step failed")
+                self._fail_all(exc)
+
+    def _fail_all(self, exc: Exception) -> None:
+        with self.lock:
+            for req in [*self.scheduler.running, *self.scheduler.waiting]:
+                self._fail(req, exc)
 
     def _take_inbox(self, block: bool) -> None:
         try:
@@ -221,7 +234,8 @@ class Engine:
         ms = 1000.0
         return {
             "seq_id": req.seq_id, "worker_id": self.config.worker_id,
-            "text": self.tokenizer.decode(req.generated), "finish_reason": reason,
+            "text": self.tokenizer.decode(req.generated, skip_special_tokens=True),
+            "finish_reason": reason,
             "usage": {"prompt_tokens": req.prompt_tokens, "cached_tokens": req.cached_tokens,
                       "completion_tokens": len(req.generated), "context_tokens": req.context_tokens},
             "timings": {"ttft_ms": (req.first_token_s - req.arrival_s) * ms,
@@ -247,9 +261,14 @@ class Engine:
     def _fail_batch(self, batch: list[ScheduledItem], exc: Exception) -> None:
         with self.lock:
             for item in batch:
-                req = item.request
-                if req.status is Status.RUNNING:
-                    req.sink({"type": "error", "error": {"type": "internal_error",
-                                                         "message": f"generation failed: {exc}"}})
-                self.store.drop_kv(req.entry)  # partially written: recompute next time
-                self._finish(req)
+                self._fail(item.request, exc)
+
+    def _fail(self, req: Request, exc: Exception) -> None:
+        if req.status is Status.RUNNING:
+            req.sink({"type": "error", "error": {"type": "internal_error",
+                                                 "message": f"generation failed: {exc}"}})
+        elif req.status is Status.WAITING:
+            req.sink(ServiceError(f"generation failed: {exc}"))
+        if req.entry is not None:
+            self.store.drop_kv(req.entry)  # possibly half written: recompute next time
+        self._finish(req)
