@@ -71,12 +71,12 @@ def test_grow_keeps_valid_kv():
     entry = store.get_or_create("s")
     for i in range(10):
         append_token(store, entry, float(i))
-    before = entry.kv.data[:, :, :10].clone()
+    before = entry.kv.data[:, :, :, :10].clone()
     old_capacity = entry.kv.capacity
     store.reserve(entry, 500)
     assert entry.kv.capacity >= 500 > old_capacity
     assert entry.kv.num_tokens == 10 and entry.num_cached == 10
-    assert torch.equal(entry.kv.data[:, :, :10], before)
+    assert torch.equal(entry.kv.data[:, :, :, :10], before)
     assert_accounting(store)
 
 
@@ -106,8 +106,8 @@ def test_capacity_grows_geometrically():
     # Every token written along the way survived the copies.
     expected = torch.arange(1000, dtype=torch.float32)
     for layer in range(LAYOUT.num_layers):
-        assert torch.equal(entry.kv.data[layer, 0, :1000, 0, 0], expected + layer)
-        assert torch.equal(entry.kv.data[layer, 1, :1000, 0, 0], -(expected + layer))
+        assert torch.equal(entry.kv.data[layer, 0, 0, :1000, 0], expected + layer)
+        assert torch.equal(entry.kv.data[layer, 1, 0, :1000, 0], -(expected + layer))
     assert_accounting(store)
 
 
