@@ -21,7 +21,7 @@ case "${1:-start}" in
   -h|--help) usage; exit 0 ;;
   stop)
     if [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-      kill -INT "$(cat "$pidfile")"
+      kill -TERM "$(cat "$pidfile")"
       echo "stopping cluster (pid $(cat "$pidfile"))"
     else
       echo "no running cluster found"
@@ -37,7 +37,8 @@ source "$root/scripts/ensure_venv.sh"
 mkdir -p .local
 .venv/bin/python -m services.localcluster "$@" &
 echo $! > "$pidfile"
-trap 'kill -INT "$(cat "$pidfile")" 2>/dev/null || true' INT TERM
+# A background job of a script ignores SIGINT, so Ctrl-C is forwarded as SIGTERM.
+trap 'kill -TERM "$(cat "$pidfile")" 2>/dev/null || true' INT TERM
 wait "$(cat "$pidfile")" || true
 wait "$(cat "$pidfile")" 2>/dev/null || true
 rm -f "$pidfile"

@@ -150,6 +150,7 @@ def main() -> None:
         coordinator_port=args.coordinator_port,
         worker_ports=[args.first_worker_port + i for i in range(args.workers)])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     print(f"starting {args.workers} workers (the first run builds the tiny-gpt2 preset)...", flush=True)
     with cluster:
         print(f"gateway:     {cluster.gateway_url}\ncoordinator: {cluster.coordinator_url}")
@@ -160,8 +161,8 @@ def main() -> None:
             while True:
                 cluster._check_alive()
                 time.sleep(1)
-        except KeyboardInterrupt:
-            print("\nstopping...")
+        except (KeyboardInterrupt, SystemExit):
+            print("\nstopping...", flush=True)
 
 
 if __name__ == "__main__":
