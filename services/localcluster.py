@@ -34,6 +34,7 @@ class LocalCluster:
     start_gateway: bool = True
     start_coordinator: bool = True
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _envs: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self):
         self.coordinator_port = self.coordinator_port or free_port()
@@ -74,7 +75,18 @@ class LocalCluster:
             raise
         return self
 
+    def kill(self, name: str) -> None:
+        """SIGKILL one process (a crash: no graceful deregistration)."""
+        proc = self.procs[name]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def restart(self, name: str) -> None:
+        self.kill(name)
+        self._spawn(name, self._envs[name])
+
     def _spawn(self, name: str, env: dict[str, str]) -> None:
+        self._envs[name] = env
         module = name.split("-")[0]
         log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 - owned by the process
         self.procs[name] = subprocess.Popen(
@@ -115,7 +127,7 @@ class LocalCluster:
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for name, proc in self.procs.items():
+        for proc in self.procs.values():
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:

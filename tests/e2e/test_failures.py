@@ -1,0 +1,69 @@
+"""Failure paths with real processes: a client that goes away, a coordinator restart, a worker
+crash. Each test that breaks something runs on a cluster of its own."""
+
+import time
+import uuid
+
+import httpx
+
+from services.common.sse import parse_events
+from tests.support import assert_well_formed, generate, start_cluster
+
+
+def wait_until(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_client_disconnect_stops_the_worker(cluster):
+    seq = f"gone-{uuid.uuid4().hex[:8]}"
+    owner = httpx.get(f"{cluster.coordinator_url}/route/{seq}").json()["address"]
+    before = httpx.get(f"{owner}/stats").json()
+    body = {"prompt": "a long one", "seq_id": seq, "max_tokens": 900, "temperature": 0}
+    with httpx.Client(timeout=60) as client, client.stream("POST", f"{cluster.gateway_url}/generate",
+                                                           json=body) as resp:
+        events = parse_events(resp.iter_lines())
+        assert next(events)["type"] == "start"
+        assert next(events)["type"] == "token"
+    # The gateway closed its upstream stream; the worker drops the request at its next step.
+    wait_until(lambda: httpx.get(f"{owner}/stats").json()["aborted"] > before["aborted"],
+               what="the worker to abort the request")
+    wait_until(lambda: httpx.get(f"{owner}/stats").json()["running"] == 0, what="no running request")
+    stats = httpx.get(f"{owner}/stats").json()
+    assert stats["generated_tokens"] - before["generated_tokens"] < 900
+
+
+def test_coordinator_restart_and_worker_crash(tmp_path):
+    with start_cluster(tmp_path, num_workers=2) as cluster:
+        url = cluster.gateway_url
+        # Coordinator restart: workers get 404 on heartbeat and register again.
+        cluster.restart("coordinator")
+        wait_until(lambda: _num_workers(cluster) == 2, what="workers to re-register")
+        assert_well_formed(generate(url, prompt="after restart", max_tokens=4))
+
+        # Worker crash: until the TTL expires the gateway may pick the dead worker; it re-routes
+        # once and then answers 503, never hangs. After the TTL the ring has one worker left.
+        seq = next(s for s in (f"crash-{i}" for i in range(100)) if _owner(cluster, s) == "worker-1")
+        assert_well_formed(generate(url, prompt="before the crash ", seq_id=seq, max_tokens=4))
+        cluster.kill("worker-1")
+        status = generate(url, prompt="during", seq_id=seq, max_tokens=4, timeout_s=30).status
+        assert status in (200, 503)
+        wait_until(lambda: _num_workers(cluster) == 1, what="the dead worker to expire")
+        moved = generate(url, prompt="after", seq_id=seq, max_tokens=4)
+        assert_well_formed(moved)
+        assert moved.done["worker_id"] == "worker-0"
+        if status == 503:  # the KV died with worker-1: worker-0 starts the sequence anew
+            assert moved.start["cached_tokens"] == 0
+
+
+def _num_workers(cluster) -> int:
+    try:
+        return len(httpx.get(f"{cluster.coordinator_url}/workers", timeout=2).json()["workers"])
+    except httpx.HTTPError:
+        return -1
+
+
+def _owner(cluster, seq: str) -> str:
+    return httpx.get(f"{cluster.coordinator_url}/route/{seq}").json()["worker_id"]
