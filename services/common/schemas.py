@@ -1,12 +1,22 @@
 """Wire schemas shared by the services (one definition per message)."""
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.common.errors import InvalidRequest
+
 SEQ_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 WORKER_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 MAX_TOKENS_LIMIT = 4096
+_SEQ_ID_RE = re.compile(SEQ_ID_PATTERN)
+
+
+def check_seq_id(seq_id: str) -> None:
+    """For a seq_id taken from a URL path (bodies are checked by GenerateRequest)."""
+    if not _SEQ_ID_RE.fullmatch(seq_id):
+        raise InvalidRequest("seq_id must be 1-128 characters of [A-Za-z0-9._:-]")
 
 
 class GenerateRequest(BaseModel):

@@ -1,18 +1,15 @@
 """Thin HTTP routes over Membership; domain errors become the shared JSON error responses."""
 
-import re
-
 from fastapi import APIRouter, Request, Response
 
 from services.common.errors import InvalidRequest, NotFound, Unavailable
 from services.common.metrics import metrics_response
-from services.common.schemas import (SEQ_ID_PATTERN, DeregisterRequest, HeartbeatRequest,
-                                     RegisterRequest, RouteResponse)
+from services.common.schemas import (DeregisterRequest, HeartbeatRequest, RegisterRequest,
+                                     RouteResponse, check_seq_id)
 from services.coordinator.membership import Membership, NoWorkers, UnknownWorker
 from services.coordinator.metrics import CoordinatorMetrics
 
 router = APIRouter()
-_SEQ_ID_RE = re.compile(SEQ_ID_PATTERN)
 
 
 def _membership(request: Request) -> Membership:
@@ -54,9 +51,11 @@ async def deregister(body: DeregisterRequest, request: Request) -> dict:
 @router.get("/route/{seq_id}")
 async def route(seq_id: str, request: Request) -> RouteResponse:
     route_requests = _metrics(request).route_requests
-    if not _SEQ_ID_RE.fullmatch(seq_id):
+    try:
+        check_seq_id(seq_id)
+    except InvalidRequest:
         route_requests.labels(outcome="invalid").inc()
-        raise InvalidRequest(f"seq_id must match {SEQ_ID_PATTERN}")
+        raise
     try:
         worker_id, address, epoch = _membership(request).route(seq_id)
     except NoWorkers as exc:

@@ -1,7 +1,6 @@
 """Worker HTTP routes: thin; the engine does the work."""
 
 import asyncio
-import re
 import uuid
 
 from fastapi import APIRouter, Request
@@ -10,7 +9,7 @@ from sse_starlette import EventSourceResponse
 
 from services.common.errors import Conflict, InvalidRequest, NotFound, ServiceError, Unavailable
 from services.common.metrics import metrics_response
-from services.common.schemas import SEQ_ID_PATTERN, GenerateRequest
+from services.common.schemas import GenerateRequest, check_seq_id
 from services.common.sse import encode_event
 from services.worker.engine.engine import Engine
 from services.worker.engine.sequence import SamplingParams
@@ -81,18 +80,13 @@ async def _collect(handle: RequestHandle, metrics) -> dict:
 
 @router.delete("/sequences/{seq_id}")
 async def delete_sequence(seq_id: str, request: Request):
-    _check_seq_id(seq_id)
+    check_seq_id(seq_id)
     deleted = await asyncio.to_thread(_engine(request).delete_sequence, seq_id)
     if deleted is None:
         raise Conflict(f"sequence '{seq_id}' has a request running; retry after it ends")
     if not deleted:
         raise NotFound(f"unknown sequence '{seq_id}'")
     return {"seq_id": seq_id, "deleted": True}
-
-
-def _check_seq_id(seq_id: str) -> None:
-    if not re.fullmatch(SEQ_ID_PATTERN, seq_id):
-        raise InvalidRequest("seq_id must be 1-128 characters of [A-Za-z0-9._:-]")
 
 
 @router.get("/stats")

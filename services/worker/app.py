@@ -58,17 +58,15 @@ def build_engine(settings: WorkerSettings) -> Engine:
     return engine
 
 
-async def _start(state: WorkerState, client) -> None:
+async def _start(state: WorkerState, registration: Registration | None) -> None:
     try:
         state.engine = await asyncio.to_thread(build_engine, state.settings)
     except Exception as exc:  # noqa: BLE001 - reported by /health and /ready
         logger.exception("model load failed")
         state.load_error = f"{type(exc).__name__}: {exc}"
         return
-    if state.settings.register_with_coordinator:
-        s = state.settings
-        await Registration(client, s.coordinator_url, s.worker_id, s.advertise_address,
-                           s.model_name, s.heartbeat_interval_s).run()
+    if registration is not None:
+        await registration.run()
 
 
 def create_app(settings: WorkerSettings | None = None) -> FastAPI:
@@ -77,15 +75,17 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         client = make_client(connect_timeout_s=2.0, read_timeout_s=5.0)
-        task = asyncio.create_task(_start(app.state.worker, client))
+        s = settings
+        registration = Registration(client, s.coordinator_url, s.worker_id, s.advertise_address,
+                                    s.model_name, s.heartbeat_interval_s) \
+            if s.register_with_coordinator else None
+        task = asyncio.create_task(_start(app.state.worker, registration))
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        s = settings
-        if s.register_with_coordinator and app.state.worker.engine:
-            await Registration(client, s.coordinator_url, s.worker_id, s.advertise_address,
-                               s.model_name, s.heartbeat_interval_s).deregister()
+        if registration is not None and app.state.worker.engine:
+            await registration.deregister()
         await client.aclose()
         if app.state.worker.engine:
             await asyncio.to_thread(app.state.worker.engine.stop)
