@@ -10,14 +10,14 @@ from services.localcluster import LocalCluster
 from services.worker.model.presets import resolve_model_path
 
 
-@dataclass
-class Generation:
-    status: int
-    seq_id: str | None
-    events: list[dict]
+class EventsView:
+    """Reads a generation's `events` (dicts; an engine sink may also hold a ServiceError)."""
+
+    events: list
 
     @property
     def start(self) -> dict:
+        assert self.events[0]["type"] == "start", self.events
         return self.events[0]
 
     @property
@@ -27,7 +27,14 @@ class Generation:
 
     @property
     def token_ids(self) -> list[int]:
-        return [e["token_id"] for e in self.events if e["type"] == "token"]
+        return [e["token_id"] for e in self.events if isinstance(e, dict) and e["type"] == "token"]
+
+
+@dataclass
+class Generation(EventsView):
+    status: int
+    seq_id: str | None
+    events: list[dict]
 
 
 def generate(base_url: str, timeout_s: float = 120.0, **body) -> Generation:

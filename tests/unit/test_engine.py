@@ -24,13 +24,14 @@ from services.worker.engine.engine import Engine, EngineConfig
 from services.worker.engine.sequence import Request, SamplingParams, Status
 from services.worker.kv_store import KVStore
 from services.worker.model.presets import resolve_model_path
+from tests.support import EventsView
 
 WAIT_S = 30.0
 BIG_BUDGET = 64 * 2**20
 _ids = itertools.count()
 
 
-class Collector:
+class Collector(EventsView):
     """A request's sink: records events (thread-safe) and signals its terminal event."""
 
     def __init__(self, log: list | None = None, name: str = ""):
@@ -54,21 +55,8 @@ class Collector:
 
     def wait_tokens(self, n: int) -> None:
         with self._cond:
-            assert self._cond.wait_for(lambda: len(self.tokens) >= n, WAIT_S), self.events
+            assert self._cond.wait_for(lambda: len(self.token_ids) >= n, WAIT_S), self.events
 
-    @property
-    def start(self) -> dict:
-        assert self.events[0]["type"] == "start", self.events
-        return self.events[0]
-
-    @property
-    def done(self) -> dict:
-        assert self.events[-1]["type"] == "done", self.events[-1]
-        return self.events[-1]
-
-    @property
-    def tokens(self) -> list[int]:
-        return [e["token_id"] for e in self.events if isinstance(e, dict) and e["type"] == "token"]
 
 
 @contextmanager
@@ -154,10 +142,10 @@ PROMPT_B = " And then, what happened next?"
 # --- correctness ---------------------------------------------------------------------------
 def test_greedy_matches_plain_transformers(engine, hf_model):
     result = generate(engine, "s", PROMPT_A, max_tokens=24)
-    assert result.tokens == hf_greedy(hf_model, encode(engine, PROMPT_A), 24)
+    assert result.token_ids == hf_greedy(hf_model, encode(engine, PROMPT_A), 24)
     assert [e["index"] for e in result.events[1:-1]] == list(range(24))
     assert result.done["finish_reason"] == "length"
-    assert result.done["text"] == engine.tokenizer.decode(result.tokens)
+    assert result.done["text"] == engine.tokenizer.decode(result.token_ids)
 
 
 def test_continuation_through_cache_equals_recompute(engine, hf_model):
@@ -177,10 +165,10 @@ def test_continuation_through_cache_equals_recompute(engine, hf_model):
                                     "completion_tokens": k, "context_tokens": earlier + len(b_ids)}
     assert first.done["usage"] == {"prompt_tokens": len(a_ids), "cached_tokens": 0,
                                    "completion_tokens": k, "context_tokens": len(a_ids)}
-    context = a_ids + first.tokens
+    context = a_ids + first.token_ids
     fresh = recompute(engine, context, PROMPT_B, k)
-    assert second.tokens == fresh.tokens
-    assert second.tokens == hf_greedy(hf_model, context + b_ids, k)
+    assert second.token_ids == fresh.token_ids
+    assert second.token_ids == hf_greedy(hf_model, context + b_ids, k)
     for result in (first, second):
         timings = result.done["timings"]
         assert set(timings) == {"ttft_ms", "prefill_ms", "decode_ms"} and min(timings.values()) >= 0
@@ -193,10 +181,10 @@ def test_sequence_in_a_batch_of_8_equals_the_sequence_alone(loaded_tiny):
     with make_engine(loaded_tiny, start=False, max_batch_size=8, max_batch_tokens=32) as engine:
         pending = [submit(engine, seq, prompt, max_tokens=n)[1] for seq, prompt, n in prompts]
         engine.start()
-        batched = [sink.wait().tokens for sink in pending]
+        batched = [sink.wait().token_ids for sink in pending]
         steps_batched = engine.stats()["steps"]
     with make_engine(loaded_tiny, max_batch_size=1) as engine:
-        alone = [generate(engine, seq, prompt, max_tokens=n).tokens for seq, prompt, n in prompts]
+        alone = [generate(engine, seq, prompt, max_tokens=n).token_ids for seq, prompt, n in prompts]
     assert batched == alone
     assert [len(t) for t in batched] == [n for _, _, n in prompts]
     assert steps_batched < sum(len(t) for t in batched)  # they really shared steps
@@ -226,13 +214,13 @@ def test_eviction_with_a_budget_of_three_sequences(loaded_tiny):
         assert stats["misses"] > 0  # continuations whose KV had been evicted
         assert stats["new_sequences"] == 10 and stats["hits"] + stats["misses"] == 10
         for s in names:  # every sequence kept its tokens, evicted or not
-            assert store.get(s).token_ids == encode(engine, prompts_a[s]) + firsts[s].tokens \
-                + encode(engine, prompt_b) + seconds[s].tokens
+            assert store.get(s).token_ids == encode(engine, prompts_a[s]) + firsts[s].token_ids \
+                + encode(engine, prompt_b) + seconds[s].token_ids
     with make_engine(loaded_tiny) as reference:
         for s in names:
-            context = encode(reference, prompts_a[s]) + firsts[s].tokens
-            assert seconds[s].tokens == recompute(reference, context, prompt_b, k).tokens, s
-            assert firsts[s].tokens == generate(reference, f"alone-{s}", prompts_a[s], max_tokens=k).tokens
+            context = encode(reference, prompts_a[s]) + firsts[s].token_ids
+            assert seconds[s].token_ids == recompute(reference, context, prompt_b, k).token_ids, s
+            assert firsts[s].token_ids == generate(reference, f"alone-{s}", prompts_a[s], max_tokens=k).token_ids
 
 
 def test_a_request_waits_for_room_while_running_sequences_hold_the_budget(loaded_tiny):
@@ -314,14 +302,14 @@ def test_abort_stops_generation_and_releases_the_sequence(engine):
     engine.abort(req)
     gate.released.set()
     wait_until(lambda: req.status is Status.FINISHED, "the aborted request to finish")
-    assert len(sink.tokens) == 5  # the step in flight finishes; no step after the abort
+    assert len(sink.token_ids) == 5  # the step in flight finishes; no step after the abort
     nxt = generate(engine, "s", " next", max_tokens=5)  # the sequence is free again
     assert nxt.done["finish_reason"] == "length"
-    assert len(sink.tokens) == 5 and not sink.finished.is_set()  # nothing more, no done
-    context = encode(engine, "abort me") + sink.tokens
+    assert len(sink.token_ids) == 5 and not sink.finished.is_set()  # nothing more, no done
+    context = encode(engine, "abort me") + sink.token_ids
     assert nxt.start["context_tokens"] == len(context) + len(" next")
     assert nxt.start["cached_tokens"] == len(context) - 1  # the last token's KV was never written
-    assert nxt.tokens == recompute(engine, context, " next", 5).tokens
+    assert nxt.token_ids == recompute(engine, context, " next", 5).token_ids
     assert engine.stats()["aborted"] == 1
 
 
@@ -338,7 +326,7 @@ def test_abort_from_the_sink_stops_at_the_next_step(engine):
                                   params=SamplingParams(max_tokens=500, temperature=0.0))
     engine.submit(req)
     wait_until(lambda: req.status is Status.FINISHED, "the aborted request to finish")
-    assert len(sink.tokens) == 3
+    assert len(sink.token_ids) == 3
     wait_idle(engine)
     assert engine.stats()["running"] == 0 and engine.store.get("s").busy is False
 
@@ -363,7 +351,7 @@ def test_disabled_reuse_recomputes_and_gives_the_same_tokens(loaded_tiny):
             wait_idle(engine)
             results[reuse] = (first, second, engine.stats())
     (a_on, b_on, on), (a_off, b_off, off) = results[True], results[False]
-    assert a_on.tokens == a_off.tokens and b_on.tokens == b_off.tokens
+    assert a_on.token_ids == a_off.token_ids and b_on.token_ids == b_off.token_ids
     assert b_on.start["cached_tokens"] == a_on.start["context_tokens"] + 10
     assert b_off.start["cached_tokens"] == 0 and b_off.done["usage"]["cached_tokens"] == 0
     assert b_off.start["context_tokens"] == b_on.start["context_tokens"]
@@ -377,22 +365,22 @@ def test_two_requests_on_one_sequence_run_one_after_the_other(engine):
     _, second = submit(engine, "s", PROMPT_B, max_tokens=10, log=log, name="2")
     second.wait()
     assert log.index(("2", "start")) > log.index(("1", "done"))
-    context = encode(engine, PROMPT_A) + first.tokens
+    context = encode(engine, PROMPT_A) + first.token_ids
     assert second.start["cached_tokens"] == len(context)
     assert second.start["context_tokens"] == len(context) + len(PROMPT_B)
-    assert second.tokens == recompute(engine, context, PROMPT_B, 10).tokens
+    assert second.token_ids == recompute(engine, context, PROMPT_B, 10).token_ids
 
 
 def test_eos_stops_with_finish_reason_stop(loaded_tiny):
     with make_engine(loaded_tiny) as engine:
-        tokens = generate(engine, "s", PROMPT_A, max_tokens=16).tokens
+        tokens = generate(engine, "s", PROMPT_A, max_tokens=16).token_ids
     # The preset's EOS is never chosen greedily; make a token greedy decoding emits the EOS.
     j = next(i for i in range(2, 16) if tokens[i] not in tokens[:i])
     loaded = dataclasses.replace(loaded_tiny, eos_token_id=tokens[j])
     with make_engine(loaded) as engine:
         result = generate(engine, "s", PROMPT_A, max_tokens=16)
         assert result.done["finish_reason"] == "stop"
-        assert result.tokens == tokens[: j + 1]
+        assert result.token_ids == tokens[: j + 1]
         assert result.done["usage"]["completion_tokens"] == j + 1
         nxt = generate(engine, "s", PROMPT_B, max_tokens=4)  # continues after the EOS
         assert nxt.start["cached_tokens"] == len(PROMPT_A) + j + 1
@@ -402,7 +390,7 @@ def test_eos_stops_with_finish_reason_stop(loaded_tiny):
 def test_seeded_sampling_is_reproducible(engine):
     runs = [generate(engine, f"r{i}", PROMPT_A, max_tokens=30, temperature=1.0, seed=seed)
             for i, seed in enumerate((7, 7, 8))]
-    assert runs[0].tokens == runs[1].tokens != runs[2].tokens
+    assert runs[0].token_ids == runs[1].token_ids != runs[2].token_ids
 
 
 def test_token_pieces_add_up_to_the_done_text(engine):
@@ -412,9 +400,9 @@ def test_token_pieces_add_up_to_the_done_text(engine):
     for seed in range(12):
         run = generate(engine, f"r{seed}", PROMPT_A, max_tokens=40, temperature=1.5, seed=seed)
         pieces = "".join(e["token"] for e in run.events[1:-1])
-        assert pieces == run.done["text"] == engine.tokenizer.decode(run.tokens, skip_special_tokens=True), seed
+        assert pieces == run.done["text"] == engine.tokenizer.decode(run.token_ids, skip_special_tokens=True), seed
         assert "<|endoftext|>" not in run.done["text"]
-        ended_mid_character += engine.tokenizer.decode(run.tokens[-1:]).endswith("\ufffd")
+        ended_mid_character += engine.tokenizer.decode(run.token_ids[-1:]).endswith("\ufffd")
     assert ended_mid_character, "no generation ended on a partial character: pick other seeds"
 
 
