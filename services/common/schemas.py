@@ -32,9 +32,15 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
 
+class WorkerRef(BaseModel):
+    worker_id: str
+    address: str
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     cached_tokens: int
+    handoff_tokens: int = 0  # of cached_tokens, positions whose KV came from another worker
     completion_tokens: int
     context_tokens: int
 
@@ -56,10 +62,32 @@ class GenerateResult(BaseModel):
     timings: Timings
 
 
+class Resume(BaseModel):
+    """Continue a turn whose stream broke (its worker died): sent by the gateway to the new owner."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    turn_id: str = Field(..., min_length=1, max_length=128)  # the broken attempt's request_id
+    # The broken attempt's `start.context_tokens` (None if no start event was received).
+    context_tokens: int | None = Field(None, ge=1)
+    generated_ids: list[int] = Field([], max_length=MAX_TOKENS_LIMIT)  # already sent to the client
+
+
+class WorkerGenerateRequest(GenerateRequest):
+    """What the gateway sends a worker: the public request plus routing context. Workers are
+    reachable only from the gateway and each other (NetworkPolicy), so these fields are trusted."""
+
+    request_id: str | None = Field(None, min_length=1, max_length=128)  # also the turn id
+    handoff_sources: list[WorkerRef] = Field([], max_length=16)
+    resume: Resume | None = None
+
+
 class RegisterRequest(BaseModel):
     worker_id: str = Field(..., pattern=WORKER_ID_PATTERN)
     address: str = Field(..., min_length=1, max_length=512, pattern=r"^https?://")
     model_name: str | None = None
+    # A worker that registers while draining (the coordinator restarted meanwhile) stays off the ring.
+    draining: bool = False
 
 
 class HeartbeatRequest(BaseModel):
@@ -70,8 +98,16 @@ class DeregisterRequest(BaseModel):
     worker_id: str = Field(..., pattern=WORKER_ID_PATTERN)
 
 
+class DrainRequest(BaseModel):
+    worker_id: str = Field(..., pattern=WORKER_ID_PATTERN)
+
+
+
 class RouteResponse(BaseModel):
     seq_id: str
     worker_id: str
     address: str
     epoch: int
+    # Earlier owners of this key within the handoff window, still registered or draining,
+    # newest first: where the owner can pull the sequence's KV from.
+    previous: list[WorkerRef] = []

@@ -14,3 +14,6 @@ class GatewaySettings(ServiceSettings):
     connect_timeout_s: float = Field(2.0, gt=0)
     # Between two bytes of a worker's stream; a long prefill is the slowest gap.
     read_timeout_s: float = Field(300.0, gt=0)
+    # A stream that breaks before its terminal event continues on the sequence's new owner at
+    # most this many times per request (0: never; the stream ends with an error event).
+    migration_limit: int = Field(1, ge=0, le=10)

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -41,6 +41,20 @@ class WorkerSettings(ServiceSettings):
     max_batch_tokens: int = Field(512, ge=16)
     max_waiting_requests: int = Field(256, ge=1)
     torch_threads: int = Field(0, ge=0)  # 0 = torch's default
+
+    # The source of truth for every sequence's token ids: sqlite:///PATH (one host; the file is
+    # shared by every worker that names it) or redis://[:password@]host:port/db.
+    session_store_url: str = Field(f"sqlite:///{Path.home() / '.cache' / 'kvcache' / 'sessions.db'}",
+                                   pattern=r"^(sqlite:///.+|rediss?://.*)$")
+    session_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)  # an idle session expires after this
+    # A turn in progress holds its sequence for this long, renewed while it runs; a crashed
+    # worker's turn is released after it.
+    turn_lease_s: float = Field(30.0, gt=0)
+    # On SIGTERM: finish running requests, serve KV pulls, then exit, within this time.
+    drain_timeout_s: float = Field(30.0, ge=0)
+    # When set, /internal/* requires `Authorization: Bearer <token>`, and the worker sends it to
+    # the coordinator and to the workers it pulls KV from.
+    internal_token: SecretStr = SecretStr("")
 
     @model_validator(mode="after")
     def _fill_identity(self) -> "WorkerSettings":
