@@ -1,15 +1,25 @@
-"""Thin HTTP routes over Membership; domain errors become the shared JSON error responses."""
+"""Thin HTTP routes over Membership; domain errors become the shared JSON error responses.
+
+`membership_router` holds the calls workers make about themselves; create_app guards it with the
+internal bearer token. `router` holds the open routes (lookups, health, metrics).
+"""
+
+import re
 
 from fastapi import APIRouter, Request, Response
 
 from services.common.errors import InvalidRequest, NotFound, Unavailable
 from services.common.metrics import metrics_response
-from services.common.schemas import (DeregisterRequest, HeartbeatRequest, RegisterRequest,
-                                     RouteResponse, check_seq_id)
+from services.common.schemas import (WORKER_ID_PATTERN, DeregisterRequest, DrainRequest,
+                                     HeartbeatRequest, RegisterRequest, RouteResponse, WorkerRef,
+                                     check_seq_id)
 from services.coordinator.membership import Membership, NoWorkers, UnknownWorker
 from services.coordinator.metrics import CoordinatorMetrics
 
 router = APIRouter()
+membership_router = APIRouter()
+
+_WORKER_ID_RE = re.compile(WORKER_ID_PATTERN)
 
 
 def _membership(request: Request) -> Membership:
@@ -20,15 +30,24 @@ def _metrics(request: Request) -> CoordinatorMetrics:
     return request.app.state.metrics
 
 
-@router.post("/register")
+def parse_exclude(exclude: str) -> list[str]:
+    """`a,b` → ["a", "b"]; an empty parameter excludes nothing."""
+    worker_ids = exclude.split(",") if exclude else []
+    for worker_id in worker_ids:
+        if not _WORKER_ID_RE.fullmatch(worker_id):
+            raise InvalidRequest("exclude must be comma-separated worker ids of 1-128 [A-Za-z0-9._:-]")
+    return worker_ids
+
+
+@membership_router.post("/register")
 async def register(body: RegisterRequest, request: Request) -> dict:
     membership = _membership(request)
-    info = membership.register(body.worker_id, body.address, body.model_name)
+    info = membership.register(body.worker_id, body.address, body.model_name, draining=body.draining)
     return {"worker_id": info.worker_id, "address": info.address, "model_name": info.model_name,
             "epoch": membership.epoch, "ttl_s": membership.ttl_s}
 
 
-@router.post("/heartbeat")
+@membership_router.post("/heartbeat")
 async def heartbeat(body: HeartbeatRequest, request: Request) -> dict:
     membership = _membership(request)
     try:
@@ -40,7 +59,7 @@ async def heartbeat(body: HeartbeatRequest, request: Request) -> dict:
     return {"worker_id": body.worker_id, "epoch": membership.epoch}
 
 
-@router.post("/deregister")
+@membership_router.post("/deregister")
 async def deregister(body: DeregisterRequest, request: Request) -> dict:
     """Idempotent: an unknown worker gets 200 with removed=false (it may already have expired)."""
     membership = _membership(request)
@@ -48,21 +67,37 @@ async def deregister(body: DeregisterRequest, request: Request) -> dict:
     return {"worker_id": body.worker_id, "removed": removed, "epoch": membership.epoch}
 
 
+@membership_router.post("/drain")
+async def drain(body: DrainRequest, request: Request) -> dict:
+    """Idempotent: takes the worker off the ring at once; it stays registered while draining."""
+    membership = _membership(request)
+    try:
+        membership.drain(body.worker_id)
+    except UnknownWorker as exc:
+        raise NotFound(str(exc)) from None
+    return {"worker_id": body.worker_id, "draining": True, "epoch": membership.epoch,
+            "active_workers": membership.num_active}
+
+
 @router.get("/route/{seq_id}")
-async def route(seq_id: str, request: Request) -> RouteResponse:
+async def route(seq_id: str, request: Request, exclude: str = "") -> RouteResponse:
+    """`exclude`: comma-separated ids of workers the caller could not reach."""
     route_requests = _metrics(request).route_requests
     try:
         check_seq_id(seq_id)
+        excluded = parse_exclude(exclude)
     except InvalidRequest:
         route_requests.labels(outcome="invalid").inc()
         raise
     try:
-        worker_id, address, epoch = _membership(request).route(seq_id)
+        found = _membership(request).route(seq_id, excluded)
     except NoWorkers as exc:
         route_requests.labels(outcome="unavailable").inc()
         raise Unavailable(str(exc), retry_after_s=1) from None
     route_requests.labels(outcome="ok").inc()
-    return RouteResponse(seq_id=seq_id, worker_id=worker_id, address=address, epoch=epoch)
+    previous = [WorkerRef(worker_id=p.worker_id, address=p.address) for p in found.previous]
+    return RouteResponse(seq_id=seq_id, worker_id=found.worker_id, address=found.address,
+                         epoch=found.epoch, previous=previous)
 
 
 @router.get("/workers")
@@ -71,7 +106,7 @@ async def workers(request: Request) -> dict:
     now = membership.now()
     return {"epoch": membership.epoch, "workers": [
         {"worker_id": w.worker_id, "address": w.address, "model_name": w.model_name,
-         "age_s": round(now - w.registered_at, 3),
+         "state": w.state, "age_s": round(now - w.registered_at, 3),
          "last_heartbeat_age_s": round(now - w.last_heartbeat, 3)}
         for w in membership.workers()]}
 
@@ -80,7 +115,8 @@ async def workers(request: Request) -> dict:
 async def stats(request: Request) -> dict:
     membership = _membership(request)
     ring = membership.ring
-    return {"epoch": membership.epoch, "num_workers": len(membership), "ring_points": len(ring),
+    return {"epoch": membership.epoch, "num_workers": len(membership),
+            "num_draining": membership.num_draining, "ring_points": len(ring),
             "vnodes": ring.vnodes, "share": ring.shares()}
 
 

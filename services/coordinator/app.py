@@ -6,10 +6,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
+from services.common.auth import require_bearer
 from services.common.errors import install_error_handlers
-from services.coordinator.api import router
+from services.coordinator.api import membership_router, router
 from services.coordinator.membership import Membership
 from services.coordinator.metrics import CoordinatorMetrics
 from services.coordinator.settings import CoordinatorSettings
@@ -29,9 +30,10 @@ async def sweep_forever(membership: Membership, interval_s: float) -> None:
 def build_membership(settings: CoordinatorSettings, metrics: CoordinatorMetrics,
                      clock: Callable[[], float]) -> Membership:
     def on_change(change: str, _worker_id: str, epoch: int) -> None:
-        metrics.record_change(change, len(membership), epoch)
+        metrics.record_change(change, len(membership), membership.num_draining, epoch)
 
-    membership = Membership(ttl_s=settings.ttl_s, vnodes=settings.vnodes, clock=clock,
+    membership = Membership(ttl_s=settings.ttl_s, vnodes=settings.vnodes,
+                            handoff_window_s=settings.handoff_window_s, clock=clock,
                             on_change=on_change)
     return membership
 
@@ -57,4 +59,7 @@ def create_app(settings: CoordinatorSettings | None = None, *,
     app = FastAPI(title="kvcache coordinator", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(router)
+    # Membership writes come only from workers; with a token set, only they can move the ring.
+    app.include_router(membership_router,
+                       dependencies=[Depends(require_bearer(settings.internal_token))])
     return app

@@ -1,11 +1,16 @@
 """Worker registry with heartbeat TTLs, kept in sync with the hash ring. Pure: no I/O, no framework.
 
+A worker is `active` (on the ring) or `draining` (registered, off the ring: it takes no new keys
+but still serves KV pulls). Recent rings are remembered for `handoff_window_s`, so `route` can
+name a key's earlier owners, from which its new owner pulls the sequence's KV.
+
 Not thread-safe: the coordinator calls it only from its event loop (routes and the sweep task).
 """
 
 import logging
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -13,8 +18,13 @@ from services.coordinator.ring import EmptyRingError, HashRing
 
 log = logging.getLogger(__name__)
 
-Change = Literal["join", "leave", "expire", "update"]
+Change = Literal["join", "leave", "expire", "update", "drain"]
+WorkerState = Literal["active", "draining"]
 OnChange = Callable[[Change, str, int], None]
+
+MAX_RINGS_KEPT = 64
+# WorkerGenerateRequest.handoff_sources takes at most 16; the newest owners are the likeliest sources.
+MAX_PREVIOUS = 16
 
 
 class UnknownWorker(LookupError):
@@ -32,32 +42,58 @@ class WorkerInfo:
     model_name: str | None
     registered_at: float
     last_heartbeat: float
+    state: WorkerState = "active"
+
+
+class Peer(NamedTuple):
+    worker_id: str
+    address: str
 
 
 class Route(NamedTuple):
     worker_id: str
     address: str
     epoch: int
+    previous: tuple[Peer, ...] = ()  # earlier owners still registered, newest first
+
+
+class RetiredRing(NamedTuple):
+    retired_at: float  # when it stopped being the current ring
+    ring: HashRing
 
 
 class Membership:
-    """`epoch` counts routing-table changes: joins, leaves, expiries, and address updates
-    (a re-register at a new address changes where `route` sends keys). Heartbeats never bump it."""
+    """`epoch` counts membership changes that alter routing or handoff sources: joins, drains,
+    leaves, expiries, and address updates. Heartbeats never bump it."""
 
-    def __init__(self, *, ttl_s: float, vnodes: int = 100,
+    def __init__(self, *, ttl_s: float, vnodes: int = 100, handoff_window_s: float = 600.0,
                  clock: Callable[[], float] = time.monotonic, on_change: OnChange | None = None):
         self.ttl_s = ttl_s
+        self.handoff_window_s = handoff_window_s
         self.ring = HashRing(vnodes)
         self.epoch = 0
         self._clock = clock
         self._on_change = on_change
         self._workers: dict[str, WorkerInfo] = {}
+        self._history: deque[RetiredRing] = deque(maxlen=MAX_RINGS_KEPT)  # oldest first
 
     def __len__(self) -> int:
         return len(self._workers)
 
     def __contains__(self, worker_id: object) -> bool:
         return worker_id in self._workers
+
+    @property
+    def num_active(self) -> int:
+        return sum(info.state == "active" for info in self._workers.values())
+
+    @property
+    def num_draining(self) -> int:
+        return len(self._workers) - self.num_active
+
+    @property
+    def num_rings_kept(self) -> int:
+        return len(self._history)
 
     def now(self) -> float:
         return self._clock()
@@ -71,21 +107,37 @@ class Membership:
             raise UnknownWorker(f"worker {worker_id!r} is not registered")
         return info
 
-    def register(self, worker_id: str, address: str, model_name: str | None = None) -> WorkerInfo:
-        """Idempotent; a known worker is refreshed, and moved if its address changed."""
+    def register(self, worker_id: str, address: str, model_name: str | None = None, *,
+                 draining: bool = False) -> WorkerInfo:
+        """Idempotent. A known worker is refreshed, moved if its address changed, and switched to
+        the state `draining` asks for: a restarted pod with the same id rejoins the ring."""
         now = self._clock()
+        state: WorkerState = "draining" if draining else "active"
         info = self._workers.get(worker_id)
         if info is None:
-            info = WorkerInfo(worker_id, address, model_name, registered_at=now, last_heartbeat=now)
+            info = WorkerInfo(worker_id, address, model_name, registered_at=now, last_heartbeat=now,
+                              state=state)
             self._workers[worker_id] = info
-            self.ring.add(worker_id)
-            self._changed("join", info)
+            if not draining:
+                self._update_ring(worker_id, on_ring=True)
+            self._changed("drain" if draining else "join", info)
             return info
         info.last_heartbeat = now
         info.model_name = model_name
-        if info.address != address:
-            info.address = address
+        moved = info.address != address
+        info.address = address
+        if info.state != state:
+            self._set_state(info, state)
+        elif moved:
             self._changed("update", info)
+        return info
+
+    def drain(self, worker_id: str) -> WorkerInfo:
+        """Takes an active worker off the ring at once; it stays registered (heartbeats and the
+        TTL still apply) until it deregisters or expires. Idempotent."""
+        info = self.get(worker_id)
+        if info.state == "active":
+            self._set_state(info, "draining")
         return info
 
     def heartbeat(self, worker_id: str) -> WorkerInfo:
@@ -101,28 +153,72 @@ class Membership:
         return True
 
     def expire(self) -> list[str]:
-        """Drops workers silent for longer than ttl_s; returns their ids."""
-        deadline = self._clock() - self.ttl_s
-        expired = [w for w, info in self._workers.items() if info.last_heartbeat < deadline]
-        for worker_id in sorted(expired):
+        """Drops workers silent for longer than ttl_s, and rings older than the handoff window;
+        returns the dropped workers' ids."""
+        now = self._clock()
+        self._forget_rings(now)
+        expired = sorted(w for w, info in self._workers.items() if info.last_heartbeat < now - self.ttl_s)
+        for worker_id in expired:
             self._remove(worker_id, "expire")
-        return sorted(expired)
+        return expired
 
-    def route(self, seq_id: str) -> Route:
+    def route(self, seq_id: str, exclude: Collection[str] = ()) -> Route:
+        """The key's owner on the current ring, skipping `exclude` (workers the caller could not
+        reach), and its earlier owners within the handoff window; excluded ones are never listed."""
+        excluded = frozenset(exclude)
         try:
-            worker_id = self.ring.owner(seq_id)
+            worker_id = self.ring.owner(seq_id, excluded)
         except EmptyRingError:
-            raise NoWorkers("no worker is registered") from None
-        return Route(worker_id, self._workers[worker_id].address, self.epoch)
+            excluded_all = bool(excluded) and len(self.ring) > 0
+            raise NoWorkers("every active worker is excluded" if excluded_all
+                            else "no worker is active") from None
+        previous = self._previous_owners(seq_id, skip=excluded | {worker_id})
+        return Route(worker_id, self._workers[worker_id].address, self.epoch, previous)
+
+    def _previous_owners(self, seq_id: str, skip: frozenset[str]) -> tuple[Peer, ...]:
+        self._forget_rings(self._clock())
+        seen, previous = set(skip), []
+        for retired in reversed(self._history):
+            worker_id = retired.ring.owner(seq_id)
+            info = self._workers.get(worker_id)
+            if worker_id in seen or info is None:
+                continue
+            seen.add(worker_id)
+            previous.append(Peer(worker_id, info.address))
+            if len(previous) == MAX_PREVIOUS:
+                break
+        return tuple(previous)
+
+    def _set_state(self, info: WorkerInfo, state: WorkerState) -> None:
+        info.state = state
+        if state == "active":
+            self._update_ring(info.worker_id, on_ring=True)
+            self._changed("join", info)
+        else:
+            self._update_ring(info.worker_id, on_ring=False)
+            self._changed("drain", info)
 
     def _remove(self, worker_id: str, change: Change) -> None:
         info = self._workers.pop(worker_id)
-        self.ring.remove(worker_id)
+        self._update_ring(worker_id, on_ring=False)
         self._changed(change, info)
+
+    def _update_ring(self, worker_id: str, *, on_ring: bool) -> None:
+        """Adds or removes the worker, remembering the ring as it was if that changed it."""
+        before = self.ring.copy()
+        changed = self.ring.add(worker_id) if on_ring else self.ring.remove(worker_id)
+        if changed and len(before):  # an empty ring owned nothing: no handoff source
+            now = self._clock()
+            self._history.append(RetiredRing(now, before))
+            self._forget_rings(now)
+
+    def _forget_rings(self, now: float) -> None:
+        while self._history and self._history[0].retired_at < now - self.handoff_window_s:
+            self._history.popleft()
 
     def _changed(self, change: Change, info: WorkerInfo) -> None:
         self.epoch += 1
-        log.info("worker %s %s (%s): epoch %d, %d workers", info.worker_id, change, info.address,
-                 self.epoch, len(self._workers))
+        log.info("worker %s %s (%s, %s): epoch %d, %d workers, %d active", info.worker_id, change,
+                 info.address, info.state, self.epoch, len(self._workers), self.num_active)
         if self._on_change is not None:
             self._on_change(change, info.worker_id, self.epoch)

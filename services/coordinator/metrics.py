@@ -7,7 +7,7 @@ from services.common.metrics import PREFIX
 NAMESPACE = f"{PREFIX}_coordinator"
 ROUTE_OUTCOMES = ("ok", "invalid", "unavailable")
 HEARTBEAT_OUTCOMES = ("ok", "unknown")
-CHANGES = ("join", "leave", "expire", "update")
+CHANGES = ("join", "leave", "expire", "update", "drain")
 
 
 class CoordinatorMetrics:
@@ -22,10 +22,13 @@ class CoordinatorMetrics:
             "heartbeats", "Heartbeats by outcome (ok, unknown).",
             ["outcome"], namespace=NAMESPACE, registry=self.registry)
         self.ring_changes = Counter(
-            "ring_changes", "Routing-table changes by kind (join, leave, expire, update).",
+            "ring_changes", "Membership changes by kind (join, leave, expire, update, drain).",
             ["change"], namespace=NAMESPACE, registry=self.registry)
         self.registered_workers = Gauge(
-            "registered_workers", "Workers currently registered and alive.",
+            "registered_workers", "Workers currently registered and alive (draining included).",
+            namespace=NAMESPACE, registry=self.registry)
+        self.draining_workers = Gauge(
+            "draining_workers", "Registered workers that are draining (off the ring).",
             namespace=NAMESPACE, registry=self.registry)
         self.epoch = Gauge(
             "epoch", "Current membership epoch.", namespace=NAMESPACE, registry=self.registry)
@@ -37,7 +40,8 @@ class CoordinatorMetrics:
         for change in CHANGES:
             self.ring_changes.labels(change=change)
 
-    def record_change(self, change: str, num_workers: int, epoch: int) -> None:
+    def record_change(self, change: str, num_workers: int, num_draining: int, epoch: int) -> None:
         self.ring_changes.labels(change=change).inc()
         self.registered_workers.set(num_workers)
+        self.draining_workers.set(num_draining)
         self.epoch.set(epoch)

@@ -7,12 +7,13 @@ Python's hash() so every process (coordinator replicas, tests, tools) agrees on 
 
 import bisect
 import hashlib
+from collections.abc import Collection
 
 KEY_SPACE = 2**32
 
 
 class EmptyRingError(LookupError):
-    """owner() was asked on a ring with no workers."""
+    """owner() was asked on a ring with no workers, or with every worker excluded."""
 
 
 def hash_key(key: str) -> int:
@@ -24,6 +25,9 @@ def vnode_key(worker_id: str, index: int) -> str:
 
 
 class HashRing:
+    """`_points` and `_hashes` are replaced on every change, never mutated in place, so a copy()
+    can share them: a snapshot costs O(workers), not O(points)."""
+
     def __init__(self, vnodes: int = 100):
         if vnodes < 1:
             raise ValueError(f"vnodes must be >= 1, got {vnodes}")
@@ -61,11 +65,29 @@ class HashRing:
         self._rebuild([p for p in self._points if p[1] != worker_id])
         return True
 
-    def owner(self, key: str) -> str:
+    def owner(self, key: str, exclude: Collection[str] = ()) -> str:
+        """The worker of the first point at or clockwise after the key's hash, skipping points of
+        excluded workers: the key's owner as if the excluded workers had left the ring."""
         if not self._points:
             raise EmptyRingError("the hash ring has no workers")
-        index = bisect.bisect_left(self._hashes, hash_key(key))
-        return self._points[index % len(self._points)][1]
+        num_points = len(self._points)
+        start = bisect.bisect_left(self._hashes, hash_key(key))
+        if not exclude:
+            return self._points[start % num_points][1]
+        excluded = frozenset(exclude)
+        if self._workers <= excluded:
+            raise EmptyRingError("every worker on the hash ring is excluded")
+        for offset in range(num_points):
+            worker_id = self._points[(start + offset) % num_points][1]
+            if worker_id not in excluded:
+                return worker_id
+        raise AssertionError("unreachable: some worker is not excluded")
+
+    def copy(self) -> "HashRing":
+        ring = HashRing(self.vnodes)
+        ring._workers = set(self._workers)
+        ring._points, ring._hashes = self._points, self._hashes
+        return ring
 
     def shares(self) -> dict[str, float]:
         """Fraction of the key space each worker owns; sums to 1 on a non-empty ring."""

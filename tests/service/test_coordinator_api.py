@@ -142,13 +142,14 @@ async def test_workers_listing(client, clock):
     assert [w["worker_id"] for w in body["workers"]] == ["w1", "w2"]
     w1, w2 = body["workers"]
     assert w1 == {"worker_id": "w1", "address": "http://w1:8000", "model_name": "gpt2",
-                  "age_s": 2.5, "last_heartbeat_age_s": 0.0}
+                  "state": "active", "age_s": 2.5, "last_heartbeat_age_s": 0.0}
     assert w2["model_name"] is None and w2["last_heartbeat_age_s"] == 2.5
 
 
 async def test_stats(client):
     empty = (await client.get("/stats")).json()
-    assert empty == {"epoch": 0, "num_workers": 0, "ring_points": 0, "vnodes": 50, "share": {}}
+    assert empty == {"epoch": 0, "num_workers": 0, "num_draining": 0, "ring_points": 0,
+                     "vnodes": 50, "share": {}}
     for i in range(4):
         await register(client, f"w{i}")
     stats = (await client.get("/stats")).json()
@@ -224,3 +225,149 @@ async def test_lifespan_cancels_sweep_on_shutdown():
         assert len(started) == 1
     sweep = started.pop()
     assert sweep.done() and sweep.cancelled()
+
+
+async def route_of(client, seq_id: str, **params) -> dict:
+    response = await client.get(f"/route/{seq_id}", params=params)
+    assert response.status_code == 200
+    return response.json()
+
+
+async def test_drain_takes_worker_off_the_ring(client):
+    for i in range(3):
+        await register(client, f"w{i}")
+    owner = (await route_of(client, "seq-7"))["worker_id"]
+    response = await client.post("/drain", json={"worker_id": owner})
+    assert response.status_code == 200
+    assert response.json() == {"worker_id": owner, "draining": True, "epoch": 4, "active_workers": 2}
+    again = await client.post("/drain", json={"worker_id": owner})
+    assert again.json() == {"worker_id": owner, "draining": True, "epoch": 4, "active_workers": 2}
+
+    route = await route_of(client, "seq-7")
+    assert route["worker_id"] != owner and route["epoch"] == 4
+    assert route["previous"] == [{"worker_id": owner, "address": f"http://{owner}:8000"}]
+    states = {w["worker_id"]: w["state"] for w in (await client.get("/workers")).json()["workers"]}
+    assert states == {f"w{i}": ("draining" if f"w{i}" == owner else "active") for i in range(3)}
+    stats = (await client.get("/stats")).json()
+    assert stats["num_workers"] == 3 and stats["num_draining"] == 1 and stats["ring_points"] == 100
+    assert owner not in stats["share"]
+    assert (await client.post("/heartbeat", json={"worker_id": owner})).status_code == 200
+    text = (await client.get("/metrics")).text
+    assert 'kvcache_coordinator_ring_changes_total{change="drain"} 1.0' in text
+    assert "kvcache_coordinator_draining_workers 1.0" in text
+    assert "kvcache_coordinator_registered_workers 3.0" in text
+
+
+async def test_drain_unknown_worker_is_404(client):
+    assert_error(await client.post("/drain", json={"worker_id": "ghost"}), 404, "not_found")
+    assert_error(await client.post("/drain", json={"worker_id": "w 1"}), 422, "invalid_request")
+
+
+async def test_register_draining_stays_off_the_ring(client):
+    await register(client, "w1")
+    body = {"worker_id": "w2", "address": "http://w2:8000", "draining": True}
+    assert (await client.post("/register", json=body)).status_code == 200
+    assert {(await route_of(client, f"seq-{i}"))["worker_id"] for i in range(30)} == {"w1"}
+    await client.post("/deregister", json={"worker_id": "w1"})
+    assert_error(await client.get("/route/seq-1"), 503, "unavailable")
+    await register(client, "w2")  # registering active again rejoins
+    assert (await route_of(client, "seq-1"))["worker_id"] == "w2"
+
+
+async def test_route_previous_after_scale_out(client):
+    for i in range(3):
+        await register(client, f"w{i}")
+    before = {f"seq-{i}": (await route_of(client, f"seq-{i}"))["worker_id"] for i in range(60)}
+    await register(client, "w3")
+    moved = 0
+    for seq_id, old in before.items():
+        route = await route_of(client, seq_id)
+        if route["worker_id"] != old:
+            moved += 1
+            assert route["worker_id"] == "w3"
+            assert route["previous"][0] == {"worker_id": old, "address": f"http://{old}:8000"}
+        assert all(p["worker_id"] != route["worker_id"] for p in route["previous"])
+    assert moved > 0
+
+
+async def test_route_exclude(client):
+    for i in range(3):
+        await register(client, f"w{i}")
+    owner = (await route_of(client, "seq-7"))["worker_id"]
+    route = await route_of(client, "seq-7", exclude=owner)
+    assert route["worker_id"] != owner
+    assert owner not in [p["worker_id"] for p in route["previous"]]
+    other = route["worker_id"]
+    last = await route_of(client, "seq-7", exclude=f"{owner},{other},ghost")
+    assert last["worker_id"] not in (owner, other)
+    assert (await route_of(client, "seq-7", exclude=""))["worker_id"] == owner
+    response = await client.get("/route/seq-7", params={"exclude": "w0,w1,w2"})
+    assert_error(response, 503, "unavailable")
+
+
+@pytest.mark.parametrize("exclude", ["w 1", "w1,,w2", ",", "x" * 129, "w1,caf\u00e9"])
+async def test_route_with_bad_exclude_is_400(client, exclude):
+    await register(client, "w1")
+    assert_error(await client.get("/route/seq-1", params={"exclude": exclude}), 400, "invalid_request")
+    text = (await client.get("/metrics")).text
+    assert 'kvcache_coordinator_route_requests_total{outcome="invalid"} 1.0' in text
+
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture
+async def guarded(clock):
+    settings = CoordinatorSettings(vnodes=50, ttl_s=5, sweep_interval_s=0.01, internal_token=TOKEN)
+    app = create_app(settings, clock=clock)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            yield http
+
+
+PROTECTED = [
+    ("/register", {"worker_id": "w1", "address": "http://w1:8000"}),
+    ("/heartbeat", {"worker_id": "w1"}),
+    ("/drain", {"worker_id": "w1"}),
+    ("/deregister", {"worker_id": "w1"}),
+]
+
+
+@pytest.mark.parametrize("headers", [
+    {}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
+    {"Authorization": TOKEN}, {"Authorization": "Bearer "},
+])
+async def test_membership_calls_need_the_token(guarded, headers, caplog):
+    for path, body in PROTECTED:
+        response = await guarded.post(path, json=body, headers=headers)
+        assert_error(response, 401, "unauthorized")
+        assert TOKEN not in response.text
+    assert (await guarded.get("/workers")).json()["workers"] == []
+    assert TOKEN not in caplog.text
+
+
+async def test_membership_calls_pass_with_the_token(guarded, caplog):
+    caplog.set_level("DEBUG")
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    for path, body in PROTECTED:
+        response = await guarded.post(path, json=body, headers=headers)
+        assert response.status_code == 200, (path, response.text)
+        assert response.json()["worker_id"] == "w1"
+    again = await guarded.post("/deregister", json={"worker_id": "w1"}, headers=headers)
+    assert again.json()["removed"] is False
+    assert TOKEN not in caplog.text
+
+
+async def test_lookups_stay_open_with_a_token(guarded):
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    await guarded.post("/register", json=PROTECTED[0][1], headers=headers)
+    assert (await route_of(guarded, "seq-1"))["worker_id"] == "w1"
+    for path in ("/workers", "/stats", "/health", "/metrics"):
+        assert (await guarded.get(path)).status_code == 200, path
+
+
+async def test_no_token_configured_needs_no_header(client):
+    assert (await register(client, "w1")).status_code == 200
+    assert (await client.post("/drain", json={"worker_id": "w1"},
+                              headers={"Authorization": "Bearer anything"})).status_code == 200

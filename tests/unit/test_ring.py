@@ -125,3 +125,64 @@ def test_shares_of_empty_ring_is_empty():
 def test_invalid_vnodes_rejected():
     with pytest.raises(ValueError):
         HashRing(0)
+
+
+def test_exclude_matches_owner_after_removal():
+    ring = build_ring(5)
+    for excluded in (["worker-2"], ["worker-0", "worker-3"], ["worker-1", "worker-2", "worker-4"]):
+        removed = build_ring(5)
+        for worker_id in excluded:
+            removed.remove(worker_id)
+        assert {s: ring.owner(s, exclude=excluded) for s in SEQ_IDS} == owners(removed)
+
+
+def test_removing_a_worker_moves_each_key_to_its_owner_with_exclusion():
+    before = build_ring(4)
+    after = build_ring(4)
+    after.remove("worker-1")
+    moved = [s for s in SEQ_IDS if before.owner(s) == "worker-1"]
+    assert moved
+    assert all(after.owner(s) == before.owner(s, exclude={"worker-1"}) for s in moved)
+
+
+def test_exclude_walks_clockwise_with_wrap_around():
+    ring = HashRing(1)
+    for worker_id in ("a", "b", "c"):
+        ring.add(worker_id)
+    clockwise = [w for _, w in sorted((hash_key(f"{w}-vn-0"), w) for w in ("a", "b", "c"))]
+    low = min(hash_key(f"{w}-vn-0") for w in clockwise)
+    before_first = next(s for s in SEQ_IDS if hash_key(s) <= low)
+    first, second, third = clockwise
+    assert ring.owner(before_first) == first
+    assert ring.owner(before_first, exclude={first}) == second
+    assert ring.owner(before_first, exclude=[first, second]) == third
+    past_last = next(s for s in SEQ_IDS if hash_key(s) > max(hash_key(f"{w}-vn-0") for w in clockwise))
+    assert ring.owner(past_last, exclude={first}) == second  # wraps past 2**32, then skips
+
+
+def test_excluding_unknown_or_no_workers_changes_nothing():
+    ring = build_ring(3)
+    assert {s: ring.owner(s, exclude={"ghost"}) for s in SEQ_IDS[:500]} == \
+        {s: ring.owner(s) for s in SEQ_IDS[:500]}
+    assert ring.owner("seq-1", exclude=()) == ring.owner("seq-1")
+
+
+def test_excluding_every_worker_raises():
+    ring = build_ring(3)
+    with pytest.raises(EmptyRingError):
+        ring.owner("seq-1", exclude=["worker-0", "worker-1", "worker-2", "ghost"])
+    with pytest.raises(EmptyRingError):
+        HashRing(10).owner("seq-1", exclude=["worker-0"])
+
+
+def test_copy_is_an_independent_snapshot():
+    ring = build_ring(3)
+    snapshot = ring.copy()
+    before = owners(ring)
+    ring.add("worker-3")
+    ring.remove("worker-0")
+    assert owners(snapshot) == before
+    assert snapshot.workers == ["worker-0", "worker-1", "worker-2"] and len(snapshot) == 300
+    snapshot.remove("worker-1")
+    assert ring.workers == ["worker-1", "worker-2", "worker-3"]
+    assert snapshot.vnodes == ring.vnodes
