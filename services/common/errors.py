@@ -90,3 +90,20 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+class SequenceConflict(Conflict):
+    """Another request holds the sequence's turn (a concurrent request routed elsewhere), or the
+    history changed under a compare-and-set."""
+
+    error_type = "sequence_conflict"
+
+
+class StoreUnavailable(Unavailable):
+    error_type = "session_store_unavailable"
+
+
+class Draining(Unavailable):
+    """The worker is leaving: the gateway re-routes the request to the new owner."""
+
+    error_type = "draining"

@@ -1,5 +1,7 @@
 """The HTTP client factory: one shared AsyncClient per service, explicit timeouts."""
 
+from urllib.parse import quote
+
 import httpx
 
 
@@ -10,3 +12,9 @@ def make_client(*, connect_timeout_s: float = 2.0, read_timeout_s: float = 30.0,
     timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=10.0, pool=10.0)
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=50)
     return httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
+
+
+def path_segment(value: str) -> str:
+    """Percent-encode one URL path segment; "." and ".." too, which URL normalisation would eat."""
+    segment = quote(value, safe="")
+    return segment.replace(".", "%2E") if segment in (".", "..") else segment

@@ -24,7 +24,8 @@ def create_app(settings: GatewaySettings, transport: httpx.AsyncBaseTransport | 
         client = make_client(connect_timeout_s=settings.connect_timeout_s,
                              read_timeout_s=settings.read_timeout_s, transport=transport)
         app.state.client = client
-        app.state.proxy = GatewayProxy(client, CoordinatorClient(client, settings.coordinator_url), metrics)
+        app.state.proxy = GatewayProxy(client, CoordinatorClient(client, settings.coordinator_url), metrics,
+                                       migration_limit=settings.migration_limit)
         try:
             yield
         finally:

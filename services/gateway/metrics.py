@@ -23,6 +23,12 @@ class GatewayMetrics:
             f"{_NAME}_upstream_retries_total",
             "Requests re-routed and retried after a worker could not be reached.",
             registry=self.registry)
+        self.migrations = Counter(
+            f"{_NAME}_migrations_total",
+            "Streams continued on a new owner after their worker's stream broke, by outcome (ok, failed).",
+            ["outcome"], registry=self.registry)
+        for outcome in ("ok", "failed"):
+            self.migrations.labels(outcome)
         self.active_streams = Gauge(
             f"{_NAME}_active_streams", "Token streams being relayed now.", registry=self.registry)
         self.ttfb_s = Histogram(

@@ -1,9 +1,12 @@
-"""Forwarding to a sequence's owner worker: re-route once when it cannot be reached, relay JSON or SSE."""
+"""Forwarding to a sequence's owner worker: re-route past unreachable or draining workers, relay
+JSON or SSE, and migrate a stream whose worker died to the sequence's new owner."""
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Collection
 from contextlib import aclosing, suppress
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -13,22 +16,28 @@ from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from services.common.errors import Unavailable, UpstreamError, error_body
+from services.common.errors import Draining, ServiceError, Unavailable, UpstreamError, error_body
+from services.common.http import path_segment
+from services.common.schemas import RouteResponse
 from services.common.sse import TERMINAL_TYPES, aparse_events, encode_event
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.routing import CoordinatorClient, describe, error_message, json_or_none, path_segment
+from services.gateway.routing import CoordinatorClient, describe, error_message, json_or_none
 
-NUM_ATTEMPTS = 2  # the first try and one retry after asking the coordinator again
+NUM_ATTEMPTS = 3  # the first try, then re-routes past workers that are unreachable or draining
 STATS_TIMEOUT_S = 2.0
 _UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
-def upstream_error_event(message: str) -> dict:
-    return {"type": "error", "error": {"type": UpstreamError.error_type, "message": message}}
+class StreamBroken(Exception):
+    """The worker's stream ended before its terminal event (the worker died or the link broke)."""
 
 
-async def relay_events(upstream: httpx.Response) -> AsyncIterator[dict]:
-    """The worker's events in order, always ending with exactly one terminal event."""
+def upstream_error_event(message: str, error_type: str = UpstreamError.error_type) -> dict:
+    return {"type": "error", "error": {"type": error_type, "message": message}}
+
+
+async def worker_events(upstream: httpx.Response) -> AsyncIterator[dict]:
+    """The worker's events in order, up to its terminal event; StreamBroken if there is none."""
     try:
         async for event in aparse_events(upstream.aiter_lines()):
             if not isinstance(event, dict) or not isinstance(event.get("type"), str):
@@ -36,10 +45,9 @@ async def relay_events(upstream: httpx.Response) -> AsyncIterator[dict]:
             yield event
             if event["type"] in TERMINAL_TYPES:
                 return
-        message = "worker stream ended without a done or error event"
     except (httpx.HTTPError, ValueError) as exc:
-        message = f"worker stream broke: {describe(exc)}"
-    yield upstream_error_event(message)
+        raise StreamBroken(f"worker stream broke: {describe(exc)}") from exc
+    raise StreamBroken("worker stream ended without a done or error event")
 
 
 def stream_outcome(terminal_event: dict) -> str:
@@ -68,22 +76,6 @@ async def relay_json(upstream: httpx.Response) -> JSONResponse:
     return JSONResponse(body, status_code=upstream.status_code, headers=headers)
 
 
-class RelayResponse(EventSourceResponse):
-    """SSE to the client that closes the worker's stream however it ends (done, broken, client gone,
-    cancelled), so a client disconnect reaches the worker and it stops generating."""
-
-    def __init__(self, upstream: httpx.Response, content: AsyncIterator[bytes]) -> None:
-        super().__init__(content, sep="\n")
-        self._upstream = upstream
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True), suppress(httpx.HTTPError):
-                await self._upstream.aclose()
-
-
 def sum_numeric(stats: list[dict]) -> dict[str, float]:
     totals: dict[str, Any] = {}
     for one in stats:
@@ -93,26 +85,48 @@ def sum_numeric(stats: list[dict]) -> dict[str, float]:
     return totals
 
 
+@dataclass
+class Upstream:
+    """An open request to a worker: its response (body not read yet), route and the body sent."""
+
+    response: httpx.Response
+    route: RouteResponse
+    payload: dict | None
+
+
 class GatewayProxy:
     def __init__(self, client: httpx.AsyncClient, coordinator: CoordinatorClient,
-                 metrics: GatewayMetrics) -> None:
+                 metrics: GatewayMetrics, migration_limit: int = 1) -> None:
         self._client = client
         self._coordinator = coordinator
         self._metrics = metrics
+        self.migration_limit = migration_limit
 
     async def generate(self, payload: dict, *, stream: bool) -> Response:
         started_s = time.perf_counter()
-        upstream = await self._send_to_owner(payload["seq_id"], "POST", "/generate", json=payload)
-        if stream and upstream.status_code == 200:
-            return RelayResponse(upstream, self._encoded_events(upstream, started_s))
-        response = await relay_json(upstream)
+        upstream = await self.open_generate(payload)
+        if stream and upstream.response.status_code == 200:
+            relay = StreamRelay(self, upstream, self._metrics, started_s)
+            return RelayResponse(relay)
+        response = await relay_json(upstream.response)
         if response.status_code == 200:
             self._metrics.ttfb_s.observe(time.perf_counter() - started_s)
         return response
 
+    async def open_generate(self, payload: dict, exclude: Collection[str] = ()) -> Upstream:
+        return await self._send_to_owner(payload["seq_id"], "POST", "/generate", payload, exclude)
+
     async def delete_sequence(self, seq_id: str) -> JSONResponse:
-        upstream = await self._send_to_owner(seq_id, "DELETE", f"/sequences/{path_segment(seq_id)}")
-        return await relay_json(upstream)
+        """Removes the sequence from the session store and from every worker's KV: every worker
+        is asked (any of them may hold its KV). 409 if a request runs on it, 404 if unknown."""
+        workers = await self._coordinator.workers()
+        path = f"/sequences/{path_segment(seq_id)}"
+        answers = await asyncio.gather(*(self._delete_at(w.get("address"), path) for w in workers))
+        for status in (409, 503, 200, 404):
+            for answer in answers:
+                if answer is not None and answer.status_code == status:
+                    return answer
+        raise Unavailable("no worker could be asked to delete the sequence")
 
     async def cluster_stats(self) -> dict:
         workers = await self._coordinator.workers()
@@ -126,38 +140,42 @@ class GatewayProxy:
         return {"num_workers": len(workers), "workers": per_worker,
                 "totals": sum_numeric(reachable), "unreachable": unreachable}
 
-    async def _send_to_owner(self, seq_id: str, method: str, path: str,
-                             json: dict | None = None) -> httpx.Response:
-        """Open a streamed request to the owner; if it cannot be reached, ask the coordinator again once."""
+    async def _send_to_owner(self, seq_id: str, method: str, path: str, payload: dict | None,
+                             exclude: Collection[str] = ()) -> Upstream:
+        """Open a streamed request to the owner. A worker that cannot be reached, or that answers
+        that it is draining, is left out and the coordinator asked again."""
+        excluded = set(exclude)
+        failure = "no worker could be reached"
         for attempt in range(NUM_ATTEMPTS):
             if attempt:
                 self._metrics.upstream_retries.inc()
-            route = await self._coordinator.route(seq_id)
+            route = await self._coordinator.route(seq_id, excluded)
+            body = _for_worker(payload, route)
             try:
-                request = self._client.build_request(method, route.address.rstrip("/") + path, json=json)
-                return await self._client.send(request, stream=True)
+                request = self._client.build_request(method, route.address.rstrip("/") + path, json=body)
+                response = await self._client.send(request, stream=True)
             except _UNREACHABLE as exc:
                 failure = f"worker {route.worker_id} unreachable: {describe(exc)}"
             except httpx.PoolTimeout as exc:
                 raise Unavailable("gateway has no free upstream connection") from exc
             except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 raise UpstreamError(f"worker {route.worker_id} failed before answering: {describe(exc)}") from exc
-        raise Unavailable(failure)
+            else:
+                if not await _is_draining(response):
+                    return Upstream(response, route, body)
+                failure = f"worker {route.worker_id} is draining"
+            excluded.add(route.worker_id)
+        raise Unavailable(failure, retry_after_s=1)
 
-    async def _encoded_events(self, upstream: httpx.Response, started_s: float) -> AsyncIterator[bytes]:
-        outcome, last_event = "client_disconnect", None
-        self._metrics.active_streams.inc()
+    async def _delete_at(self, address: Any, path: str) -> JSONResponse | None:
+        if not isinstance(address, str):
+            return None
         try:
-            async with aclosing(relay_events(upstream)) as events:
-                async for event in events:
-                    if last_event is None:
-                        self._metrics.ttfb_s.observe(time.perf_counter() - started_s)
-                    last_event = event
-                    yield encode_event(event)
-            outcome = stream_outcome(last_event)
-        finally:
-            self._metrics.active_streams.dec()
-            self._metrics.streams.labels(outcome).inc()
+            response = await self._client.send(
+                self._client.build_request("DELETE", address.rstrip("/") + path), stream=True)
+            return await relay_json(response)
+        except (httpx.HTTPError, httpx.InvalidURL, ServiceError):
+            return None  # a worker that is gone holds no KV
 
     async def _worker_stats(self, address: Any) -> tuple[dict | None, str | None]:
         if not isinstance(address, str):
@@ -170,3 +188,121 @@ class GatewayProxy:
         if response.status_code != 200 or not isinstance(body, dict):
             return None, error_message(body) or f"HTTP {response.status_code}"
         return body, None
+
+
+def _for_worker(payload: dict | None, route: RouteResponse) -> dict | None:
+    """A fresh request id per attempt (the worker's turn id) and the handoff sources."""
+    if payload is None:
+        return None
+    sources = [ref.model_dump() for ref in route.previous]
+    return payload | {"request_id": uuid.uuid4().hex, "handoff_sources": sources}
+
+
+async def _is_draining(response: httpx.Response) -> bool:
+    """A worker's 503 `draining`: re-route. (Reads the body of a 503; relay_json reuses it.)"""
+    if response.status_code != 503:
+        return False
+    try:
+        body = json_or_none(await response.aread())
+    except httpx.HTTPError:
+        return False
+    return isinstance(body, dict) and isinstance(body.get("error"), dict) \
+        and body["error"].get("type") == Draining.error_type
+
+
+class StreamRelay:
+    """One client stream over one or more worker streams: when a worker's stream breaks, the rest
+    of the turn is asked of the sequence's new owner (resume: the tokens already sent), and the
+    client sees one uninterrupted stream with one start and exactly one terminal event."""
+
+    def __init__(self, proxy: GatewayProxy, upstream: Upstream, metrics: GatewayMetrics,
+                 started_s: float) -> None:
+        self.proxy = proxy
+        self.upstream = upstream
+        self.metrics = metrics
+        self.started_s = started_s
+        self.start: dict | None = None
+        self.token_ids: list[int] = []
+
+    async def encoded(self) -> AsyncIterator[bytes]:
+        outcome, last_event = "client_disconnect", None
+        self.metrics.active_streams.inc()
+        try:
+            async with aclosing(self.events()) as events:
+                async for event in events:
+                    if last_event is None:
+                        self.metrics.ttfb_s.observe(time.perf_counter() - self.started_s)
+                    last_event = event
+                    yield encode_event(event)
+            outcome = stream_outcome(last_event)
+        finally:
+            self.metrics.active_streams.dec()
+            self.metrics.streams.labels(outcome).inc()
+
+    async def events(self) -> AsyncIterator[dict]:
+        migrations = 0
+        while True:
+            try:
+                async for event in self._relay_one():
+                    yield event
+                return
+            except StreamBroken as exc:
+                if migrations >= self.proxy.migration_limit:
+                    yield upstream_error_event(str(exc))
+                    return
+                migrations += 1
+                failure = await self._migrate()
+                if failure is not None:
+                    yield failure
+                    return
+
+    async def _relay_one(self) -> AsyncIterator[dict]:
+        async for event in worker_events(self.upstream.response):
+            if event["type"] == "start":
+                if self.start is not None:
+                    continue  # a migrated turn's second start: the client has one already
+                self.start = event
+            elif event["type"] == "token":
+                self.token_ids.append(event.get("token_id"))
+            yield event
+
+    async def _migrate(self) -> dict | None:
+        """Continue on the new owner; an error event if that is not possible."""
+        await self.aclose()
+        previous = self.upstream
+        payload = previous.payload | {"resume": {
+            "turn_id": previous.payload["request_id"],
+            "context_tokens": self.start["context_tokens"] if self.start else None,
+            "generated_ids": self.token_ids}}
+        try:
+            upstream = await self.proxy.open_generate(payload, exclude={previous.route.worker_id})
+        except ServiceError as exc:
+            self.metrics.migrations.labels("failed").inc()
+            return upstream_error_event(f"migration failed: {exc.message}", exc.error_type)
+        if upstream.response.status_code != 200:
+            self.metrics.migrations.labels("failed").inc()
+            body = json_or_none(await upstream.response.aread())
+            await upstream.response.aclose()
+            return upstream_error_event(f"migration failed: {error_message(body) or upstream.response.status_code}")
+        self.metrics.migrations.labels("ok").inc()
+        self.upstream = upstream
+        return None
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True), suppress(httpx.HTTPError):
+            await self.upstream.response.aclose()
+
+
+class RelayResponse(EventSourceResponse):
+    """SSE to the client that closes the worker's stream however it ends (done, broken, client gone,
+    cancelled), so a client disconnect reaches the worker and it stops generating."""
+
+    def __init__(self, relay: StreamRelay) -> None:
+        super().__init__(relay.encoded(), sep="\n")
+        self._relay = relay
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._relay.aclose()

@@ -1,20 +1,15 @@
 """The gateway's client of the coordinator: who owns a sequence, and which workers exist."""
 
 import json
+from collections.abc import Collection
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 from pydantic import ValidationError
 
 from services.common.errors import Unavailable, UpstreamError
+from services.common.http import path_segment
 from services.common.schemas import RouteResponse
-
-
-def path_segment(value: str) -> str:
-    """Percent-encode one URL path segment; "." and ".." too, which URL normalisation would eat."""
-    segment = quote(value, safe="")
-    return segment.replace(".", "%2E") if segment in (".", "..") else segment
 
 
 def error_message(body: Any) -> str | None:
@@ -40,8 +35,10 @@ class CoordinatorClient:
         self._client = client
         self._base_url = base_url.rstrip("/")
 
-    async def route(self, seq_id: str) -> RouteResponse:
-        body = await self._get_json(f"/route/{path_segment(seq_id)}")
+    async def route(self, seq_id: str, exclude: Collection[str] = ()) -> RouteResponse:
+        """The owner of `seq_id` among the workers not excluded (the unreachable ones)."""
+        query = f"?exclude={','.join(sorted(exclude))}" if exclude else ""
+        body = await self._get_json(f"/route/{path_segment(seq_id)}{query}")
         try:
             return RouteResponse.model_validate(body)
         except ValidationError as exc:

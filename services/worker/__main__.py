@@ -5,7 +5,8 @@ from services.worker.settings import WorkerSettings
 
 def main() -> None:
     settings = WorkerSettings()
-    serve(create_app(settings), settings)
+    app = create_app(settings)
+    serve(app, settings, drainable=app.state.worker.drainer)  # SIGTERM drains, then exits
 
 
 if __name__ == "__main__":

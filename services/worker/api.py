@@ -1,90 +1,141 @@
-"""Worker HTTP routes: thin; the engine does the work."""
+"""Worker HTTP routes: thin; the turn (session store), the handoff and the engine do the work."""
 
 import asyncio
 import uuid
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from services.common.errors import Conflict, InvalidRequest, NotFound, ServiceError, Unavailable
+from services.common.errors import Conflict, Draining, InvalidRequest, NotFound, ServiceError, Unavailable
 from services.common.metrics import metrics_response
-from services.common.schemas import GenerateRequest, check_seq_id
+from services.common.schemas import WorkerGenerateRequest, check_seq_id
 from services.common.sse import encode_event
-from services.worker.engine.engine import Engine
 from services.worker.engine.sequence import SamplingParams
 from services.worker.streams import RequestHandle
+from services.worker.turns import Turn
 
 router = APIRouter()
 
 
-def _engine(request: Request) -> Engine:
-    state = request.app.state.worker
-    if state.engine is None:
-        detail = state.load_error or "model is loading"
-        raise Unavailable(f"worker not ready: {detail}", retry_after_s=None if state.load_error else 2)
-    return state.engine
-
-
 @router.post("/generate")
-async def generate(body: GenerateRequest, request: Request):
+async def generate(body: WorkerGenerateRequest, request: Request):
     state = request.app.state.worker
-    engine = _engine(request)
+    engine = state.require_engine()
+    if state.drainer.draining:
+        raise Draining("worker is draining: ask the coordinator for the new owner", retry_after_s=1)
     if body.model_name is not None and body.model_name != state.settings.model_name:
         raise InvalidRequest(f"model '{body.model_name}' is not served here; this worker serves "
                              f"'{state.settings.model_name}'")
+    _check_resume(body)
     seq_id = body.seq_id or uuid.uuid4().hex
-    params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
-                            top_p=body.top_p, seed=body.seed)
-    handle = RequestHandle(engine, seq_id, body.prompt, params)
+    prompt_ids = await asyncio.to_thread(engine.encode, body.prompt)
+    turn = await state.turns.begin(seq_id, body.request_id or uuid.uuid4().hex, prompt_ids,
+                                   max_tokens=body.max_tokens, window=engine.window, resume=body.resume)
     metrics = state.metrics
     try:
-        handle.submit()
-        start = await handle.first_event()
+        handle, start = await _start_turn(state, engine, turn, body)
     except ServiceError as exc:
         metrics.http_requests.labels(exc.error_type).inc()
-        raise
-    except BaseException:
-        handle.abort()
         raise
     metrics.http_requests.labels("accepted").inc()
     headers = {"X-Seq-Id": seq_id}
     if not body.stream:
-        return JSONResponse(await _collect(handle, metrics), headers=headers)
-    return EventSourceResponse(_stream(handle, start, metrics), headers=headers, ping=15)
+        return JSONResponse(await _collect(state, turn, handle), headers=headers)
+    return EventSourceResponse(_stream(state, turn, handle, start), headers=headers, ping=15)
 
 
-async def _stream(handle: RequestHandle, start: dict, metrics):
+def _check_resume(body: WorkerGenerateRequest) -> None:
+    if body.resume is not None and len(body.resume.generated_ids) >= body.max_tokens:
+        raise InvalidRequest("resume.generated_ids must be fewer than max_tokens")
+    if body.resume is not None and body.seq_id is None:
+        raise InvalidRequest("resume needs the seq_id of the interrupted turn")
+
+
+async def _start_turn(state, engine, turn: Turn, body: WorkerGenerateRequest) -> tuple[RequestHandle, dict]:
+    """Pull the KV from an earlier owner if one has it, then submit; until `start`, a failure
+    takes the turn back out of the history."""
+    handle = None
+    try:
+        if not engine.store.fits(turn.earlier_tokens + turn.prompt_tokens + body.max_tokens):
+            raise Unavailable("request too large for this worker's KV budget")
+        if body.handoff_sources and state.settings.enable_kv_reuse:
+            await state.puller.pull(turn, body.handoff_sources,
+                                    reserve_tokens=len(turn.token_ids) - len(turn.resumed) + body.max_tokens)
+        params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
+                                top_p=body.top_p, seed=body.seed)
+        handle = RequestHandle(engine, turn, params)
+        handle.submit()
+        return handle, await handle.first_event()
+    except BaseException:
+        if handle is not None:
+            handle.abort()
+        with anyio.CancelScope(shield=True):
+            await state.turns.cancel(turn)
+        raise
+
+
+async def _finish(state, turn: Turn, handle: RequestHandle, event: dict) -> dict:
+    """Before `done` reaches the client, its tokens are in the session store; if they cannot be
+    stored, the client gets an error event instead (never a silently shortened history)."""
+    try:
+        await state.turns.end(turn, handle.generated_ids)
+    except ServiceError as exc:
+        return {"type": "error", "error": {"type": exc.error_type, "message": exc.message}}
+    return event
+
+
+async def _close(state, turn: Turn, handle: RequestHandle) -> None:
+    """However the request ended: abort it in the engine; an open turn keeps what was generated."""
+    handle.abort()
+    if state.turns.is_open(turn):
+        with anyio.CancelScope(shield=True):
+            try:
+                await state.turns.end(turn, handle.generated_ids)
+            except ServiceError:
+                pass  # the store is down or the turn was taken over; the lease releases it
+
+
+async def _stream(state, turn: Turn, handle: RequestHandle, start: dict):
+    metrics = state.metrics
     try:
         yield encode_event(start)
         async for event in handle.events():
             if event["type"] == "done":
                 metrics.ttft.observe(event["timings"]["ttft_ms"] / 1000)
+                event = await _finish(state, turn, handle, event)
             yield encode_event(event)
     finally:
-        handle.abort()  # client went away mid-stream: the engine drops it at its next step
+        await _close(state, turn, handle)  # client went away mid-stream: the engine drops it
 
 
-async def _collect(handle: RequestHandle, metrics) -> dict:
+async def _collect(state, turn: Turn, handle: RequestHandle) -> dict:
     try:
         async for event in handle.events():
             if event["type"] == "error":
                 raise ServiceError(event["error"]["message"])
             if event["type"] == "done":
-                metrics.ttft.observe(event["timings"]["ttft_ms"] / 1000)
+                state.metrics.ttft.observe(event["timings"]["ttft_ms"] / 1000)
+                event = await _finish(state, turn, handle, event)
+                if event["type"] == "error":
+                    raise ServiceError(event["error"]["message"])
                 return {k: v for k, v in event.items() if k != "type"}
     finally:
-        handle.abort()
+        await _close(state, turn, handle)
     raise ServiceError("generation ended without a result")
 
 
 @router.delete("/sequences/{seq_id}")
 async def delete_sequence(seq_id: str, request: Request):
+    """Removes the sequence from the session store and from this worker's KV."""
     check_seq_id(seq_id)
-    deleted = await asyncio.to_thread(_engine(request).delete_sequence, seq_id)
-    if deleted is None:
+    state = request.app.state.worker
+    local = await asyncio.to_thread(state.require_engine().delete_sequence, seq_id)
+    if local is None:
         raise Conflict(f"sequence '{seq_id}' has a request running; retry after it ends")
-    if not deleted:
+    stored = await state.turns.delete(seq_id)
+    if not (local or stored):
         raise NotFound(f"unknown sequence '{seq_id}'")
     return {"seq_id": seq_id, "deleted": True}
 
@@ -94,7 +145,7 @@ async def stats(request: Request):
     state = request.app.state.worker
     s = state.settings
     base = {"worker_id": s.worker_id, "model_name": s.model_name, "ready": state.engine is not None,
-            "enable_kv_reuse": s.enable_kv_reuse}
+            "enable_kv_reuse": s.enable_kv_reuse, "draining": state.drainer.draining}
     return {**base, **(await asyncio.to_thread(state.engine.stats) if state.engine else {})}
 
 
@@ -109,8 +160,11 @@ async def health(request: Request):
 
 @router.get("/ready")
 async def ready(request: Request):
-    _engine(request)
-    return {"status": "ready", "worker_id": request.app.state.worker.settings.worker_id}
+    state = request.app.state.worker
+    state.require_engine()
+    if state.drainer.draining:
+        raise Draining("worker is draining")
+    return {"status": "ready", "worker_id": state.settings.worker_id}
 
 
 @router.get("/metrics")

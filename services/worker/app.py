@@ -1,4 +1,5 @@
-"""Worker app: loads the model off the event loop, runs the engine thread, keeps registered."""
+"""Worker app: loads the model off the event loop, runs the engine thread, keeps registered,
+keeps each sequence's history in the session store, and drains gracefully."""
 
 import asyncio
 import contextlib
@@ -7,17 +8,24 @@ import os
 from contextlib import asynccontextmanager
 
 import torch
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
-from services.common.errors import install_error_handlers
+from services.common.auth import bearer_headers, require_bearer
+from services.common.errors import Unavailable, install_error_handlers
 from services.common.http import make_client
+from services.worker import internal_api
 from services.worker.api import router
+from services.worker.drain import Drainer
 from services.worker.engine.engine import Engine, EngineConfig
+from services.worker.handoff import KVPuller
 from services.worker.kv_store import KVStore
+from services.worker.kv_transfer import fingerprint
 from services.worker.metrics import WorkerMetrics
 from services.worker.model.loader import LoadedModel, load_model
 from services.worker.registration import Registration
+from services.worker.session_store import SessionStore, describe_store, open_session_store
 from services.worker.settings import WorkerSettings
+from services.worker.turns import Turns
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +36,20 @@ class WorkerState:
         self.engine: Engine | None = None
         self.load_error: str | None = None
         self.metrics = WorkerMetrics(lambda: self.engine.stats() if self.engine else None)
+        self.turns: Turns | None = None
+        self.puller: KVPuller | None = None
+        self.fingerprint: dict = {}
+        self.drainer = Drainer(settings.drain_timeout_s, registration=None)
+        self.drainer.bind(lambda: self.engine, lambda: self.turns.num_open if self.turns else 0)
+
+    def require_engine(self) -> Engine:
+        if self.engine is None:
+            detail = self.load_error or "model is loading"
+            raise Unavailable(f"worker not ready: {detail}", retry_after_s=None if self.load_error else 2)
+        return self.engine
+
+    def start_drain(self) -> None:
+        self.drainer.start_drain()
 
 
 def kv_budget_bytes(settings: WorkerSettings, loaded: LoadedModel) -> int:
@@ -58,15 +80,26 @@ def build_engine(settings: WorkerSettings) -> Engine:
     return engine
 
 
-async def _start(state: WorkerState, registration: Registration | None) -> None:
+async def _start(state: WorkerState, registration: Registration | None, client) -> None:
     try:
-        state.engine = await asyncio.to_thread(build_engine, state.settings)
+        engine = await asyncio.to_thread(build_engine, state.settings)
     except Exception as exc:  # noqa: BLE001 - reported by /health and /ready
         logger.exception("model load failed")
         state.load_error = f"{type(exc).__name__}: {exc}"
         return
-    if registration is not None:
+    s = state.settings
+    state.fingerprint = fingerprint(s.model_name, engine.store.layout)
+    state.puller = KVPuller(client, engine, s.worker_id, state.fingerprint, bearer_headers(s.internal_token))
+    state.engine = engine
+    if registration is not None and not state.drainer.draining:
         await registration.run()
+
+
+def open_store(settings: WorkerSettings) -> SessionStore:
+    store = open_session_store(settings.session_store_url, ttl_s=settings.session_ttl_s,
+                               lease_s=settings.turn_lease_s)
+    logger.info("session store: %s", describe_store(settings.session_store_url))
+    return store
 
 
 def create_app(settings: WorkerSettings | None = None) -> FastAPI:
@@ -74,24 +107,32 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        client = make_client(connect_timeout_s=2.0, read_timeout_s=5.0)
+        state: WorkerState = app.state.worker
         s = settings
+        client = make_client(connect_timeout_s=2.0, read_timeout_s=5.0)
+        store = await asyncio.to_thread(open_store, s)
+        state.turns = Turns(store, s.turn_lease_s)
         registration = Registration(client, s.coordinator_url, s.worker_id, s.advertise_address,
-                                    s.model_name, s.heartbeat_interval_s) \
+                                    s.model_name, s.heartbeat_interval_s, bearer_headers(s.internal_token)) \
             if s.register_with_coordinator else None
-        task = asyncio.create_task(_start(app.state.worker, registration))
+        state.drainer.registration = registration
+        tasks = [asyncio.create_task(_start(state, registration, client)),
+                 asyncio.create_task(state.turns.renew_forever())]
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        if registration is not None and app.state.worker.engine:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if registration is not None and state.engine and not state.drainer.status.drained:
             await registration.deregister()
         await client.aclose()
-        if app.state.worker.engine:
-            await asyncio.to_thread(app.state.worker.engine.stop)
+        if state.engine:
+            await asyncio.to_thread(state.engine.stop)
+        await asyncio.to_thread(store.close)
 
     app = FastAPI(title="kvcache worker", lifespan=lifespan)
     app.state.worker = WorkerState(settings)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(internal_api.router, dependencies=[Depends(require_bearer(settings.internal_token))])
     return app

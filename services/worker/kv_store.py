@@ -75,11 +75,23 @@ class SequenceEntry:
     seq_id: str
     token_ids: list[int] = field(default_factory=list)
     kv: SequenceKV | None = None
-    busy: bool = False  # a request is running on it: never evicted
+    busy: bool = False  # a request is running on it, or its KV is being copied: never evicted
+    imported_tokens: int = 0  # positions pulled from another worker, not yet used by a request
 
     @property
     def num_cached(self) -> int:
         return min(self.kv.num_tokens, len(self.token_ids)) if self.kv else 0
+
+    def cached_prefix(self, token_ids: list[int]) -> int:
+        """How many leading positions of `token_ids` this entry's KV holds."""
+        return common_prefix_len(self.token_ids[:self.num_cached], token_ids)
+
+    def reconcile(self, token_ids: list[int]) -> None:
+        """Adopt `token_ids` (the session store's history) as the sequence; KV is kept for the
+        common prefix only, and at least the last position is left to compute (its logits)."""
+        if self.kv is not None:
+            self.kv.num_tokens = min(self.cached_prefix(token_ids), len(token_ids) - 1)
+        self.token_ids = list(token_ids)
 
 
 class KVStore:
@@ -131,6 +143,11 @@ class KVStore:
             f"KV for {num_tokens} tokens needs {need} bytes; budget {self.budget_bytes}, "
             f"in use by running sequences {self.used_bytes - (entry.kv.nbytes if entry.kv else 0)}",
             ever_fits=need <= self.budget_bytes)
+
+    def fits(self, num_tokens: int) -> bool:
+        """Whether a sequence of `num_tokens` positions could ever fit the budget."""
+        return min(_round_up(num_tokens, BLOCK_TOKENS), self.layout.max_positions) \
+            * self.layout.bytes_per_token <= self.budget_bytes
 
     def drop_kv(self, entry: SequenceEntry) -> None:
         if entry.kv is not None:
@@ -186,6 +203,13 @@ class KVStore:
                 return
             self.drop_kv(victim)
             del self.entries[victim.seq_id]
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the usual case, at C speed
+        return n
+    return next(i for i in range(n) if a[i] != b[i])
 
 
 def _round_up(n: int, block: int) -> int:

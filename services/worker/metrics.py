@@ -6,7 +6,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 P = "kvcache_worker_"
 GAUGES = ("sequences", "cached_sequences", "cached_tokens", "kv_bytes_used", "kv_bytes_peak",
           "kv_bytes_limit", "running", "waiting")
-COUNTERS = ("requests", "hits", "misses", "new_sequences", "evictions", "prefill_tokens",
+COUNTERS = ("requests", "hits", "misses", "new_sequences", "evictions", "prefill_tokens", "handoff_tokens",
             "reused_tokens", "generated_tokens", "steps", "aborted", "rejected")
 
 

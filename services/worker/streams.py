@@ -7,15 +7,22 @@ from services.common.errors import ServiceError
 from services.common.sse import TERMINAL_TYPES
 from services.worker.engine.engine import Engine
 from services.worker.engine.sequence import Request, SamplingParams
+from services.worker.turns import Turn
 
 
 class RequestHandle:
-    def __init__(self, engine: Engine, seq_id: str, prompt: str, params: SamplingParams):
+    def __init__(self, engine: Engine, turn: Turn, params: SamplingParams):
         self._engine = engine
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self.finished = False
-        self.request = Request(seq_id=seq_id, prompt=prompt, params=params, sink=self._sink)
+        self.request = Request(seq_id=turn.seq_id, token_ids=turn.token_ids, prompt_tokens=turn.prompt_tokens,
+                               params=params, sink=self._sink, resumed=turn.resumed)
+
+    @property
+    def generated_ids(self) -> list[int]:
+        """This turn's tokens so far (a migrated turn's resumed ones included)."""
+        return list(self.request.generated) or list(self.request.resumed)
 
     def _sink(self, event: Any) -> None:  # engine thread
         try:

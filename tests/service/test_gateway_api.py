@@ -114,8 +114,9 @@ class HostDispatch(httpx.AsyncBaseTransport):
 
 
 class FakeWorker:
-    """mode: ok | bad_request | overloaded | truncate (no terminal event) | break (dies mid-stream)
-    | hang (waits after the first token until the client goes away)."""
+    """mode: ok | bad_request | overloaded | draining | busy (409 on DELETE) | truncate (no
+    terminal event) | break (dies mid-stream) | hang (waits after the first token until the client
+    goes away). A `resume` body continues after the tokens it names, like a real worker."""
 
     def __init__(self, worker_id: str) -> None:
         self.worker_id = worker_id
@@ -134,8 +135,9 @@ class FakeWorker:
     def events(self, body: dict) -> list[dict]:
         start = {"type": "start", "seq_id": body["seq_id"], "worker_id": self.worker_id,
                  "context_tokens": 2, "cached_tokens": 0}
+        skip = len((body.get("resume") or {}).get("generated_ids", []))
         tokens = [{"type": "token", "index": i, "token": word.upper(), "token_id": i}
-                  for i, word in enumerate(body["prompt"].split())]
+                  for i, word in enumerate(body["prompt"].split()) if i >= skip]
         return [start, *tokens, {"type": "done", **self.done_fields(body)}]
 
     async def _stream(self, body: dict):
@@ -167,12 +169,16 @@ class FakeWorker:
             if self.mode == "overloaded":
                 return JSONResponse(error_body("overloaded", "queue full"), status_code=429,
                                     headers={"Retry-After": "3"})
+            if self.mode == "draining":
+                return JSONResponse(error_body("draining", "leaving"), status_code=503)
             if not body.get("stream", True):
                 return self.done_fields(body)
             return StreamingResponse(self._stream(body), media_type="text/event-stream")
 
         @app.delete("/sequences/{seq_id}")
         async def delete(seq_id: str):
+            if self.mode == "busy":
+                return JSONResponse(error_body("conflict", "running"), status_code=409)
             if seq_id not in self.sequences:
                 return JSONResponse(error_body("not_found", f"no sequence {seq_id}"), status_code=404)
             self.sequences.discard(seq_id)
@@ -194,6 +200,7 @@ class Cluster:
     routes: list[str] = field(default_factory=lambda: ["w1"])  # handed out in order; the last repeats
     registered: list[str] = field(default_factory=lambda: ["w1", "w2"])
     route_calls: list[str] = field(default_factory=list)
+    route_excludes: list[str] = field(default_factory=list)
 
     def next_route(self) -> str | None:
         if not self.routes:
@@ -205,8 +212,9 @@ def fake_coordinator(cluster: Cluster) -> FastAPI:
     app = FastAPI()
 
     @app.get("/route/{seq_id}")
-    async def route(seq_id: str):
+    async def route(seq_id: str, exclude: str = ""):
         cluster.route_calls.append(seq_id)
+        cluster.route_excludes.append(exclude)
         worker_id = cluster.next_route()
         if worker_id is None:
             return JSONResponse(error_body("unavailable", "no live workers"), status_code=503)
@@ -265,7 +273,9 @@ async def test_given_seq_id_is_routed_and_forwarded(cluster, seq_id):
     response = await cluster.gateway.post("/generate", json=body)
     assert response.status_code == 200
     assert cluster.route_calls == [seq_id]
-    assert cluster.workers["w1"].requests == [{**body, "stream": True}]
+    [sent] = cluster.workers["w1"].requests
+    assert sent.pop("handoff_sources") == [] and len(sent.pop("request_id")) == 32
+    assert sent == {**body, "stream": True}
 
 
 async def test_seq_id_is_generated_when_absent(cluster):
@@ -352,17 +362,43 @@ async def test_connect_error_reroutes_and_retries_once(cluster):
     assert response.status_code == 200
     assert events_of(response)[-1]["worker_id"] == "w2"
     assert cluster.route_calls == ["s5", "s5"]
+    assert cluster.route_excludes == ["", "w1"]  # the unreachable worker is left out
     assert len(cluster.workers["w2"].requests) == 1
     assert "kvcache_gateway_upstream_retries_total 1.0" in await metrics_text(cluster)
 
 
-async def test_connect_error_twice_is_503_json(cluster):
+async def test_connect_error_on_every_attempt_is_503_json(cluster):
     cluster.dispatch.down.add("w1:8082")
     response = await cluster.gateway.post("/generate", json={"prompt": "x", "seq_id": "s6"})
     assert response.status_code == 503
     assert response.json()["error"]["type"] == "unavailable"
     assert response.headers["x-seq-id"] == "s6"
-    assert cluster.route_calls == ["s6", "s6"]
+    assert cluster.route_calls == ["s6", "s6", "s6"]
+
+
+async def test_draining_worker_is_left_out_and_the_request_rerouted(cluster):
+    cluster.routes = ["w1", "w2"]
+    cluster.workers["w1"].mode = "draining"
+    response = await cluster.gateway.post("/generate", json={"prompt": "a b", "seq_id": "dr"})
+    assert response.status_code == 200
+    assert events_of(response)[-1]["worker_id"] == "w2"
+    assert cluster.route_excludes == ["", "w1"]
+
+
+async def test_a_broken_stream_migrates_to_the_new_owner(cluster):
+    cluster.routes = ["w1", "w2"]
+    cluster.workers["w1"].mode = "break"  # dies after its first token
+    response = await cluster.gateway.post("/generate", json={"prompt": "a b c", "seq_id": "mig"})
+    events = events_of(response)
+    assert [e["type"] for e in events] == ["start", "token", "token", "token", "done"]
+    assert [e["index"] for e in events if e["type"] == "token"] == [0, 1, 2]
+    assert events[0]["worker_id"] == "w1" and events[-1]["worker_id"] == "w2"
+    first, = cluster.workers["w1"].requests
+    resumed, = cluster.workers["w2"].requests
+    assert resumed["resume"] == {"turn_id": first["request_id"], "context_tokens": 2, "generated_ids": [0]}
+    assert resumed["request_id"] != first["request_id"] and resumed["prompt"] == "a b c"
+    assert cluster.route_excludes == ["", "w1"]
+    assert 'kvcache_gateway_migrations_total{outcome="ok"} 1.0' in await metrics_text(cluster)
 
 
 @pytest.mark.parametrize("mode", ["truncate", "break"])
@@ -395,15 +431,17 @@ async def test_client_disconnect_closes_upstream_stream(cluster):
     assert 'kvcache_gateway_streams_total{outcome="client_disconnect"} 1.0' in text
 
 
-async def test_delete_is_routed_and_relayed(cluster):
+async def test_delete_reaches_every_worker(cluster):
     await cluster.gateway.post("/generate", json={"prompt": "x", "seq_id": "s7"})
+    assert "s7" in cluster.workers["w1"].sequences
     response = await cluster.gateway.delete("/sequences/s7")
     assert response.status_code == 200
     assert response.json() == {"seq_id": "s7", "deleted": True}
     response = await cluster.gateway.delete("/sequences/s7")
     assert response.status_code == 404
     assert response.json()["error"]["type"] == "not_found"
-    assert cluster.route_calls == ["s7", "s7", "s7"]
+    cluster.workers["w2"].mode = "busy"  # a request runs on it somewhere: 409 wins
+    assert (await cluster.gateway.delete("/sequences/s7")).status_code == 409
 
 
 async def test_delete_with_bad_seq_id_is_422(cluster):

@@ -4,7 +4,9 @@ which is fine for complete streams."""
 
 import asyncio
 import re
+import tempfile
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -25,9 +27,10 @@ KV_BYTES = 16 * 2**20
 
 
 def worker_settings(cache_dir, **overrides) -> WorkerSettings:
+    store = Path(tempfile.mkdtemp(prefix="kvcache-sessions-")) / "sessions.db"  # a fresh store per app
     values = dict(register_with_coordinator=False, model_name="tiny-gpt2", model_cache_dir=cache_dir,
                   device="cpu", dtype="float32", kv_cache_bytes=KV_BYTES, worker_id="w-api",
-                  port=18082, max_batch_size=8)
+                  port=18082, max_batch_size=8, session_store_url=f"sqlite:///{store}")
     return WorkerSettings(**{**values, **overrides})
 
 
@@ -111,7 +114,7 @@ async def test_stream_event_order_and_fields(client):
     assert response.headers["x-seq-id"] == "api-order"
     start, tokens, done = events[0], events[1:-1], events[-1]
     assert start == {"type": "start", "seq_id": "api-order", "worker_id": "w-api",
-                     "context_tokens": 11, "cached_tokens": 0}
+                     "context_tokens": 11, "cached_tokens": 0, "handoff_tokens": 0}
     assert [e["type"] for e in tokens] == ["token"] * 6
     assert [e["index"] for e in tokens] == list(range(6))
     assert all(set(e) == {"type", "index", "token", "token_id"} for e in tokens)
@@ -119,7 +122,7 @@ async def test_stream_event_order_and_fields(client):
     result = GenerateResult.model_validate({k: v for k, v in done.items() if k != "type"})
     assert result.seq_id == "api-order" and result.worker_id == "w-api"
     assert result.finish_reason == "length"
-    assert result.usage.model_dump() == {"prompt_tokens": 11, "cached_tokens": 0,
+    assert result.usage.model_dump() == {"prompt_tokens": 11, "cached_tokens": 0, "handoff_tokens": 0,
                                          "completion_tokens": 6, "context_tokens": 11}
     assert result.text == "".join(e["token"] for e in tokens)
 
@@ -276,15 +279,19 @@ async def test_closing_the_stream_aborts_the_request(worker, engine):
 
     engine.runner.forward = gated
     try:
-        handle = RequestHandle(engine, "api-disc", "disconnect me",
-                               SamplingParams(max_tokens=500, temperature=0))
+        state = app.state.worker
+        turn = await state.turns.begin("api-disc", "turn-disc", engine.encode("disconnect me"),
+                                       max_tokens=500, window=engine.window)
+        handle = RequestHandle(engine, turn, SamplingParams(max_tokens=500, temperature=0))
         handle.submit()
         start = await handle.first_event()
-        events = _stream(handle, start, app.state.worker.metrics)
+        events = _stream(state, turn, handle, start)
         assert b'"start"' in await events.__anext__()
         assert b'"token"' in await events.__anext__()
         assert await asyncio.to_thread(reached.wait, WAIT_S)
         await events.aclose()  # the client went away
+        kept = len(handle.generated_ids)  # what the engine had generated: into the session store
+        assert kept == 2 and not state.turns.is_open(turn)
         gate.set()
         await wait_for(lambda: handle.request.status is Status.FINISHED, "the abort")
         assert len(handle.request.generated) == 3  # the step in flight, then nothing
@@ -294,7 +301,7 @@ async def test_closing_the_stream_aborts_the_request(worker, engine):
     assert engine.stats()["aborted"] >= 1
     _, events = await stream(client, prompt=" back", seq_id="api-disc", max_tokens=2,
                              temperature=0)
-    assert events[0]["context_tokens"] == len("disconnect me") + 3 + len(" back")
+    assert events[0]["context_tokens"] == len("disconnect me") + kept + len(" back")
 
 
 # --- other app states --------------------------------------------------------------------------

@@ -73,11 +73,22 @@ def make_engine(loaded, budget_bytes: int = BIG_BUDGET, start: bool = True, **co
             engine.stop()
 
 
+def make_request(engine: Engine, seq_id: str, prompt: str, sink, **params) -> Request:
+    """The request a worker would build: the session store's history is, here, what the engine
+    holds for the sequence (the worker tests cover the store), plus the new prompt. Read without
+    the engine's lock: a sink may call this from the engine thread, which holds it."""
+    entry = engine.store.get(seq_id)
+    earlier = list(entry.token_ids) if entry else []
+    prompt_ids = encode(engine, prompt)
+    return Request(seq_id=seq_id, token_ids=earlier + prompt_ids, prompt_tokens=len(prompt_ids),
+                   sink=sink, params=SamplingParams(**params))
+
+
 def submit(engine: Engine, seq_id: str, prompt: str, max_tokens: int = 8, temperature: float = 0.0,
            seed: int | None = None, top_p: float = 1.0, log=None, name="") -> tuple[Request, Collector]:
     sink = Collector(log, name)
-    req = Request(seq_id=seq_id, prompt=prompt, sink=sink,
-                  params=SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed))
+    req = make_request(engine, seq_id, prompt, sink, max_tokens=max_tokens, temperature=temperature,
+                       top_p=top_p, seed=seed)
     engine.submit(req)
     return req, sink
 
@@ -153,7 +164,7 @@ def test_continuation_through_cache_equals_recompute(engine, hf_model):
     first = generate(engine, "s", PROMPT_A, max_tokens=k)
     a_ids = encode(engine, PROMPT_A)
     assert first.start == {"type": "start", "seq_id": "s", "worker_id": "w-test",
-                           "context_tokens": len(a_ids), "cached_tokens": 0}
+                           "context_tokens": len(a_ids), "cached_tokens": 0, "handoff_tokens": 0}
     second = generate(engine, "s", PROMPT_B, max_tokens=k)
     b_ids = encode(engine, PROMPT_B)
     earlier = len(a_ids) + k
@@ -161,9 +172,9 @@ def test_continuation_through_cache_equals_recompute(engine, hf_model):
     # continuation finds the whole earlier context cached.
     assert second.start["cached_tokens"] == earlier
     assert second.start["context_tokens"] == earlier + len(b_ids)
-    assert second.done["usage"] == {"prompt_tokens": len(b_ids), "cached_tokens": earlier,
+    assert second.done["usage"] == {"prompt_tokens": len(b_ids), "cached_tokens": earlier, "handoff_tokens": 0,
                                     "completion_tokens": k, "context_tokens": earlier + len(b_ids)}
-    assert first.done["usage"] == {"prompt_tokens": len(a_ids), "cached_tokens": 0,
+    assert first.done["usage"] == {"prompt_tokens": len(a_ids), "cached_tokens": 0, "handoff_tokens": 0,
                                    "completion_tokens": k, "context_tokens": len(a_ids)}
     context = a_ids + first.token_ids
     fresh = recompute(engine, context, PROMPT_B, k)
@@ -322,8 +333,7 @@ def test_abort_from_the_sink_stops_at_the_next_step(engine):
             engine.abort(holder["req"])  # engine thread, as a disconnect would arrive any time
 
     sink = Collector()
-    req = holder["req"] = Request(seq_id="s", prompt="abc", sink=abort_on_third,
-                                  params=SamplingParams(max_tokens=500, temperature=0.0))
+    req = holder["req"] = make_request(engine, "s", "abc", abort_on_third, max_tokens=500, temperature=0.0)
     engine.submit(req)
     wait_until(lambda: req.status is Status.FINISHED, "the aborted request to finish")
     assert len(sink.token_ids) == 3
@@ -360,15 +370,33 @@ def test_disabled_reuse_recomputes_and_gives_the_same_tokens(loaded_tiny):
 
 
 def test_two_requests_on_one_sequence_run_one_after_the_other(engine):
+    """Never interleaved; the second runs on the history it was given (A + B, as if the first
+    turn's answer had been dropped from the store): KV is kept for the common prefix only."""
     log: list = []
+    a_ids, b_ids = encode(engine, PROMPT_A), encode(engine, PROMPT_B)
     _, first = submit(engine, "s", PROMPT_A, max_tokens=10, log=log, name="1")
-    _, second = submit(engine, "s", PROMPT_B, max_tokens=10, log=log, name="2")
+    second = Collector(log, "2")
+    engine.submit(Request(seq_id="s", token_ids=a_ids + b_ids, prompt_tokens=len(b_ids), sink=second,
+                          params=SamplingParams(max_tokens=10, temperature=0.0)))
     second.wait()
     assert log.index(("2", "start")) > log.index(("1", "done"))
-    context = encode(engine, PROMPT_A) + first.token_ids
-    assert second.start["cached_tokens"] == len(context)
-    assert second.start["context_tokens"] == len(context) + len(PROMPT_B)
-    assert second.token_ids == recompute(engine, context, PROMPT_B, 10).token_ids
+    assert second.start["cached_tokens"] == len(a_ids)
+    assert second.start["context_tokens"] == len(a_ids) + len(PROMPT_B)
+    assert second.token_ids == recompute(engine, a_ids, PROMPT_B, 10).token_ids
+
+
+def test_history_that_diverges_from_the_kv_keeps_only_the_common_prefix(engine, hf_model):
+    first = generate(engine, "d", PROMPT_A, max_tokens=8)
+    a_ids = encode(engine, PROMPT_A)
+    wait_idle(engine)
+    # The store says the first answer was different after its 3rd token (another worker's turn).
+    other = a_ids + first.token_ids[:3] + [ord("!")] * 2
+    sink = Collector()
+    engine.submit(Request(seq_id="d", token_ids=other + encode(engine, PROMPT_B), prompt_tokens=len(PROMPT_B),
+                          sink=sink, params=SamplingParams(max_tokens=6, temperature=0.0)))
+    result = sink.wait()
+    assert result.start["cached_tokens"] == len(a_ids) + 3
+    assert result.token_ids == hf_greedy(hf_model, other + encode(engine, PROMPT_B), 6)
 
 
 def test_eos_stops_with_finish_reason_stop(loaded_tiny):
@@ -443,8 +471,7 @@ def test_abort_landing_between_inbox_and_admission_does_not_kill_the_engine(engi
     # abort() sets the flag from another thread and only then queues a wake-up, and the engine
     # thread can be anywhere meanwhile (e.g. waiting for the lock that a /stats call holds). Here
     # the flag is set right before the scheduler runs, after the inbox was drained.
-    victim = Request(seq_id="v", prompt="victim", sink=Collector(),
-                     params=SamplingParams(max_tokens=5, temperature=0.0))
+    victim = make_request(engine, "v", "victim", Collector(), max_tokens=5, temperature=0.0)
     schedule = engine.scheduler.schedule
 
     def schedule_with_a_concurrent_abort():
@@ -476,7 +503,6 @@ def test_a_rejected_request_no_longer_counts_as_waiting_once_told(loaded_tiny):
             except Overloaded as exc:
                 outcome["retry"] = f"overloaded: {exc}"
 
-        engine.submit(Request(seq_id="long", prompt="x" * 1020, sink=retry_at_once,
-                              params=SamplingParams(max_tokens=10, temperature=0.0)))
+        engine.submit(make_request(engine, "long", "x" * 1020, retry_at_once, max_tokens=10, temperature=0.0))
         wait_until(lambda: "retry" in outcome, "the rejection")
         assert outcome["retry"] == "accepted"

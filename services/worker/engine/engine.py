@@ -49,7 +49,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.counters = dict.fromkeys(
             ("requests", "hits", "misses", "new_sequences", "prefill_tokens", "reused_tokens",
-             "generated_tokens", "steps", "aborted", "rejected"), 0)
+             "handoff_tokens", "generated_tokens", "steps", "aborted", "rejected"), 0)
 
     # --- called from other threads -------------------------------------------------------
     def start(self) -> None:
@@ -80,6 +80,70 @@ class Engine:
             if entry is None:
                 return False
             return True if self.store.delete(seq_id) else None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    @property
+    def window(self) -> int:
+        return self.store.layout.max_positions
+
+    def cached_prefix(self, seq_id: str, token_ids: list[int]) -> int:
+        with self.lock:
+            entry = self.store.get(seq_id)
+            return entry.cached_prefix(token_ids) if entry else 0
+
+    def num_cached_sequences(self) -> int:
+        with self.lock:
+            return sum(1 for e in self.store.entries.values() if e.kv is not None)
+
+    # --- KV handoff: export to and import from other workers ---------------------------------
+    def pin_for_export(self, seq_id: str) -> tuple[list[int], torch.Tensor] | None:
+        """The cached token ids and the KV buffer `[layers, 2, kv_heads, capacity, head_dim]`
+        (positions 0..len(ids) valid), pinned until unpin(); None if nothing can be exported."""
+        with self.lock:
+            entry = self.store.get(seq_id)
+            if entry is None or entry.busy or entry.num_cached == 0:
+                return None
+            entry.busy = True
+            return entry.token_ids[:entry.num_cached], entry.kv.data
+
+    def unpin(self, seq_id: str) -> None:
+        with self.lock:
+            entry = self.store.get(seq_id)
+            if entry is not None:
+                entry.busy = False
+
+    def drop_sequence_kv(self, seq_id: str) -> bool:
+        """Forget an idle sequence's KV and ids here (another worker took it over)."""
+        with self.lock:
+            return self.store.delete(seq_id)
+
+    def import_kv(self, seq_id: str, token_ids: list[int], kv: torch.Tensor, reserve_tokens: int) -> int:
+        """Adopt KV `[layers, 2, kv_heads, n, head_dim]` for `token_ids` (n of them) unless this
+        worker already holds as much; reserves `reserve_tokens` positions. Returns n, or 0."""
+        n = len(token_ids)
+        with self.lock:
+            entry = self.store.get_or_create(seq_id)
+            if entry.busy or entry.cached_prefix(token_ids) >= n:
+                return 0
+            self.store.drop_kv(entry)
+            entry.token_ids = list(token_ids)
+            try:
+                self.store.reserve(entry, max(n, reserve_tokens))
+            except KVCapacityError:
+                return 0
+            entry.busy = True  # not evicted while the copy runs outside the lock
+        copied = False
+        try:
+            entry.kv.data[:, :, :, :n].copy_(kv)
+            copied = True
+        finally:
+            with self.lock:
+                entry.busy = False
+                if copied:
+                    entry.kv.num_tokens = entry.imported_tokens = n
+        return n
 
     def stats(self) -> dict:
         with self.lock:
@@ -162,13 +226,15 @@ class Engine:
             self._drop(req)
             return Admission.REJECTED
         entry = self.store.get_or_create(req.seq_id)
-        prompt_ids = self.tokenizer.encode(req.prompt, add_special_tokens=False)
-        context = len(entry.token_ids) + len(prompt_ids)
+        if entry.busy:  # its KV is being exported or imported: wait a step
+            return Admission.NO_ROOM
+        context = len(req.token_ids) - len(req.resumed)
         window = self.store.layout.max_positions
         if context + req.params.max_tokens > window:
             return self._reject(req, entry, ContextTooLong(
-                f"context of {context} tokens ({len(entry.token_ids)} earlier + {len(prompt_ids)} "
-                f"new) plus max_tokens {req.params.max_tokens} exceeds the model window of {window}"))
+                f"context of {context} tokens plus max_tokens {req.params.max_tokens} exceeds the "
+                f"model window of {window}"))
+        entry.reconcile(req.token_ids)
         if not self.config.enable_kv_reuse:
             self.store.drop_kv(entry)
         try:  # reserve the whole generation up front: a running request never runs out of KV
@@ -180,23 +246,28 @@ class Engine:
         entry.busy = True
         req.entry = entry
         req.cached_tokens = entry.num_cached
-        entry.token_ids.extend(prompt_ids)
-        self._start(req, prompt_ids)
+        req.handoff_tokens = min(entry.imported_tokens, req.cached_tokens)
+        entry.imported_tokens = 0
+        self._start(req, context)
         return Admission.ADMITTED
 
-    def _start(self, req: Request, prompt_ids: list[int]) -> None:
-        known = len(req.entry.token_ids) > len(prompt_ids)
+    def _start(self, req: Request, context: int) -> None:
+        known = context > req.prompt_tokens
         self.counters["requests"] += 1
         self.counters["new_sequences" if not known else ("hits" if req.cached_tokens else "misses")] += 1
         self.counters["reused_tokens"] += req.cached_tokens
-        self.counters["prefill_tokens"] += len(req.entry.token_ids) - req.cached_tokens
-        req.prompt_tokens = len(prompt_ids)
-        req.context_tokens = len(req.entry.token_ids)
+        self.counters["handoff_tokens"] += req.handoff_tokens
+        self.counters["prefill_tokens"] += len(req.token_ids) - req.cached_tokens
+        req.context_tokens = context
         req.sampler = make_generator(req.params.seed, self.store.layout.device)
         req.detok = DetokState()
+        for i in range(len(req.resumed)):  # a migrated turn: its text so far was already sent
+            req.generated.append(req.resumed[i])
+            next_text(self.tokenizer, req.generated, req.detok)
         req.admitted_s = time.perf_counter()
         req.sink({"type": "start", "seq_id": req.seq_id, "worker_id": self.config.worker_id,
-                  "context_tokens": req.context_tokens, "cached_tokens": req.cached_tokens})
+                  "context_tokens": req.context_tokens, "cached_tokens": req.cached_tokens,
+                  "handoff_tokens": req.handoff_tokens})
 
     def _reject(self, req: Request, entry: SequenceEntry, error: ServiceError) -> Admission:
         self.counters["rejected"] += 1
@@ -237,7 +308,8 @@ class Engine:
             "text": self.tokenizer.decode(req.generated, skip_special_tokens=True),
             "finish_reason": reason,
             "usage": {"prompt_tokens": req.prompt_tokens, "cached_tokens": req.cached_tokens,
-                      "completion_tokens": len(req.generated), "context_tokens": req.context_tokens},
+                      "handoff_tokens": req.handoff_tokens, "completion_tokens": len(req.generated),
+                      "context_tokens": req.context_tokens},
             "timings": {"ttft_ms": (req.first_token_s - req.arrival_s) * ms,
                         "prefill_ms": (req.first_token_s - req.admitted_s) * ms,
                         "decode_ms": (req.last_token_s - req.first_token_s) * ms},

@@ -30,15 +30,19 @@ class Status(Enum):
 @dataclass(eq=False)
 class Request:
     seq_id: str
-    prompt: str
+    # The sequence's whole context as the session store holds it: earlier turns, this prompt, and
+    # (a migrated turn) the tokens already generated. The engine's KV is reconciled to it.
+    token_ids: list[int]
+    prompt_tokens: int
     params: SamplingParams
     sink: EventSink
+    resumed: list[int] = field(default_factory=list)  # this turn's tokens generated elsewhere
     arrival_s: float = field(default_factory=time.perf_counter)
     status: Status = Status.WAITING
     entry: SequenceEntry | None = None
     generated: list[int] = field(default_factory=list)
-    prompt_tokens: int = 0
     cached_tokens: int = 0
+    handoff_tokens: int = 0
     context_tokens: int = 0
     aborted: bool = False
     in_inbox: bool = False

@@ -1,0 +1,352 @@
+"""The session store: the source of truth for each sequence's token ids (a worker's KV is only a
+cache of them). Two backends behind one interface, chosen by URL:
+
+- `sqlite:///PATH` (relative) or `sqlite:////abs/PATH`: one host; WAL mode, so the worker
+  processes that name the same file share it safely.
+- `redis://[:password@]host:port/db` (or `rediss://`): Docker Compose and Kubernetes.
+
+A sequence's record is its token ids plus at most one open *turn*: the request that is appending
+to it (its prompt is in, its answer is not yet). Every write is one atomic compare-and-set on the
+length and the turn, so two writers can never interleave their turns or lose one. A turn holds a
+lease (renewed by its worker) so that a crashed worker's turn is released. Synchronous and
+thread-safe; no framework imports.
+"""
+
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+
+@dataclass(frozen=True)
+class Session:
+    token_ids: list[int]
+    turn_id: str | None        # the request whose turn is open; None when closed
+    turn_expired: bool = False  # its lease ran out (its worker likely died)
+
+
+class SessionStoreError(Exception):
+    pass
+
+
+class StoreUnavailable(SessionStoreError):
+    """The backend is down, unreachable, locked or too slow."""
+
+
+class TurnConflict(SessionStoreError):
+    """A compare-and-set failed: the length or the turn is not what the caller expected."""
+
+
+class TurnBusy(TurnConflict):
+    """Another request's unexpired turn is open."""
+
+
+def pack(token_ids: list[int]) -> bytes:
+    return array("I", token_ids).tobytes()  # native uint32; both backends run on little-endian hosts
+
+
+def unpack(data: bytes | None) -> list[int]:
+    out = array("I")
+    out.frombytes(data or b"")
+    return out.tolist()
+
+
+@dataclass
+class Record:
+    token_ids: list[int]
+    turn_id: str | None
+    lease_until: float
+
+    def turn_is_live(self, now: float) -> bool:
+        return self.turn_id is not None and self.lease_until > now
+
+
+EMPTY = Record([], None, 0.0)
+
+
+def decide_begin(cur: Record, turn_id: str, expected_len: int, token_ids: list[int], take_over: str | None,
+                 keep_len: int | None, now: float, lease_s: float) -> Record:
+    """The record after a successful begin_turn, or the error (the Redis script mirrors this)."""
+    if cur.turn_is_live(now) and cur.turn_id not in (turn_id, take_over):
+        raise TurnBusy(f"sequence is held by another request's turn ({cur.turn_id})")
+    if len(cur.token_ids) != expected_len:
+        raise TurnConflict(f"history has {len(cur.token_ids)} tokens, expected {expected_len}")
+    keep = len(cur.token_ids) if keep_len is None else keep_len
+    return Record(cur.token_ids[:keep] + list(token_ids), turn_id, now + lease_s)
+
+
+def decide_end(cur: Record | None, turn_id: str, expected_len: int, token_ids: list[int],
+               keep_len: int | None) -> Record:
+    if cur is None or cur.turn_id != turn_id:
+        raise TurnConflict("this request no longer holds the sequence's turn")
+    if len(cur.token_ids) != expected_len:
+        raise TurnConflict(f"history has {len(cur.token_ids)} tokens, expected {expected_len}")
+    keep = len(cur.token_ids) if keep_len is None else keep_len
+    return Record(cur.token_ids[:keep] + list(token_ids), None, 0.0)
+
+
+class SessionStore(ABC):
+    def __init__(self, ttl_s: float, lease_s: float):
+        self.ttl_s = ttl_s
+        self.lease_s = lease_s
+
+    @abstractmethod
+    def load(self, seq_id: str) -> Session | None:
+        """None when unknown or expired."""
+
+    @abstractmethod
+    def begin_turn(self, seq_id: str, turn_id: str, expected_len: int, token_ids: list[int], *,
+                   take_over: str | None = None, keep_len: int | None = None) -> list[int]:
+        """Append the prompt and open the turn: TurnBusy if another unexpired turn (neither
+        turn_id nor take_over) is open, TurnConflict if the length is not expected_len. Keeps
+        the first keep_len tokens (default all) before appending. Returns the new history."""
+
+    @abstractmethod
+    def end_turn(self, seq_id: str, turn_id: str, expected_len: int, token_ids: list[int], *,
+                 keep_len: int | None = None) -> list[int]:
+        """Append the generated ids and close turn_id: TurnConflict unless turn_id holds the turn
+        (lease expired or not) and the length is expected_len. An empty result deletes it."""
+
+    @abstractmethod
+    def renew_turn(self, seq_id: str, turn_id: str) -> bool:
+        """Extend turn_id's lease if it still holds the turn."""
+
+    @abstractmethod
+    def delete(self, seq_id: str) -> bool:
+        """TurnBusy if an unexpired turn is open; else remove; returns whether it existed."""
+
+    def purge_expired(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+# --- SQLite --------------------------------------------------------------------------------
+_SCHEMA = """CREATE TABLE IF NOT EXISTS sessions (
+    seq_id TEXT PRIMARY KEY, tokens BLOB NOT NULL, turn_id TEXT, lease_until REAL NOT NULL,
+    expires_at REAL NOT NULL)"""
+
+
+class SqliteSessionStore(SessionStore):
+    def __init__(self, path: Path, ttl_s: float, lease_s: float, clock: Callable[[], float] = time.time):
+        super().__init__(ttl_s, lease_s)
+        self.clock = clock
+        self._lock = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, timeout=2.0, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreUnavailable(f"cannot open {path}: {exc}") from exc
+
+    def load(self, seq_id: str) -> Session | None:
+        with self._transaction(write=False) as now:
+            cur = self._get(seq_id, now)
+        if cur is None:
+            return None
+        return Session(cur.token_ids, cur.turn_id, cur.turn_id is not None and cur.lease_until <= now)
+
+    def begin_turn(self, seq_id, turn_id, expected_len, token_ids, *, take_over=None, keep_len=None):
+        with self._transaction() as now:
+            new = decide_begin(self._get(seq_id, now) or EMPTY, turn_id, expected_len, token_ids,
+                               take_over, keep_len, now, self.lease_s)
+            self._put(seq_id, new, now)
+        return new.token_ids
+
+    def end_turn(self, seq_id, turn_id, expected_len, token_ids, *, keep_len=None):
+        with self._transaction() as now:
+            new = decide_end(self._get(seq_id, now), turn_id, expected_len, token_ids, keep_len)
+            self._put(seq_id, new, now)
+        return new.token_ids
+
+    def renew_turn(self, seq_id: str, turn_id: str) -> bool:
+        with self._transaction() as now:
+            cursor = self._db.execute("UPDATE sessions SET lease_until = ? WHERE seq_id = ? AND turn_id = ?",
+                                      (now + self.lease_s, seq_id, turn_id))
+        return cursor.rowcount > 0
+
+    def delete(self, seq_id: str) -> bool:
+        with self._transaction() as now:
+            cur = self._get(seq_id, now)
+            if cur is not None and cur.turn_is_live(now):
+                raise TurnBusy(f"sequence has a turn in progress ({cur.turn_id})")
+            self._db.execute("DELETE FROM sessions WHERE seq_id = ?", (seq_id,))
+        return cur is not None
+
+    def purge_expired(self) -> int:
+        with self._transaction() as now:
+            return self._db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,)).rowcount
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _get(self, seq_id: str, now: float) -> Record | None:
+        row = self._db.execute("SELECT tokens, turn_id, lease_until FROM sessions WHERE seq_id = ? "
+                               "AND expires_at > ?", (seq_id, now)).fetchone()
+        return Record(unpack(row[0]), row[1], row[2]) if row else None
+
+    def _put(self, seq_id: str, record: Record, now: float) -> None:
+        if not record.token_ids and record.turn_id is None:
+            self._db.execute("DELETE FROM sessions WHERE seq_id = ?", (seq_id,))
+            return
+        self._db.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?)",
+                         (seq_id, pack(record.token_ids), record.turn_id, record.lease_until, now + self.ttl_s))
+
+    def _transaction(self, write: bool = True):
+        return _SqliteTransaction(self, write)
+
+
+class _SqliteTransaction:
+    """`with` block: the store's lock, BEGIN IMMEDIATE (a write lock across processes) or a read,
+    COMMIT or ROLLBACK; sqlite errors become StoreUnavailable. Yields the clock's now."""
+
+    def __init__(self, store: SqliteSessionStore, write: bool):
+        self.store, self.write = store, write
+
+    def __enter__(self) -> float:
+        self.store._lock.acquire()
+        try:
+            self.store._db.execute("BEGIN IMMEDIATE" if self.write else "BEGIN")
+        except sqlite3.Error as exc:
+            self.store._lock.release()
+            raise StoreUnavailable(f"sqlite: {exc}") from exc
+        return self.store.clock()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        db = self.store._db
+        try:
+            db.execute("ROLLBACK" if exc_type else "COMMIT")
+        except sqlite3.Error as commit_exc:
+            if exc_type is None:
+                raise StoreUnavailable(f"sqlite: {commit_exc}") from commit_exc
+        finally:
+            self.store._lock.release()
+        if exc_type is not None and issubclass(exc_type, sqlite3.Error):
+            raise StoreUnavailable(f"sqlite: {exc}") from exc
+        return False
+
+
+# --- Redis ---------------------------------------------------------------------------------
+# KEYS[1] = the session hash {t: packed tokens, turn: id or "", lease: ms}. Mirrors decide_begin /
+# decide_end; lengths are in tokens (4 bytes each). Returns the new packed tokens, or an error.
+_BEGIN = """
+local now = redis.call('TIME'); now = now[1] * 1000 + math.floor(now[2] / 1000)
+local cur = redis.call('HMGET', KEYS[1], 't', 'turn', 'lease')
+local t, turn, lease = cur[1] or '', cur[2] or '', tonumber(cur[3] or '0')
+if turn ~= '' and lease > now and turn ~= ARGV[1] and turn ~= ARGV[2] then
+  return redis.error_reply('BUSY held by ' .. turn) end
+if #t / 4 ~= tonumber(ARGV[3]) then
+  return redis.error_reply('CONFLICT history has ' .. (#t / 4) .. ' tokens, expected ' .. ARGV[3]) end
+local keep = tonumber(ARGV[5]); if keep < 0 then keep = #t / 4 end
+t = string.sub(t, 1, keep * 4) .. ARGV[4]
+redis.call('HSET', KEYS[1], 't', t, 'turn', ARGV[1], 'lease', now + tonumber(ARGV[6]))
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+return t
+"""
+_END = """
+local cur = redis.call('HMGET', KEYS[1], 't', 'turn')
+local t, turn = cur[1], cur[2] or ''
+if not t or turn ~= ARGV[1] then return redis.error_reply('CONFLICT turn not held') end
+if #t / 4 ~= tonumber(ARGV[2]) then
+  return redis.error_reply('CONFLICT history has ' .. (#t / 4) .. ' tokens, expected ' .. ARGV[2]) end
+local keep = tonumber(ARGV[4]); if keep < 0 then keep = #t / 4 end
+t = string.sub(t, 1, keep * 4) .. ARGV[3]
+if #t == 0 then redis.call('DEL', KEYS[1]) return t end
+redis.call('HSET', KEYS[1], 't', t, 'turn', '', 'lease', 0)
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return t
+"""
+_RENEW = """
+local now = redis.call('TIME'); now = now[1] * 1000 + math.floor(now[2] / 1000)
+if redis.call('HGET', KEYS[1], 'turn') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'lease', now + tonumber(ARGV[2]))
+return 1
+"""
+_DELETE = """
+local now = redis.call('TIME'); now = now[1] * 1000 + math.floor(now[2] / 1000)
+local cur = redis.call('HMGET', KEYS[1], 'turn', 'lease')
+if cur[1] and cur[1] ~= '' and tonumber(cur[2] or '0') > now then
+  return redis.error_reply('BUSY turn in progress (' .. cur[1] .. ')') end
+return redis.call('DEL', KEYS[1])
+"""
+_LOAD = """
+local now = redis.call('TIME'); now = now[1] * 1000 + math.floor(now[2] / 1000)
+local cur = redis.call('HMGET', KEYS[1], 't', 'turn', 'lease')
+return {cur[1] or false, cur[2] or '', (cur[3] and tonumber(cur[3]) <= now) and 1 or 0}
+"""
+
+
+class RedisSessionStore(SessionStore):
+    def __init__(self, url: str, ttl_s: float, lease_s: float):
+        super().__init__(ttl_s, lease_s)
+        self._redis = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+        self._scripts = {name: self._redis.register_script(src) for name, src in
+                         (("begin", _BEGIN), ("end", _END), ("renew", _RENEW), ("delete", _DELETE),
+                          ("load", _LOAD))}
+
+    def load(self, seq_id: str) -> Session | None:
+        data, turn, expired = self._run("load", seq_id)
+        if data is None or data is False:
+            return None
+        turn_id = turn.decode() or None
+        return Session(unpack(data), turn_id, bool(turn_id and expired))
+
+    def begin_turn(self, seq_id, turn_id, expected_len, token_ids, *, take_over=None, keep_len=None):
+        return unpack(self._run("begin", seq_id, turn_id, take_over or "", expected_len, pack(token_ids),
+                                -1 if keep_len is None else keep_len, int(self.lease_s * 1000),
+                                int(self.ttl_s * 1000)))
+
+    def end_turn(self, seq_id, turn_id, expected_len, token_ids, *, keep_len=None):
+        return unpack(self._run("end", seq_id, turn_id, expected_len, pack(token_ids),
+                                -1 if keep_len is None else keep_len, int(self.ttl_s * 1000)))
+
+    def renew_turn(self, seq_id: str, turn_id: str) -> bool:
+        return bool(self._run("renew", seq_id, turn_id, int(self.lease_s * 1000)))
+
+    def delete(self, seq_id: str) -> bool:
+        return bool(self._run("delete", seq_id))
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def _run(self, script: str, seq_id: str, *args):
+        try:
+            return self._scripts[script](keys=[f"kvcache:session:{seq_id}"], args=list(args))
+        except redis.ResponseError as exc:
+            message = str(exc)
+            if message.startswith("BUSY"):
+                raise TurnBusy(message[5:]) from None
+            if message.startswith("CONFLICT"):
+                raise TurnConflict(message[9:]) from None
+            raise StoreUnavailable(f"redis: {message}") from exc
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+
+# --- choosing one --------------------------------------------------------------------------
+def open_session_store(url: str, *, ttl_s: float, lease_s: float) -> SessionStore:
+    if url.startswith("sqlite:///"):
+        return SqliteSessionStore(Path(url[len("sqlite:///"):]).expanduser(), ttl_s, lease_s)
+    if url.startswith(("redis://", "rediss://")):
+        return RedisSessionStore(url, ttl_s, lease_s)
+    raise ValueError(f"session store URL must be sqlite:///PATH or redis://host:port/db, got {describe_store(url)}")
+
+
+def describe_store(url: str) -> str:
+    """The URL with any password replaced by ***, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
