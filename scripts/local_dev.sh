@@ -7,7 +7,10 @@ set -euo pipefail
 usage() {
   cat <<USAGE
 usage: scripts/local_dev.sh [start] [--workers N]   start the cluster (default 2 workers)
+       scripts/local_dev.sh scale N                  add workers to, or gracefully drain workers
+                                                     from, the running cluster until it has N
        scripts/local_dev.sh stop                     stop a cluster started from another shell
+A crashed process (worker, coordinator, gateway) is restarted with the same id and port.
 Environment: any WORKER_*, GATEWAY_*, COORDINATOR_* setting (see README), e.g.
        WORKER_MODEL_NAME=gpt2 scripts/local_dev.sh
 USAGE
@@ -25,6 +28,20 @@ case "${1:-start}" in
       echo "stopping cluster (pid $(cat "$pidfile"))"
     else
       echo "no running cluster found"
+    fi
+    exit 0 ;;
+  scale)
+    if [[ ! "${2:-}" =~ ^[1-9][0-9]*$ ]]; then
+      echo "scale needs a positive number of workers, e.g. scripts/local_dev.sh scale 3" >&2
+      exit 2
+    fi
+    if [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+      echo "$2" > .local/scale
+      kill -HUP "$(cat "$pidfile")"
+      echo "scaling to $2 workers (see the cluster's output)"
+    else
+      echo "no running cluster found" >&2
+      exit 1
     fi
     exit 0 ;;
   start) shift || true ;;
