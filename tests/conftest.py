@@ -1,11 +1,30 @@
 """Fixtures shared by every suite. Keep this generic; suite-specific fixtures live in the suite."""
 
+import os
 from pathlib import Path
 
 import pytest
 
 from services.worker.model.loader import LoadedModel, load_model
 from services.worker.model.presets import resolve_model_path
+from tests.redis_server import RedisServer, redis_server_path
+
+
+def require_redis_server() -> None:
+    """Redis tests are mandatory in CI (.ci/run installs redis-server); elsewhere they may skip."""
+    if redis_server_path() is None:
+        reason = "redis-server is not installed (apt-get install redis-server)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}: Redis tests are mandatory in CI")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A real redis-server on a free loopback port for the whole session."""
+    require_redis_server()
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="session")

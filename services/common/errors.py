@@ -107,3 +107,9 @@ class Draining(Unavailable):
     """The worker is leaving: the gateway re-routes the request to the new owner."""
 
     error_type = "draining"
+
+
+class NotReady(Unavailable):
+    """The worker's model is not loaded (starting, or a restarted pod): the gateway re-routes."""
+
+    error_type = "worker_not_ready"

@@ -16,7 +16,7 @@ from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from services.common.errors import Draining, ServiceError, Unavailable, UpstreamError, error_body
+from services.common.errors import Draining, NotReady, ServiceError, Unavailable, UpstreamError, error_body
 from services.common.http import path_segment
 from services.common.schemas import RouteResponse
 from services.common.sse import TERMINAL_TYPES, aparse_events, encode_event
@@ -26,6 +26,8 @@ from services.gateway.routing import CoordinatorClient, describe, error_message,
 NUM_ATTEMPTS = 3  # the first try, then re-routes past workers that are unreachable or draining
 STATS_TIMEOUT_S = 2.0
 _UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout)
+# A worker's 503s that mean "not here, ask again": it is leaving, or (re)starting.
+_REROUTE_ERRORS = frozenset({Draining.error_type, NotReady.error_type})
 
 
 class StreamBroken(Exception):
@@ -161,9 +163,10 @@ class GatewayProxy:
             except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 raise UpstreamError(f"worker {route.worker_id} failed before answering: {describe(exc)}") from exc
             else:
-                if not await _is_draining(response):
+                reason = await _reroute_reason(response)
+                if reason is None:
                     return Upstream(response, route, body)
-                failure = f"worker {route.worker_id} is draining"
+                failure = f"worker {route.worker_id}: {reason}"
             excluded.add(route.worker_id)
         raise Unavailable(failure, retry_after_s=1)
 
@@ -198,16 +201,19 @@ def _for_worker(payload: dict | None, route: RouteResponse) -> dict | None:
     return payload | {"request_id": uuid.uuid4().hex, "handoff_sources": sources}
 
 
-async def _is_draining(response: httpx.Response) -> bool:
-    """A worker's 503 `draining`: re-route. (Reads the body of a 503; relay_json reuses it.)"""
+async def _reroute_reason(response: httpx.Response) -> str | None:
+    """Why a worker's answer means "ask the next owner" (draining, not ready), or None. Reads the
+    body of a 503 only; relay_json reuses it."""
     if response.status_code != 503:
-        return False
+        return None
     try:
         body = json_or_none(await response.aread())
     except httpx.HTTPError:
-        return False
-    return isinstance(body, dict) and isinstance(body.get("error"), dict) \
-        and body["error"].get("type") == Draining.error_type
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and error.get("type") in _REROUTE_ERRORS:
+        return str(error.get("message") or error["type"])
+    return None
 
 
 class StreamRelay:

@@ -11,7 +11,7 @@ import torch
 from fastapi import Depends, FastAPI
 
 from services.common.auth import bearer_headers, require_bearer
-from services.common.errors import Unavailable, install_error_handlers
+from services.common.errors import NotReady, install_error_handlers
 from services.common.http import make_client
 from services.worker import internal_api
 from services.worker.api import router
@@ -45,7 +45,7 @@ class WorkerState:
     def require_engine(self) -> Engine:
         if self.engine is None:
             detail = self.load_error or "model is loading"
-            raise Unavailable(f"worker not ready: {detail}", retry_after_s=None if self.load_error else 2)
+            raise NotReady(f"worker not ready: {detail}", retry_after_s=None if self.load_error else 2)
         return self.engine
 
     def start_drain(self) -> None:

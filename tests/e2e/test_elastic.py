@@ -9,6 +9,8 @@ import uuid
 import httpx
 import pytest
 
+from tests.conftest import require_redis_server
+from tests.redis_server import RedisServer
 from tests.support import assert_well_formed, generate, start_cluster
 
 pytestmark = pytest.mark.e2e
@@ -167,3 +169,22 @@ def test_one_sequence_on_two_workers_at_once_never_interleaves(cluster):
     assert after.start["context_tokens"] == total + 1  # every accepted turn, whole, nothing else
     if len(ok) == 2:  # the second waited for the first: it saw its whole turn
         assert sorted(r.start["context_tokens"] for r in ok) == [13, 13 + 150 + 13]
+
+
+def test_store_outage_is_503_and_loses_nothing(tmp_path):
+    require_redis_server()
+    with RedisServer(tmp_path / "redis") as store, \
+            start_cluster(tmp_path, num_workers=2, WORKER_SESSION_STORE_URL=store.url) as cluster:
+        url, seq = cluster.gateway_url, f"outage-{uuid.uuid4().hex[:6]}"
+        first = generate(url, prompt="Kept across an outage. ", seq_id=seq, max_tokens=5, temperature=0)
+        assert_well_formed(first)
+        store.stop()
+        for body in ({"seq_id": seq}, {}):  # a known sequence is never continued without history
+            down = generate(url, prompt=" during", max_tokens=3, **body)
+            assert down.status == 503, down.events
+            assert down.events[0]["error"]["type"] == "session_store_unavailable"
+        store.start()  # same port and data directory: its append-only file is read back
+        after = generate(url, prompt=" after", seq_id=seq, max_tokens=3, temperature=0)
+        assert_well_formed(after)
+        assert after.start["context_tokens"] == context_after(first) + len(" after")
+        assert after.start["cached_tokens"] == context_after(first)

@@ -309,12 +309,12 @@ async def test_before_the_model_is_loaded(tiny_model_cache_dir):
     app = create_app(worker_settings(tiny_model_cache_dir))  # lifespan not run: nothing loaded
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://w") as client:
         ready = await client.get("/ready")
-        assert_error(ready, 503, "unavailable")
+        assert_error(ready, 503, "worker_not_ready")
         assert ready.headers["retry-after"] == "2"
         response = await client.post("/generate", json={"prompt": "hi"})
-        assert_error(response, 503, "unavailable")
+        assert_error(response, 503, "worker_not_ready")
         assert int(response.headers["retry-after"]) > 0
-        assert_error(await client.delete("/sequences/abc"), 503, "unavailable")
+        assert_error(await client.delete("/sequences/abc"), 503, "worker_not_ready")
         assert (await client.get("/health")).status_code == 200
         stats = await client.get("/stats")
         assert stats.status_code == 200 and stats.json()["ready"] is False
@@ -331,7 +331,7 @@ async def test_failed_model_load(tmp_path, monkeypatch):
         health = await client.get("/health")
         assert health.status_code == 503 and health.json()["status"] == "failed"
         ready = await client.get("/ready")
-        assert_error(ready, 503, "unavailable")
+        assert_error(ready, 503, "worker_not_ready")
         assert "retry-after" not in ready.headers  # it will not get better by waiting
 
 
