@@ -27,3 +27,13 @@ output "k8s_overlay" {
   description = "The k8s/overlays directory that matches the worker pool."
   value       = var.enable_gpu ? "gpu" : "cpu"
 }
+
+output "memorystore_host" {
+  description = "Memorystore's private address (when use_memorystore); the AUTH string is `gcloud redis instances get-auth-string`."
+  value       = var.use_memorystore ? google_redis_instance.sessions[0].host : null
+}
+
+output "memorystore_port" {
+  description = "Memorystore's port (when use_memorystore)."
+  value       = var.use_memorystore ? google_redis_instance.sessions[0].port : null
+}

@@ -142,3 +142,21 @@ variable "labels" {
   type        = map(string)
   default     = { app = "kvcache" }
 }
+
+variable "use_memorystore" {
+  description = "Create a Memorystore for Redis instance as the session store instead of the in-cluster Redis StatefulSet (k8s/base/redis.yaml)."
+  type        = bool
+  default     = false
+}
+
+variable "memorystore_tier" {
+  description = "BASIC (one node) or STANDARD_HA (a replica with automatic failover)."
+  type        = string
+  default     = "STANDARD_HA"
+}
+
+variable "memorystore_memory_size_gb" {
+  description = "Memorystore capacity in GiB (token ids: about 4 bytes per token of every live conversation)."
+  type        = number
+  default     = 1
+}

@@ -35,7 +35,10 @@ SETTINGS: dict[str, type[BaseSettings]] = {
 # Variables that are not settings: read by Python or Hugging Face, or only substituted into
 # another variable's value.
 GENERIC_ENV = {"PYTHONUNBUFFERED", "HF_HOME"}
-SUBSTITUTION_ONLY_ENV = {"POD_NAME", "POD_NAMESPACE"}
+SUBSTITUTION_ONLY_ENV = {"POD_NAME", "POD_NAMESPACE", "REDIS_PASSWORD"}
+# Secrets are created out of band (infra/DEPLOYMENT.md); tests see this stand-in for each value.
+SECRET_NAME = "kvcache-secrets"
+SECRET_KEYS = {"redis-password", "internal-token"}
 NAMESPACE = "kvcache"
 
 Doc = dict[str, Any]
@@ -108,7 +111,12 @@ def find(docs: list[Doc], kind: str, name: str) -> Doc:
 
 
 def workloads(docs: list[Doc]) -> list[Doc]:
-    return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    """The project's own services (coordinator, gateway, worker); Redis is not one of them."""
+    return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet") and d["metadata"]["name"] in SETTINGS]
+
+
+def find_workload(docs: list[Doc], name: str) -> Doc:
+    return next(d for d in docs if d["kind"] in ("Deployment", "StatefulSet") and d["metadata"]["name"] == name)
 
 
 def pod_spec(workload: Doc) -> Doc:
@@ -144,6 +152,10 @@ def _value_from(source: Doc, docs: list[Doc], pod_name: str, namespace: str,
     if "fieldRef" in source:
         return {"metadata.name": pod_name,
                 "metadata.namespace": namespace}[source["fieldRef"]["fieldPath"]]
+    if "secretKeyRef" in source:
+        ref = source["secretKeyRef"]
+        assert ref["name"] == SECRET_NAME and ref["key"] in SECRET_KEYS, ref
+        return f"stand-in-{ref['key']}"
     if "resourceFieldRef" in source:
         ref = source["resourceFieldRef"]
         assert ref["resource"] == "limits.cpu" and str(ref.get("divisor", "1")) == "1", ref

@@ -27,8 +27,13 @@ def k8s_env_names() -> dict[str, set[str]]:
             for w in workloads(raw_base())}
 
 
+def project_services() -> dict[str, dict]:
+    """Compose services built from this repo (Redis is a stock image)."""
+    return {n: s for n, s in load_compose()["services"].items() if "build" in s}
+
+
 def test_compose_runs_every_service_with_two_workers():
-    services = load_compose()["services"]
+    services = project_services()
     assert {"coordinator", "gateway"} <= set(services)
     assert len([name for name in services if service_kind(name) == "worker"]) >= 2
     for name, service in services.items():
@@ -37,7 +42,7 @@ def test_compose_runs_every_service_with_two_workers():
 
 def test_compose_env_vars_are_settings_named_as_in_the_manifests():
     k8s_names = k8s_env_names()
-    for name, service in load_compose()["services"].items():
+    for name, service in project_services().items():
         kind = service_kind(name)
         env = compose_env(service)
         allowed = settings_env_names(SETTINGS[kind]) | GENERIC_ENV
@@ -61,8 +66,21 @@ def test_compose_workers_advertise_their_service_names():
                 assert (urlsplit(value).hostname, urlsplit(value).port) == ("coordinator", coordinator_port)
 
 
+def test_compose_workers_share_the_redis_session_store():
+    services = load_compose()["services"]
+    redis = services["redis"]
+    assert "--appendonly" in redis["command"] and redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    password = interpolate_compose(redis["command"][redis["command"].index("--requirepass") + 1])
+    for name, service in project_services().items():
+        if service_kind(name) == "worker":
+            env = compose_env(service)
+            assert env["WORKER_SESSION_STORE_URL"] == f"redis://:{password}@redis:6379/0"
+            assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+            assert env["WORKER_INTERNAL_TOKEN"] == compose_env(services["coordinator"])["COORDINATOR_INTERNAL_TOKEN"]
+
+
 def test_compose_healthchecks_hit_real_routes():
-    for name, service in load_compose()["services"].items():
+    for name, service in project_services().items():
         kind = service_kind(name)
         port, path = HEALTHCHECK_URL.search(" ".join(service["healthcheck"]["test"])).groups()
         assert int(port) == default_port(kind)

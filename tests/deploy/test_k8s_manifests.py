@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.deploy.manifests import (
-    GENERIC_ENV, K8S_DIR, NAMESPACE, SETTINGS, SUBSTITUTION_ONLY_ENV, default_port, find, load_docs,
+    GENERIC_ENV, K8S_DIR, NAMESPACE, SETTINGS, SUBSTITUTION_ONLY_ENV, default_port, find, find_workload, load_docs,
     manifest_sets, only_container, pod_spec, rendered_overlays, resolve_env, sample_pod_name,
     selects, serves, settings_env_names, workloads,
 )
@@ -108,7 +108,7 @@ def test_shutdown_leaves_time_to_deregister_and_drain(docs):
 
 
 def test_services_select_pods_and_target_their_ports(docs):
-    for service in (d for d in docs if d["kind"] == "Service"):
+    for service in (d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] in SETTINGS):
         name = service["metadata"]["name"]
         workload = next(w for w in workloads(docs)
                         if selects(service["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"]))
@@ -225,8 +225,56 @@ def test_network_policies_expose_only_the_gateway(docs):
             assert [p["port"] for p in rule["ports"]] == [default_port(name)]
             if name == "gateway":
                 assert "from" not in rule
+            elif name == "worker":  # requests from the gateway, KV pulls from other workers
+                assert rule["from"] == [pods_named("gateway"), pods_named("worker")], rule
             else:
                 assert rule["from"] == [{"podSelector": {}}], f"{name} must be namespace-only"
+
+
+def pods_named(name: str) -> dict:
+    return {"podSelector": {"matchLabels": {"app.kubernetes.io/name": name}}}
+
+
+def test_only_workers_reach_the_session_store(docs):
+    redis = find_workload(docs, "redis")
+    labels = redis["spec"]["template"]["metadata"]["labels"]
+    rules = [rule for p in docs if p["kind"] == "NetworkPolicy" and p["spec"]["podSelector"]
+             and selects(p["spec"]["podSelector"]["matchLabels"], labels) for rule in p["spec"]["ingress"]]
+    assert rules == [{"from": [pods_named("worker")], "ports": [{"protocol": "TCP", "port": 6379}]}]
+
+
+def test_session_store_is_durable_private_and_unprivileged(docs):
+    redis = find_workload(docs, "redis")
+    container = only_container(redis)
+    args = container["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--appendfsync") + 1] == "everysec"
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    password = next(e for e in container["env"] if e["name"] == "REDIS_PASSWORD")
+    assert password["valueFrom"]["secretKeyRef"] == {"name": "kvcache-secrets", "key": "redis-password"}
+    [claim] = redis["spec"]["volumeClaimTemplates"]
+    assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in container["volumeMounts"]
+    assert container["livenessProbe"] and container["readinessProbe"]
+    assert pod_spec(redis)["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    service = find(docs, "Service", "redis")
+    assert [p["port"] for p in service["spec"]["ports"]] == [6379]
+
+
+def test_workers_use_the_session_store_and_drain_within_their_grace_period(docs):
+    worker = find_workload(docs, "worker")
+    container = only_container(worker)
+    settings = settings_from_env(SETTINGS["worker"], resolve_env(container, docs, "worker-0"))
+    assert settings.session_store_url == \
+        "redis://:stand-in-redis-password@redis.kvcache.svc.cluster.local:6379/0"
+    assert settings.internal_token.get_secret_value() == "stand-in-internal-token"
+    coordinator = settings_from_env(SETTINGS["coordinator"],
+                                    resolve_env(only_container(find_workload(docs, "coordinator")), docs,
+                                                "coordinator-0"))
+    assert coordinator.internal_token.get_secret_value() == "stand-in-internal-token"  # the same key
+    assert pod_spec(worker)["terminationGracePeriodSeconds"] > settings.drain_timeout_s + 5
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["python", "-m", "services.worker.prestop"]
+    assert serves("worker", "/internal/drain", "POST")
 
 
 @pytest.mark.skipif(rendered_overlays() is None, reason="needs kubectl/kustomize or KVCACHE_RENDERED_DIR")
