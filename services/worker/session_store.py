@@ -12,7 +12,9 @@ lease (renewed by its worker) so that a crashed worker's turn is released. Synch
 thread-safe; no framework imports.
 """
 
+import re
 import sqlite3
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -23,6 +25,8 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 
 @dataclass(frozen=True)
@@ -48,13 +52,22 @@ class TurnBusy(TurnConflict):
     """Another request's unexpired turn is open."""
 
 
+_UINT32 = "I" if array("I").itemsize == 4 else "L"
+
+
 def pack(token_ids: list[int]) -> bytes:
-    return array("I", token_ids).tobytes()  # native uint32; both backends run on little-endian hosts
+    """Little-endian uint32s, whatever the host (the Redis scripts count 4 bytes a token)."""
+    data = array(_UINT32, token_ids)
+    if sys.byteorder == "big":
+        data.byteswap()
+    return data.tobytes()
 
 
 def unpack(data: bytes | None) -> list[int]:
-    out = array("I")
+    out = array(_UINT32)
     out.frombytes(data or b"")
+    if sys.byteorder == "big":
+        out.byteswap()
     return out.tolist()
 
 
@@ -136,13 +149,15 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS sessions (
 
 
 class SqliteSessionStore(SessionStore):
-    def __init__(self, path: Path, ttl_s: float, lease_s: float, clock: Callable[[], float] = time.time):
+    def __init__(self, path: Path, ttl_s: float, lease_s: float, clock: Callable[[], float] = time.time,
+                 busy_timeout_s: float = 2.0):
         super().__init__(ttl_s, lease_s)
         self.clock = clock
         self._lock = threading.Lock()
+        path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, timeout=2.0, isolation_level=None, check_same_thread=False)
+            self._db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(_SCHEMA)
@@ -171,8 +186,9 @@ class SqliteSessionStore(SessionStore):
 
     def renew_turn(self, seq_id: str, turn_id: str) -> bool:
         with self._transaction() as now:
-            cursor = self._db.execute("UPDATE sessions SET lease_until = ? WHERE seq_id = ? AND turn_id = ?",
-                                      (now + self.lease_s, seq_id, turn_id))
+            cursor = self._db.execute(
+                "UPDATE sessions SET lease_until = ?, expires_at = ? WHERE seq_id = ? AND turn_id = ? "
+                "AND expires_at > ?", (now + self.lease_s, now + self.ttl_s, seq_id, turn_id, now))
         return cursor.rowcount > 0
 
     def delete(self, seq_id: str) -> bool:
@@ -245,9 +261,9 @@ local now = redis.call('TIME'); now = now[1] * 1000 + math.floor(now[2] / 1000)
 local cur = redis.call('HMGET', KEYS[1], 't', 'turn', 'lease')
 local t, turn, lease = cur[1] or '', cur[2] or '', tonumber(cur[3] or '0')
 if turn ~= '' and lease > now and turn ~= ARGV[1] and turn ~= ARGV[2] then
-  return redis.error_reply('BUSY held by ' .. turn) end
+  return redis.error_reply("KVCACHE_BUSY sequence is held by another request's turn (" .. turn .. ')') end
 if #t / 4 ~= tonumber(ARGV[3]) then
-  return redis.error_reply('CONFLICT history has ' .. (#t / 4) .. ' tokens, expected ' .. ARGV[3]) end
+  return redis.error_reply('KVCACHE_CONFLICT history has ' .. (#t / 4) .. ' tokens, expected ' .. ARGV[3]) end
 local keep = tonumber(ARGV[5]); if keep < 0 then keep = #t / 4 end
 t = string.sub(t, 1, keep * 4) .. ARGV[4]
 redis.call('HSET', KEYS[1], 't', t, 'turn', ARGV[1], 'lease', now + tonumber(ARGV[6]))
@@ -257,9 +273,10 @@ return t
 _END = """
 local cur = redis.call('HMGET', KEYS[1], 't', 'turn')
 local t, turn = cur[1], cur[2] or ''
-if not t or turn ~= ARGV[1] then return redis.error_reply('CONFLICT turn not held') end
+if not t or turn == '' or turn ~= ARGV[1] then
+  return redis.error_reply("KVCACHE_CONFLICT this request no longer holds the sequence's turn") end
 if #t / 4 ~= tonumber(ARGV[2]) then
-  return redis.error_reply('CONFLICT history has ' .. (#t / 4) .. ' tokens, expected ' .. ARGV[2]) end
+  return redis.error_reply('KVCACHE_CONFLICT history has ' .. (#t / 4) .. ' tokens, expected ' .. ARGV[2]) end
 local keep = tonumber(ARGV[4]); if keep < 0 then keep = #t / 4 end
 t = string.sub(t, 1, keep * 4) .. ARGV[3]
 if #t == 0 then redis.call('DEL', KEYS[1]) return t end
@@ -269,15 +286,17 @@ return t
 """
 _RENEW = """
 local now = redis.call('TIME'); now = now[1] * 1000 + math.floor(now[2] / 1000)
-if redis.call('HGET', KEYS[1], 'turn') ~= ARGV[1] then return 0 end
+local turn = redis.call('HGET', KEYS[1], 'turn')
+if not turn or turn == '' or turn ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'lease', now + tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 _DELETE = """
 local now = redis.call('TIME'); now = now[1] * 1000 + math.floor(now[2] / 1000)
 local cur = redis.call('HMGET', KEYS[1], 'turn', 'lease')
 if cur[1] and cur[1] ~= '' and tonumber(cur[2] or '0') > now then
-  return redis.error_reply('BUSY turn in progress (' .. cur[1] .. ')') end
+  return redis.error_reply('KVCACHE_BUSY sequence has a turn in progress (' .. cur[1] .. ')') end
 return redis.call('DEL', KEYS[1])
 """
 _LOAD = """
@@ -290,7 +309,9 @@ return {cur[1] or false, cur[2] or '', (cur[3] and tonumber(cur[3]) <= now) and 
 class RedisSessionStore(SessionStore):
     def __init__(self, url: str, ttl_s: float, lease_s: float):
         super().__init__(ttl_s, lease_s)
-        self._redis = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+        # No automatic retries: a write that timed out may have run, and its retry would conflict.
+        self._redis = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2,
+                                           retry=Retry(NoBackoff(), 0))
         self._scripts = {name: self._redis.register_script(src) for name, src in
                          (("begin", _BEGIN), ("end", _END), ("renew", _RENEW), ("delete", _DELETE),
                           ("load", _LOAD))}
@@ -312,7 +333,7 @@ class RedisSessionStore(SessionStore):
                                 -1 if keep_len is None else keep_len, int(self.ttl_s * 1000)))
 
     def renew_turn(self, seq_id: str, turn_id: str) -> bool:
-        return bool(self._run("renew", seq_id, turn_id, int(self.lease_s * 1000)))
+        return bool(self._run("renew", seq_id, turn_id, int(self.lease_s * 1000), int(self.ttl_s * 1000)))
 
     def delete(self, seq_id: str) -> bool:
         return bool(self._run("delete", seq_id))
@@ -324,29 +345,34 @@ class RedisSessionStore(SessionStore):
         try:
             return self._scripts[script](keys=[f"kvcache:session:{seq_id}"], args=list(args))
         except redis.ResponseError as exc:
-            message = str(exc)
-            if message.startswith("BUSY"):
-                raise TurnBusy(message[5:]) from None
-            if message.startswith("CONFLICT"):
-                raise TurnConflict(message[9:]) from None
-            raise StoreUnavailable(f"redis: {message}") from exc
+            kind, _, message = str(exc).partition(" ")
+            if kind == "KVCACHE_BUSY":
+                raise TurnBusy(message) from None
+            if kind == "KVCACHE_CONFLICT":
+                raise TurnConflict(message) from None
+            raise StoreUnavailable(f"redis: {exc}") from exc
         except redis.RedisError as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
 
 
 # --- choosing one --------------------------------------------------------------------------
+_URL_FORMS = "sqlite:///relative/path.db, sqlite:////abs/path.db or redis[s]://[:password@]host:port/db"
+
+
 def open_session_store(url: str, *, ttl_s: float, lease_s: float) -> SessionStore:
-    if url.startswith("sqlite:///"):
+    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
         return SqliteSessionStore(Path(url[len("sqlite:///"):]).expanduser(), ttl_s, lease_s)
     if url.startswith(("redis://", "rediss://")):
         return RedisSessionStore(url, ttl_s, lease_s)
-    raise ValueError(f"session store URL must be sqlite:///PATH or redis://host:port/db, got {describe_store(url)}")
+    raise ValueError(f"session store URL must be {_URL_FORMS}, got {describe_store(url)!r}")
 
 
 def describe_store(url: str) -> str:
-    """The URL with any password replaced by ***, for logs."""
+    """The URL with any password (in the authority or a ?password= query) replaced by ***, for logs."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc, query = parts.netloc, re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # urlunsplit would not give back every URL unchanged (sqlite:///)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

@@ -1,14 +1,16 @@
 """The session store's guarantees, on both backends: SQLite files and a real redis-server."""
 
+import sqlite3
 import threading
 import time
 import uuid
 
 import pytest
+import redis
 
 from services.localcluster import free_port
-from services.worker.session_store import (SqliteSessionStore, StoreUnavailable, TurnBusy, TurnConflict,
-                                           describe_store, open_session_store)
+from services.worker.session_store import (RedisSessionStore, SqliteSessionStore, StoreUnavailable, TurnBusy,
+                                           TurnConflict, describe_store, open_session_store)
 
 
 class Clock:
@@ -21,7 +23,7 @@ class Clock:
 
 @pytest.fixture(params=["sqlite", "redis"])
 def backend(request, tmp_path):
-    """(store factory(ttl_s, lease_s), a way to let `seconds` pass)."""
+    """(store factory(ttl_s, lease_s), a way to let `seconds` pass: the sqlite clock, or a sleep)."""
     if request.param == "sqlite":
         clock, path = Clock(), tmp_path / "s.db"
 
@@ -34,6 +36,7 @@ def backend(request, tmp_path):
 
 
 def seq() -> str:
+    """A fresh seq_id: tests share one redis-server."""
     return f"s-{uuid.uuid4().hex[:10]}"
 
 
@@ -46,7 +49,7 @@ def test_a_turn_appends_the_prompt_then_the_answer(backend):
     assert session.token_ids == [1, 2, 3] and session.turn_id == "t1" and not session.turn_expired
     assert store.end_turn(s, "t1", 3, [7, 8]) == [1, 2, 3, 7, 8]
     assert store.load(s).turn_id is None
-    assert store.begin_turn(s, "t2", 5, [4]) == [1, 2, 3, 7, 8, 4]
+    assert store.begin_turn(s, "t2", 5, [4, 2**32 - 1]) == [1, 2, 3, 7, 8, 4, 2**32 - 1]
 
 
 def test_concurrent_writers_cannot_interleave_or_lose_a_turn(backend):
@@ -57,9 +60,14 @@ def test_concurrent_writers_cannot_interleave_or_lose_a_turn(backend):
         store.begin_turn(s, "t2", 1, [2])  # another request while t1's answer is pending
     with pytest.raises(TurnConflict):
         store.end_turn(s, "t1", 5, [9])  # wrong expected length
-    store.end_turn(s, "t1", 1, [9])
     with pytest.raises(TurnConflict):
+        store.end_turn(s, "t2", 1, [9])  # not the open turn
+    store.end_turn(s, "t1", 1, [9])
+    with pytest.raises(TurnConflict) as stale:
         store.begin_turn(s, "t3", 1, [2])  # stale: the history has 2 tokens now
+    assert not isinstance(stale.value, TurnBusy) and "2 tokens, expected 1" in str(stale.value)
+    with pytest.raises(TurnConflict):
+        store.end_turn(s, "t1", 2, [9])  # its turn is closed already
     assert store.load(s).token_ids == [1, 9]
 
 
@@ -91,14 +99,50 @@ def test_a_dead_turn_is_released_by_its_lease_and_can_be_taken_over(backend):
     store.begin_turn(s, "dead", 0, [1, 2])
     with pytest.raises(TurnBusy):
         store.begin_turn(s, "new", 2, [3])
-    # A migration presents the broken turn's id: it continues it at once, cutting extra tokens.
-    assert store.begin_turn(s, "mig", 2, [5], take_over="dead", keep_len=2) == [1, 2, 5]
+    # A migration presents the broken turn's id: it continues it at once.
+    assert store.begin_turn(s, "mig", 2, [5], take_over="dead") == [1, 2, 5]
     with pytest.raises(TurnConflict):
         store.end_turn(s, "dead", 3, [9])  # the old attempt lost its turn
-    assert store.renew_turn(s, "mig") and not store.renew_turn(s, "dead")
+    assert store.renew_turn(s, "mig") and not store.renew_turn(s, "dead") and not store.renew_turn(seq(), "mig")
     advance(0.5)
     assert store.load(s).turn_expired
     assert store.begin_turn(s, "later", 3, [6]) == [1, 2, 5, 6]  # lease ran out: free again
+
+
+def test_the_holder_may_still_end_its_expired_turn(backend):
+    make, advance = backend
+    store = make(lease_s=0.3)
+    s = seq()
+    store.begin_turn(s, "slow", 0, [1])
+    advance(0.5)
+    assert store.load(s).turn_expired
+    assert store.end_turn(s, "slow", 1, [2]) == [1, 2]
+
+
+def test_renewing_keeps_the_turn(backend):
+    make, advance = backend
+    store = make(lease_s=0.6)
+    s = seq()
+    store.begin_turn(s, "t", 0, [1])
+    advance(0.4)
+    assert store.renew_turn(s, "t")
+    advance(0.4)
+    assert not store.load(s).turn_expired
+    with pytest.raises(TurnBusy):
+        store.begin_turn(s, "u", 1, [2])
+
+
+def test_keep_len_cuts_the_history_before_appending(backend):
+    store = backend[0]()
+    s = seq()
+    store.begin_turn(s, "t1", 0, [1, 2, 3])
+    assert store.end_turn(s, "t1", 3, [4, 5, 6]) == [1, 2, 3, 4, 5, 6]
+    # A retry that regenerates the last answer: keep the first 3 tokens, append a new prompt.
+    assert store.begin_turn(s, "t2", 6, [7], keep_len=3) == [1, 2, 3, 7]
+    # A migrated turn resumes from a shorter prefix than the broken worker wrote.
+    assert store.begin_turn(s, "t3", 4, [], take_over="t2", keep_len=2) == [1, 2]
+    assert store.end_turn(s, "t3", 2, [8], keep_len=1) == [1, 8]
+    assert store.load(s).token_ids == [1, 8]
 
 
 def test_ending_with_nothing_left_deletes_and_delete_respects_turns(backend):
@@ -121,8 +165,29 @@ def test_idle_sessions_expire(backend):
     store.begin_turn(s, "t", 0, [1])
     store.end_turn(s, "t", 1, [2])
     advance(0.8)
-    store.purge_expired()
     assert store.load(s) is None
+    assert store.begin_turn(s, "u", 0, [3]) == [3]  # an expired record counts as empty
+
+
+def test_purge_expired_removes_only_idle_sqlite_rows(tmp_path):
+    clock = Clock()
+    store = SqliteSessionStore(tmp_path / "s.db", 10, 30, clock)
+    store.begin_turn("old", "t", 0, [1])
+    clock.now += 8
+    store.begin_turn("new", "t", 0, [2])
+    clock.now += 5
+    assert store.purge_expired() == 1 and store.purge_expired() == 0
+    assert store.load("old") is None and store.load("new").token_ids == [2]
+    with sqlite3.connect(tmp_path / "s.db") as raw:
+        assert [row[0] for row in raw.execute("SELECT seq_id FROM sessions")] == ["new"]
+
+
+def test_redis_keys_expire_by_themselves(redis_url):
+    store = open_session_store(redis_url, ttl_s=60, lease_s=30)
+    s = seq()
+    store.begin_turn(s, "t", 0, [1])
+    ttl_ms = redis.Redis.from_url(redis_url).pttl(f"kvcache:session:{s}")
+    assert 0 < ttl_ms <= 60_000 and store.purge_expired() == 0
 
 
 def test_two_sqlite_stores_on_one_file_share_sessions(tmp_path):
@@ -135,21 +200,75 @@ def test_two_sqlite_stores_on_one_file_share_sessions(tmp_path):
     assert b.load("x").token_ids == [1, 2, 3]
 
 
+def test_racing_sqlite_connections_one_wins(tmp_path):
+    """Separate connections on one file lock each other as separate processes do."""
+    stores = [SqliteSessionStore(tmp_path / "shared.db", 3600, 30) for _ in range(4)]
+    outcomes = []
+
+    def race(i: int) -> None:
+        for round_ in range(20):
+            try:
+                stores[i].begin_turn(f"r{round_}", f"t{i}", 0, [i])
+                outcomes.append(round_)
+            except TurnConflict:
+                pass
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == list(range(20))  # every round: exactly one winner
+
+
+def test_a_locked_sqlite_file_is_unavailable(tmp_path):
+    store = SqliteSessionStore(tmp_path / "s.db", 3600, 30, busy_timeout_s=0.1)
+    blocker = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    with pytest.raises(StoreUnavailable):
+        store.begin_turn("x", "t", 0, [1])
+    blocker.execute("ROLLBACK")
+    assert store.begin_turn("x", "t", 0, [1]) == [1]
+
+
 def test_unreachable_redis_is_unavailable_fast():
     store = open_session_store(f"redis://127.0.0.1:{free_port()}/0", ttl_s=60, lease_s=30)
     started = time.monotonic()
-    with pytest.raises(StoreUnavailable):
-        store.load("x")
+    for call in (lambda: store.load("x"), lambda: store.begin_turn("x", "t", 0, [1])):
+        with pytest.raises(StoreUnavailable):
+            call()
     assert time.monotonic() - started < 2.0
+
+
+def test_a_redis_error_that_is_not_a_turn_is_unavailable(redis_url):
+    s = seq()
+    redis.Redis.from_url(redis_url).set(f"kvcache:session:{s}", "not a hash")
+    with pytest.raises(StoreUnavailable):
+        open_session_store(redis_url, ttl_s=60, lease_s=30).begin_turn(s, "t", 0, [1])
 
 
 def test_urls(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     relative = open_session_store("sqlite:///rel/s.db", ttl_s=1, lease_s=1)
     assert isinstance(relative, SqliteSessionStore) and (tmp_path / "rel" / "s.db").exists()
     open_session_store(f"sqlite:///{tmp_path}/abs/s.db", ttl_s=1, lease_s=1)
     assert (tmp_path / "abs" / "s.db").exists()
-    with pytest.raises(ValueError, match="sqlite:///PATH or redis://"):
-        open_session_store("postgres://h/db", ttl_s=1, lease_s=1)
+    open_session_store("sqlite:///~/sessions/s.db", ttl_s=1, lease_s=1)
+    assert (tmp_path / "home" / "sessions" / "s.db").exists()
+    remote = open_session_store("redis://:hunter2@127.0.0.1:6379/2", ttl_s=1, lease_s=1)
+    assert isinstance(remote, RedisSessionStore) and remote._redis.get_connection_kwargs()["password"] == "hunter2"
+    for bad in ("postgres://h/db", "sqlite:///", "sqlite://s.db", "s.db"):
+        with pytest.raises(ValueError, match="sqlite:///relative/path.db"):
+            open_session_store(bad, ttl_s=1, lease_s=1)
+
+
+def test_describe_store_hides_passwords():
     assert describe_store("redis://:hunter2@redis:6379/0") == "redis://:***@redis:6379/0"
+    assert describe_store("rediss://kv:hunter2@redis:6380/1") == "rediss://kv:***@redis:6380/1"
+    assert describe_store("redis://redis:6379/0?password=hunter2") == "redis://redis:6379/0?password=***"
     assert describe_store("redis://redis:6379/0") == "redis://redis:6379/0"
+    assert describe_store("sqlite:///data/s.db") == "sqlite:///data/s.db"
+    with pytest.raises(ValueError) as bad:
+        open_session_store("mysql://root:hunter2@db/x", ttl_s=1, lease_s=1)
+    assert "hunter2" not in str(bad.value)
