@@ -153,10 +153,20 @@ variable "memorystore_tier" {
   description = "BASIC (one node) or STANDARD_HA (a replica with automatic failover)."
   type        = string
   default     = "STANDARD_HA"
+
+  validation {
+    condition     = contains(["BASIC", "STANDARD_HA"], var.memorystore_tier)
+    error_message = "memorystore_tier must be BASIC or STANDARD_HA."
+  }
 }
 
 variable "memorystore_memory_size_gb" {
   description = "Memorystore capacity in GiB (token ids: about 4 bytes per token of every live conversation)."
   type        = number
   default     = 1
+
+  validation {
+    condition     = var.memorystore_memory_size_gb >= 1 && var.memorystore_memory_size_gb <= 300
+    error_message = "memorystore_memory_size_gb must be between 1 and 300."
+  }
 }

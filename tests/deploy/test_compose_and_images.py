@@ -7,7 +7,7 @@ from unittest import mock
 from urllib.parse import urlsplit
 
 from tests.deploy.manifests import (
-    GENERIC_ENV, REPO_ROOT, SETTINGS, default_port, interpolate_compose, load_compose,
+    GENERIC_ENV, REPO_ROOT, SETTINGS, default_port, find_workload, interpolate_compose, load_compose,
     only_container, raw_base, serves, settings_env_names, workloads,
 )
 
@@ -66,17 +66,35 @@ def test_compose_workers_advertise_their_service_names():
                 assert (urlsplit(value).hostname, urlsplit(value).port) == ("coordinator", coordinator_port)
 
 
+def duration_s(value: str) -> float:
+    """Compose's durations as used here: 45s, 1m30s."""
+    parts = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", value)
+    assert parts and value, value
+    return 60 * int(parts.group(1) or 0) + int(parts.group(2) or 0)
+
+
 def test_compose_workers_share_the_redis_session_store():
     services = load_compose()["services"]
-    redis = services["redis"]
-    assert "--appendonly" in redis["command"] and redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
-    password = interpolate_compose(redis["command"][redis["command"].index("--requirepass") + 1])
+    store = services["redis"]
+    command = store["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "everysec"
+    assert any(volume.endswith(":/data") for volume in store["volumes"])
+    password = interpolate_compose(command[command.index("--requirepass") + 1])
+    assert interpolate_compose(store["environment"]["REDISCLI_AUTH"]) == password
+    # The Kubernetes readiness probe's PONG check ($$ is Compose's escaped $).
+    probe = only_container(find_workload(raw_base(), "redis"))["readinessProbe"]["exec"]["command"]
+    assert [arg.replace("$$", "$") for arg in store["healthcheck"]["test"]] == ["CMD", *probe]
+    token = compose_env(services["coordinator"])["COORDINATOR_INTERNAL_TOKEN"]
+    assert token
     for name, service in project_services().items():
         if service_kind(name) == "worker":
             env = compose_env(service)
             assert env["WORKER_SESSION_STORE_URL"] == f"redis://:{password}@redis:6379/0"
             assert service["depends_on"]["redis"]["condition"] == "service_healthy"
-            assert env["WORKER_INTERNAL_TOKEN"] == compose_env(services["coordinator"])["COORDINATOR_INTERNAL_TOKEN"]
+            assert env["WORKER_INTERNAL_TOKEN"] == token
+            # Compose sends SIGTERM, the worker drains, then exits before the SIGKILL.
+            assert duration_s(service["stop_grace_period"]) > float(env["WORKER_DRAIN_TIMEOUT_S"]) + 5
 
 
 def test_compose_healthchecks_hit_real_routes():

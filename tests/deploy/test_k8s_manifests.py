@@ -2,15 +2,20 @@
 
 import os
 import re
+import shutil
+import subprocess
+import time
 from unittest import mock
 from urllib.parse import urlsplit
 
 import pytest
+import redis
 
+from services.localcluster import free_port
 from tests.deploy.manifests import (
-    GENERIC_ENV, K8S_DIR, NAMESPACE, SETTINGS, SUBSTITUTION_ONLY_ENV, default_port, find, find_workload, load_docs,
-    manifest_sets, only_container, pod_spec, rendered_overlays, resolve_env, sample_pod_name,
-    selects, serves, settings_env_names, workloads,
+    GENERIC_ENV, K8S_DIR, NAMESPACE, REPO_ROOT, SECRET_KEYS, SECRET_NAME, SETTINGS, SUBSTITUTION_ONLY_ENV,
+    default_port, find, find_workload, load_docs, manifest_sets, only_container, pod_spec, rendered_overlays,
+    resolve_env, sample_pod_name, selects, serves, settings_env_names, workloads,
 )
 
 SETS = manifest_sets()
@@ -225,10 +230,8 @@ def test_network_policies_expose_only_the_gateway(docs):
             assert [p["port"] for p in rule["ports"]] == [default_port(name)]
             if name == "gateway":
                 assert "from" not in rule
-            elif name == "worker":  # requests from the gateway, KV pulls from other workers
+            else:  # workers: requests and KV pulls; coordinator: routes, register, heartbeat
                 assert rule["from"] == [pods_named("gateway"), pods_named("worker")], rule
-            else:
-                assert rule["from"] == [{"podSelector": {}}], f"{name} must be namespace-only"
 
 
 def pods_named(name: str) -> dict:
@@ -236,29 +239,110 @@ def pods_named(name: str) -> dict:
 
 
 def test_only_workers_reach_the_session_store(docs):
-    redis = find_workload(docs, "redis")
-    labels = redis["spec"]["template"]["metadata"]["labels"]
+    store = find_workload(docs, "redis")
+    labels = store["spec"]["template"]["metadata"]["labels"]
     rules = [rule for p in docs if p["kind"] == "NetworkPolicy" and p["spec"]["podSelector"]
              and selects(p["spec"]["podSelector"]["matchLabels"], labels) for rule in p["spec"]["ingress"]]
     assert rules == [{"from": [pods_named("worker")], "ports": [{"protocol": "TCP", "port": 6379}]}]
 
 
 def test_session_store_is_durable_private_and_unprivileged(docs):
-    redis = find_workload(docs, "redis")
-    container = only_container(redis)
+    store = find_workload(docs, "redis")
+    container = only_container(store)
     args = container["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
     assert args[args.index("--appendfsync") + 1] == "everysec"
     assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
     password = next(e for e in container["env"] if e["name"] == "REDIS_PASSWORD")
     assert password["valueFrom"]["secretKeyRef"] == {"name": "kvcache-secrets", "key": "redis-password"}
-    [claim] = redis["spec"]["volumeClaimTemplates"]
+    [claim] = store["spec"]["volumeClaimTemplates"]
     assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in container["volumeMounts"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"  # never drop a conversation
     assert container["livenessProbe"] and container["readinessProbe"]
-    assert pod_spec(redis)["securityContext"]["runAsNonRoot"] is True
-    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    spec = pod_spec(store)
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] > 0
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert spec["automountServiceAccountToken"] is False
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False and security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert {"cpu", "memory"} <= set(container["resources"]["limits"])
     service = find(docs, "Service", "redis")
     assert [p["port"] for p in service["spec"]["ports"]] == [6379]
+    labels = store["spec"]["template"]["metadata"]["labels"]
+    assert selects(service["spec"]["selector"], labels)
+    assert any(selects(b["spec"]["selector"]["matchLabels"], labels)
+               for b in docs if b["kind"] == "PodDisruptionBudget")
+
+
+def require_redis_server() -> str:
+    path = shutil.which("redis-server")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not on PATH: Redis tests are mandatory in CI")
+        pytest.skip("redis-server is not on PATH (apt-get install redis-server)")
+    return path
+
+
+def start_redis_as_in_the_manifest(container, env, port, data_dir) -> subprocess.Popen:
+    """The container's own command line, on a loopback port and a temporary --dir."""
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg) for arg in container["args"]]
+    data_dir.mkdir()
+    args[args.index("--dir") + 1] = str(data_dir)
+    command = [require_redis_server(), *args, "--port", str(port), "--bind", "127.0.0.1"]
+    assert container["command"] == ["redis-server"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode != 0:
+        assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+        time.sleep(0.05)
+    return proc
+
+
+def test_session_store_runs_as_configured_and_workers_can_log_in(docs, tmp_path):
+    """Runs the Redis container's command line on a real redis-server, then its readiness probe
+    and the workers' session store URL against it."""
+    redis_workload = find_workload(docs, "redis")
+    container = only_container(redis_workload)
+    env = resolve_env(container, docs, "redis-0")
+    port = free_port()
+    proc = start_redis_as_in_the_manifest(container, env, port, tmp_path / "data")
+    try:
+        shim = tmp_path / "bin"  # the probe's redis-cli, pointed at this port
+        shim.mkdir()
+        (shim / "redis-cli").write_text(f'#!/bin/sh\nexec {shutil.which("redis-cli")} -p {port} "$@"\n')
+        (shim / "redis-cli").chmod(0o755)
+        probe = container["readinessProbe"]["exec"]["command"]
+        probe_env = {**env, "PATH": f"{shim}:/usr/bin:/bin"}
+        assert subprocess.run(probe, env=probe_env).returncode == 0
+        assert subprocess.run(probe, env={**probe_env, "REDISCLI_AUTH": "wrong"}).returncode != 0
+
+        worker = settings_from_env(SETTINGS["worker"],
+                                   resolve_env(only_container(find_workload(docs, "worker")), docs, "worker-0"))
+        url = urlsplit(worker.session_store_url)
+        assert url.hostname.split(".")[0] == find(docs, "Service", "redis")["metadata"]["name"]
+        with redis.Redis.from_url(url._replace(netloc=f":{url.password}@127.0.0.1:{port}").geturl()) as client:
+            assert client.ping()
+            config = client.config_get("*")
+        assert (config["appendonly"], config["appendfsync"]) == ("yes", "everysec")
+        assert config["maxmemory-policy"] == "noeviction" and int(config["maxmemory"]) > 0
+        with redis.Redis(port=port) as anonymous, pytest.raises(redis.AuthenticationError):
+            anonymous.ping()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_secret_keys_are_created_as_documented_and_never_committed(docs):
+    refs = {(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for w in docs if w["kind"] in ("Deployment", "StatefulSet")
+            for c in pod_spec(w)["containers"] for e in c.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})}
+    assert refs == {(SECRET_NAME, key) for key in SECRET_KEYS}
+    guide = (REPO_ROOT / "infra" / "DEPLOYMENT.md").read_text()
+    [create] = re.findall(rf"create secret generic {SECRET_NAME}((?:.*\\\n)*.*)", guide)
+    assert set(re.findall(r"--from-literal=([\w-]+)=", create)) == SECRET_KEYS
+    assert not [d for d in docs if d["kind"] == "Secret"], "secret values must not be in the manifests"
 
 
 def test_workers_use_the_session_store_and_drain_within_their_grace_period(docs):
