@@ -111,7 +111,16 @@ fi
 
 ns="${namespace:-kvcache}"
 echo "Deploying overlay ${overlay} (tag ${tag}) to namespace ${ns} of $(kubectl config current-context)"
+# The Secret shared by workers, coordinator and Redis (infra/DEPLOYMENT.md, step 6): created
+# once with random values if missing, never stored in git.
+kubectl create namespace "${ns}" --dry-run=client -o yaml | kubectl apply -f -
+if ! kubectl -n "${ns}" get secret kvcache-secrets >/dev/null 2>&1; then
+  kubectl -n "${ns}" create secret generic kvcache-secrets \
+    --from-literal=redis-password="$(openssl rand -hex 24)" \
+    --from-literal=internal-token="$(openssl rand -hex 32)"
+fi
 kubectl apply -k "${workdir}"
+kubectl -n "${ns}" rollout status statefulset/redis --timeout=5m
 kubectl -n "${ns}" rollout status deployment/coordinator --timeout=5m
 kubectl -n "${ns}" rollout status statefulset/worker --timeout=20m
 kubectl -n "${ns}" rollout status deployment/gateway --timeout=5m
