@@ -73,4 +73,8 @@ def start_cluster(tmp_dir: Path, num_workers: int = 2, **worker_env: str) -> Loc
     resolve_model_path("tiny-gpt2", models)  # build before workers start, not in each of them
     env = {"WORKER_MODEL_CACHE_DIR": str(models), "WORKER_MODEL_NAME": "tiny-gpt2",
            "WORKER_TORCH_THREADS": "1", **worker_env}
-    return LocalCluster(num_workers=num_workers, log_dir=tmp_dir / "logs", worker_env=env).start()
+    # tmp_dir/sessions.db, named here so that a WORKER_SESSION_STORE_URL exported in the shell
+    # does not leak into the tests (worker_env may still name another store)
+    store_url = f"sqlite:///{tmp_dir.resolve() / 'sessions.db'}"
+    return LocalCluster(num_workers=num_workers, log_dir=tmp_dir / "logs", worker_env=env,
+                        session_store_url=store_url).start()
