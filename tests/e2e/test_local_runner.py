@@ -99,9 +99,11 @@ class Runner:
 def runner(tmp_path_factory):
     runner = Runner(tmp_path_factory.mktemp("runner"), num_workers=2)
     try:
-        wait_until(lambda: httpx.get(f"{runner.url}/health").status_code == 200
-                   and set(active_workers(runner.coordinator_url)) == {"worker-0", "worker-1"},
-                   120, f"the cluster; output so far:\n{runner.output}")
+        # "ready." is printed once the runner's own start-up checks are over and it supervises:
+        # a worker killed before then fails the start-up, as it should.
+        wait_until(lambda: "ready. Ctrl-C" in runner.output, 120, f"the cluster; output so far:\n{runner.output}")
+        assert httpx.get(f"{runner.url}/health").status_code == 200
+        assert set(active_workers(runner.coordinator_url)) == {"worker-0", "worker-1"}
         yield runner
     finally:
         runner.stop()

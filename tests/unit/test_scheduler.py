@@ -1,5 +1,6 @@
 """Scheduler policy, driven with real Requests whose entries are fakes (no torch, no engine)."""
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 from services.worker.engine.scheduler import Admission, Scheduler
@@ -18,17 +19,17 @@ class FakeEngine:
         self.scheduler: Scheduler | None = None
 
     def admit(self, req: Request) -> Admission:
-        self.calls.append(req.prompt)
+        self.calls.append(req.name)
         if self.scheduler is not None:
             # The engine tells a rejected request so from here: by then it must not count as
             # waiting any more (its client may send the next request at once).
             assert req not in self.scheduler.waiting
-        if req.prompt in self.no_room:
+        if req.name in self.no_room:
             return Admission.NO_ROOM
-        if req.prompt in self.reject:
+        if req.name in self.reject:
             req.status = Status.FINISHED
             return Admission.REJECTED
-        n = self.prompt_lens.get(req.prompt, 4)
+        n = self.prompt_lens.get(req.name, 4)
         req.entry = SequenceEntry(req.seq_id, token_ids=[0] * n, kv=SimpleNamespace(num_tokens=0))
         return Admission.ADMITTED
 
@@ -41,8 +42,15 @@ class FakeEngine:
                 item.request.entry.token_ids.append(1)
 
 
+@dataclass(eq=False)
+class NamedRequest(Request):
+    """A Request with a name for the assertions; its context comes from FakeEngine.admit."""
+    name: str = ""
+
+
 def request(name: str, seq_id: str | None = None) -> Request:
-    return Request(seq_id=seq_id or name, prompt=name, params=SamplingParams(), sink=lambda e: None)
+    return NamedRequest(seq_id=seq_id or name, token_ids=[], prompt_tokens=0, params=SamplingParams(),
+                        sink=lambda e: None, name=name)
 
 
 def make(engine: FakeEngine, max_batch_size: int = 4, max_batch_tokens: int = 64) -> Scheduler:
@@ -51,7 +59,7 @@ def make(engine: FakeEngine, max_batch_size: int = 4, max_batch_tokens: int = 64
 
 
 def names(reqs) -> list[str]:
-    return [r.prompt for r in reqs]
+    return [r.name for r in reqs]
 
 
 def test_fifo_admission_up_to_max_batch_size():
@@ -62,7 +70,7 @@ def test_fifo_admission_up_to_max_batch_size():
     items = sched.schedule()
     assert names(sched.running) == ["r0", "r1", "r2"]
     assert names(sched.waiting) == ["r3", "r4"]
-    assert [i.request.prompt for i in items] == ["r0", "r1", "r2"]
+    assert [i.request.name for i in items] == ["r0", "r1", "r2"]
     assert all(r.status is Status.RUNNING for r in sched.running)
     assert engine.calls == ["r0", "r1", "r2"]  # nobody past the free slots is even asked
     sched.remove(sched.running[0])
@@ -135,7 +143,7 @@ def test_decodes_are_scheduled_before_prefills():
     assert old.num_pending == 1
     sched.add(request("new"))
     items = sched.schedule()
-    assert [(i.request.prompt, i.num_tokens) for i in items] == [("old", 1), ("new", 15)]
+    assert [(i.request.name, i.num_tokens) for i in items] == [("old", 1), ("new", 15)]
     assert items[0].samples and not items[1].samples
 
 
@@ -148,7 +156,7 @@ def test_token_budget_chunks_a_long_prefill_and_samples_only_on_the_last_chunk()
     steps = []
     for _ in range(4):
         items = sched.schedule()
-        steps.append([(i.request.prompt, i.num_tokens, i.samples) for i in items])
+        steps.append([(i.request.name, i.num_tokens, i.samples) for i in items])
         assert sum(i.num_tokens for i in items) <= 16
         FakeEngine.advance(items)
     assert steps[0] == [("long", 16, False)]  # oldest first gets the whole budget
