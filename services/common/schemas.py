@@ -3,7 +3,7 @@
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.common.errors import InvalidRequest
 
@@ -111,3 +111,45 @@ class RouteResponse(BaseModel):
     # Earlier owners of this key within the handoff window, still registered or draining,
     # newest first: where the owner can pull the sequence's KV from.
     previous: list[WorkerRef] = []
+
+
+# --- stateless generation (the OpenAI-compatible API): gateway -> worker `POST /completions` ---
+
+MAX_STOP_SEQUENCES = 4
+
+
+class ChatMessage(BaseModel):
+    """One message, its content already flattened to text by the gateway."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str = Field(..., max_length=1_000_000)
+
+
+class WorkerCompletionRequest(BaseModel):
+    """A stateless request: no seq_id and no session store. Exactly one of `messages` (rendered
+    with the worker's chat template, generation prompt added) or `prompt` (raw text). The worker
+    reuses the longest cached token prefix (automatic prefix caching). Streams the same events as
+    /generate (start, token, done, error); `stop` strings end generation with finish_reason "stop"
+    and are not part of the text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    prompt: str | None = Field(None, min_length=1)
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: list[str] = Field([], max_length=MAX_STOP_SEQUENCES)
+    stream: bool = True
+    request_id: str | None = Field(None, min_length=1, max_length=128)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "WorkerCompletionRequest":
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of messages or prompt")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+        return self
