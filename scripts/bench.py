@@ -8,6 +8,7 @@ this process as the alternative a user would pick. Run it on an otherwise idle m
 
     .venv/bin/python scripts/bench.py            # writes bench_results/{results.json,results.md,results.png}
     .venv/bin/python scripts/bench.py --reps 3   # quicker
+    .venv/bin/python scripts/bench.py --scenarios 6,7   # only these; the others' last results are kept
 
 Scenarios (medians over repetitions, min/max in the JSON and the table):
   1. continuation TTFT: ~990 tokens cached + 16 new, cached vs recompute vs transformers
@@ -15,9 +16,14 @@ Scenarios (medians over repetitions, min/max in the JSON and the table):
   3. 16 concurrent generations x 32 tokens vs the same 16 one at a time (tokens/s)
   4. engine time per decode step at batch 1 vs a bare transformers forward + argmax
   5. decode step time at ~1024 vs ~128 tokens of context
+  6. continuation TTFT right after its owner leaves: drained (KV handed off) vs SIGKILLed (recomputed)
+  7. scale-out 2 -> 3 and scale-in 3 -> 2 workers under steady multi-turn load: failures, lost
+     histories, handoff tokens, TTFT p50/p99 around each change
+Scenarios 6 and 7 live in scripts/bench_elastic.py.
 """
 
 import argparse
+import datetime
 import json
 import platform
 import random
@@ -38,6 +44,9 @@ sys.path.insert(0, str(ROOT))
 from services.common.sse import parse_events  # noqa: E402
 from services.localcluster import LocalCluster  # noqa: E402
 from services.worker.model.presets import resolve_model_path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_elastic  # noqa: E402
 
 MODEL = "gpt2-small-random"
 # One client for the whole run: building an httpx.Client loads CA certificates (tens of ms).
@@ -190,26 +199,29 @@ def fmt(s: dict, scale: float = 1000, unit: str = "ms") -> str:
 
 
 def table(r: dict) -> str:
-    s1, s2, s3, s4, s5 = (r[f"s{i}"] for i in range(1, 6))
-    lines = [
-        "| scenario | kvcache | baseline | ratio | target |", "|---|---|---|---|---|",
-        f"| 1. continuation TTFT, {s1['cached_tokens']['median']:.0f} cached + {NEW_TOKENS} new | "
+    """Scenarios 1-5 (those measured)."""
+    s1, s2, s3, s4, s5 = (r.get(f"s{i}") for i in range(1, 6))
+    rows = [
+        s1 and f"| 1. continuation TTFT, {s1['cached_tokens']['median']:.0f} cached + {NEW_TOKENS} new | "
         f"{fmt(s1['cached'])} | recompute {fmt(s1['recompute'])}; transformers {fmt(s1['transformers'])} | "
         f"**{ratio(s1['recompute'], s1['cached']):.1f}x** (vs transformers {ratio(s1['transformers'], s1['cached']):.1f}x) | >= 13x |",
-        f"| 2. same, end to end with 16 generated | {fmt(s2['cached'])} | recompute {fmt(s2['recompute'])}; "
+        s2 and f"| 2. same, end to end with 16 generated | {fmt(s2['cached'])} | recompute {fmt(s2['recompute'])}; "
         f"transformers {fmt(s2['transformers'])} | **{ratio(s2['recompute'], s2['cached']):.1f}x** "
         f"(vs transformers {ratio(s2['transformers'], s2['cached']):.1f}x) | >= 2.5x |",
-        f"| 3. 16 concurrent x 32 tokens, tokens/s | {fmt(s3['concurrent_tok_s'], 1, 'tok/s')} | "
+        s3 and f"| 3. 16 concurrent x 32 tokens, tokens/s | {fmt(s3['concurrent_tok_s'], 1, 'tok/s')} | "
         f"one at a time {fmt(s3['sequential_tok_s'], 1, 'tok/s')} | **{s3['speedup']['median']:.2f}x** "
         f"({s3['speedup']['min']:.2f}-{s3['speedup']['max']:.2f}) | >= 3x |",
-        f"| 4. decode step, batch 1 (engine vs bare forward) | {fmt(s4['engine_step_s'])} | "
+        s4 and f"| 4. decode step, batch 1 (engine vs bare forward) | {fmt(s4['engine_step_s'])} | "
         f"{fmt(s4['bare_step_s'])} | **{s4['overhead']['median'] * 100:+.1f}%** "
         f"({s4['overhead']['min'] * 100:+.1f}% to {s4['overhead']['max'] * 100:+.1f}%) | <= +10% |",
-        f"| 5. decode step at ~1024 vs ~128 context | {fmt(s5['engine_1024'])} vs {fmt(s5['engine_128'])} | "
+        s5 and f"| 5. decode step at ~1024 vs ~128 context | {fmt(s5['engine_1024'])} vs {fmt(s5['engine_128'])} | "
         f"transformers {fmt(s5['bare_1024'])} vs {fmt(s5['bare_128'])} | **{s5['engine_ratio']['median']:.2f}x** "
         f"(transformers {s5['bare_ratio']['median']:.2f}x) | attention growth only |",
     ]
-    return "\n".join(lines)
+    rows = [row for row in rows if row]
+    if not rows:
+        return ""
+    return "\n".join(["| scenario | kvcache | baseline | ratio | target |", "|---|---|---|---|---|", *rows])
 
 
 def plot(r: dict, path: Path) -> None:
@@ -237,14 +249,15 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
-    parser.add_argument("--model-cache-dir", type=Path, default=Path.home() / ".cache" / "kvcache" / "models")
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(0)
+def parse_scenarios(value: str) -> list[int]:
+    chosen = sorted({int(x) for x in value.split(",") if x.strip()})
+    if not chosen or not set(chosen) <= set(range(1, 8)):
+        raise argparse.ArgumentTypeError("comma-separated scenario numbers, 1 to 7")
+    return chosen
+
+
+def run_classic(chosen: list[int], args: argparse.Namespace, rng: random.Random) -> dict:
+    """Scenarios 1-5: one cluster with KV reuse, one without, plain transformers in-process."""
     path = resolve_model_path(MODEL, args.model_cache_dir)
     env = {"WORKER_MODEL_NAME": MODEL, "WORKER_MODEL_CACHE_DIR": str(args.model_cache_dir),
            "WORKER_KV_CACHE_BYTES": str(4 << 30)}
@@ -252,28 +265,85 @@ def main() -> None:
     # The same path for both: client -> gateway -> (coordinator route) -> worker.
     recompute = LocalCluster(num_workers=1, log_dir=args.out / "logs-recompute",
                              worker_env={**env, "WORKER_ENABLE_KV_REUSE": "false"})
-    print(f"machine: {machine()}\nstarting clusters ({MODEL})...", flush=True)
+    print(f"starting clusters ({MODEL})...", flush=True)
     bare = Bare(path)
+    results = {}
     with cached, recompute:
         gw, rc = cached.gateway_url, recompute.gateway_url
         stream(gw, prompt=text(64, rng), max_tokens=8, temperature=0)  # warm-up
         stream(rc, prompt=text(64, rng), max_tokens=8, temperature=0)
         bare.generate(list(range(64)), 4)
-        results = {"model": MODEL, "machine": machine(), "reps": args.reps}
         steps = [("s1", lambda: scenario_continuation(gw, rc, bare, args.reps, 1, rng)),
                  ("s2", lambda: scenario_continuation(gw, rc, bare, args.reps, 16, rng)),
                  ("s3", lambda: scenario_batching(gw, max(2, args.reps // 2), rng)),
                  ("s4", lambda: scenario_step_overhead(cached.worker_urls[0], bare, args.reps, rng)),
                  ("s5", lambda: scenario_context_growth(cached.worker_urls[0], bare, args.reps, rng))]
         for key, run in steps:
+            if int(key[1]) not in chosen:
+                continue
             t0 = time.perf_counter()
             results[key] = run()
             print(f"scenario {key[1]} done in {time.perf_counter() - t0:.0f} s", flush=True)
-    md = f"Machine: {results['machine']}; model {MODEL}; medians of {args.reps} runs (min-max).\n\n{table(results)}\n"
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=5, help="repetitions of scenarios 1-6")
+    parser.add_argument("--scenarios", type=parse_scenarios, default=list(range(1, 8)),
+                        help="comma-separated, e.g. 6,7 (default: all); results of the others already "
+                             "in <out>/results.json are kept")
+    parser.add_argument("--s7-runs", type=int, default=3, help="runs of scenario 7")
+    parser.add_argument("--s7-seconds", type=float, default=60.0,
+                        help="scenario 7's load duration; scale-out at 15/60 of it, scale-in at 35/60 "
+                             "(later, and the load longer, if the new worker takes long to start)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
+    parser.add_argument("--model-cache-dir", type=Path, default=Path.home() / ".cache" / "kvcache" / "models")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    print(f"machine: {machine()}\nscenarios: {args.scenarios}", flush=True)
+    previous = args.out / "results.json"
+    results = json.loads(previous.read_text()) if previous.exists() and args.scenarios != list(range(1, 8)) else {}
+    results.setdefault("measured_at", {})
+    now = datetime.datetime.now().isoformat(timespec="seconds")
+    if any(i <= 5 for i in args.scenarios):
+        measured = run_classic(args.scenarios, args, rng)
+        results.update(measured, model=MODEL, machine=machine(), reps=args.reps)
+        results["measured_at"].update({k: now for k in measured})
+    if 6 in args.scenarios:
+        t0 = time.perf_counter()
+        print("scenario 6: handoff vs recompute after the owner leaves...", flush=True)
+        results["s6"] = bench_elastic.scenario_handoff(args.out, args.model_cache_dir, args.reps, rng)
+        results["measured_at"]["s6"] = now
+        print(f"scenario 6 done in {time.perf_counter() - t0:.0f} s", flush=True)
+    if 7 in args.scenarios:
+        t0 = time.perf_counter()
+        print("scenario 7: scale-out and scale-in under load...", flush=True)
+        results["s7"] = bench_elastic.scenario_scaling(args.out, args.model_cache_dir, args.s7_runs, args.s7_seconds)
+        results["measured_at"]["s7"] = now
+        print(f"scenario 7 done in {time.perf_counter() - t0:.0f} s", flush=True)
+    results.setdefault("machine", machine())
+    md = ""
+    classic = table(results)
+    if classic:
+        md += (f"Machine: {results['machine']}; model {results.get('model', MODEL)}; medians of "
+               f"{results.get('reps', args.reps)} runs (min-max).\n\n{classic}\n")
+    for key, render in (("s6", bench_elastic.table_s6), ("s7", bench_elastic.table_s7)):
+        if key in results:
+            md += f"\n{render(results[key])}\n"
+    dates = ", ".join(f"{k} {v}" for k, v in sorted(results["measured_at"].items()))
+    md += f"\nMeasured: {dates}. This run: {machine()}.\n"
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "results.md").write_text(md)
-    plot(results, args.out / "results.png")
-    print("\n" + md + f"\nwritten: {args.out}/results.json, results.md, results.png")
+    written = ["results.json", "results.md"]
+    if all(k in results for k in ("s1", "s2", "s3")):
+        plot(results, args.out / "results.png")
+        written.append("results.png")
+    if 7 in args.scenarios:
+        bench_elastic.plot_s7(results["s7"], args.out / "s7-timeline.json", args.out / "results-s7.png")
+        written += ["results-s7.png", "s7-timeline.json"]
+    print("\n" + md + f"\nwritten: {args.out}/{{{','.join(written)}}}")
 
 
 if __name__ == "__main__":
