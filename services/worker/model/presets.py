@@ -12,10 +12,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from services.worker.chat_template import DEFAULT_CHAT_TEMPLATE
+
 logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
-PRESET_VERSION = 2  # bump when a preset's recipe changes, so cached copies are rebuilt
+PRESET_VERSION = 3  # bump when a preset's recipe changes, so cached copies are rebuilt
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,8 @@ PRESETS = {
 
 
 def build_byte_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """One token per UTF-8 byte (ids 0-255), EOS last, unused fillers in between.
+    """One token per UTF-8 byte (ids 0-255), EOS last, unused fillers in between, and the
+    default role-tagged chat template.
 
     Byte-level BPE with no merges: text concatenation equals token concatenation.
     """
@@ -55,7 +58,9 @@ def build_byte_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens([EOS_TOKEN])
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer
 
 
 def _byte_value(ch: str) -> int:
