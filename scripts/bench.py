@@ -19,7 +19,9 @@ Scenarios (medians over repetitions, min/max in the JSON and the table):
   6. continuation TTFT right after its owner leaves: drained (KV handed off) vs SIGKILLed (recomputed)
   7. scale-out 2 -> 3 and scale-in 3 -> 2 workers under steady multi-turn load: failures, lost
      histories, handoff tokens, TTFT p50/p99 around each change
-Scenarios 6 and 7 live in scripts/bench_elastic.py.
+  8. 32 OpenAI chat sessions x 6 turns resending their history: session-affine vs round-robin
+     routing (throughput, prefix hit rate)
+Scenarios 6 and 7 live in scripts/bench_elastic.py, 8 in scripts/bench_openai.py.
 """
 
 import argparse
@@ -47,6 +49,7 @@ from services.worker.model.presets import resolve_model_path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_elastic  # noqa: E402
+import bench_openai  # noqa: E402
 
 MODEL = "gpt2-small-random"
 # One client for the whole run: building an httpx.Client loads CA certificates (tens of ms).
@@ -251,8 +254,8 @@ def machine() -> str:
 
 def parse_scenarios(value: str) -> list[int]:
     chosen = sorted({int(x) for x in value.split(",") if x.strip()})
-    if not chosen or not set(chosen) <= set(range(1, 8)):
-        raise argparse.ArgumentTypeError("comma-separated scenario numbers, 1 to 7")
+    if not chosen or not set(chosen) <= set(range(1, 9)):
+        raise argparse.ArgumentTypeError("comma-separated scenario numbers, 1 to 8")
     return chosen
 
 
@@ -290,13 +293,14 @@ def run_classic(chosen: list[int], args: argparse.Namespace, rng: random.Random)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5, help="repetitions of scenarios 1-6")
-    parser.add_argument("--scenarios", type=parse_scenarios, default=list(range(1, 8)),
+    parser.add_argument("--scenarios", type=parse_scenarios, default=list(range(1, 9)),
                         help="comma-separated, e.g. 6,7 (default: all); results of the others already "
                              "in <out>/results.json are kept")
     parser.add_argument("--s7-runs", type=int, default=3, help="runs of scenario 7")
     parser.add_argument("--s7-seconds", type=float, default=60.0,
                         help="scenario 7's load duration; scale-out at 15/60 of it, scale-in at 35/60 "
                              "(later, and the load longer, if the new worker takes long to start)")
+    parser.add_argument("--s8-runs", type=int, default=3, help="runs of scenario 8 per routing mode")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
     parser.add_argument("--model-cache-dir", type=Path, default=Path.home() / ".cache" / "kvcache" / "models")
     args = parser.parse_args()
@@ -304,7 +308,7 @@ def main() -> None:
     rng = random.Random(0)
     print(f"machine: {machine()}\nscenarios: {args.scenarios}", flush=True)
     previous = args.out / "results.json"
-    results = json.loads(previous.read_text()) if previous.exists() and args.scenarios != list(range(1, 8)) else {}
+    results = json.loads(previous.read_text()) if previous.exists() and args.scenarios != list(range(1, 9)) else {}
     results.setdefault("measured_at", {})
     now = datetime.datetime.now().isoformat(timespec="seconds")
     if any(i <= 5 for i in args.scenarios):
@@ -323,13 +327,20 @@ def main() -> None:
         results["s7"] = bench_elastic.scenario_scaling(args.out, args.model_cache_dir, args.s7_runs, args.s7_seconds)
         results["measured_at"]["s7"] = now
         print(f"scenario 7 done in {time.perf_counter() - t0:.0f} s", flush=True)
+    if 8 in args.scenarios:
+        t0 = time.perf_counter()
+        print("scenario 8: OpenAI chat sessions, affinity vs round-robin...", flush=True)
+        results["s8"] = bench_openai.scenario_openai_chat(args.out, args.model_cache_dir, args.s8_runs)
+        results["measured_at"]["s8"] = now
+        print(f"scenario 8 done in {time.perf_counter() - t0:.0f} s", flush=True)
     results.setdefault("machine", machine())
     md = ""
     classic = table(results)
     if classic:
         md += (f"Machine: {results['machine']}; model {results.get('model', MODEL)}; medians of "
                f"{results.get('reps', args.reps)} runs (min-max).\n\n{classic}\n")
-    for key, render in (("s6", bench_elastic.table_s6), ("s7", bench_elastic.table_s7)):
+    for key, render in (("s6", bench_elastic.table_s6), ("s7", bench_elastic.table_s7),
+                        ("s8", bench_openai.table_s8)):
         if key in results:
             md += f"\n{render(results[key])}\n"
     dates = ", ".join(f"{k} {v}" for k, v in sorted(results["measured_at"].items()))

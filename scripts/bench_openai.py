@@ -1,0 +1,151 @@
+"""Scenario 8 of scripts/bench.py: stateless chat clients through the OpenAI API. Run it through
+bench.py:
+
+    .venv/bin/python scripts/bench.py --scenarios 8
+
+  8. 2 workers, 32 chat sessions x 6 turns through the `openai` client, each turn resending the
+     whole conversation (a shared system prompt of about 128 tokens, 32-token user messages,
+     8 greedy tokens per answer), all 32 sessions at once. Session-affine routing (the gateway's
+     default: the conversation's opening is the routing key) against round-robin
+     (`GATEWAY_ROUTING=round_robin`). Figures: throughput (turns/s and total time) and the prefix
+     hit rate in prompt tokens on turns 2-6 (`usage.prompt_tokens_details.cached_tokens` over
+     `usage.prompt_tokens`).
+
+Each run starts a fresh cluster (LocalCluster: real processes on loopback), alternating the
+routing mode first, so neither mode always runs on a warmer machine.
+"""
+
+import os
+import random
+import statistics
+import string
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import openai
+
+from services.localcluster import LocalCluster
+from services.worker.model.presets import resolve_model_path
+
+MODEL = "gpt2-small-random"
+SESSIONS = 32
+TURNS = 6
+SYSTEM_CHARS = 128   # characters = tokens with the presets' byte-level tokenizer
+USER_CHARS = 32
+MAX_TOKENS = 8
+KV_BYTES = str(2 << 30)
+
+
+def text(n: int, rng: random.Random) -> str:
+    return "".join(rng.choice(string.ascii_letters + " ") for _ in range(n))
+
+
+@contextmanager
+def environ(**values: str):
+    """The gateway the cluster starts inherits this process's environment."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def chat_session(client: openai.OpenAI, system: str, rng: random.Random) -> list[dict]:
+    """One conversation: every turn sends the whole history; returns each turn's usage."""
+    messages = [{"role": "system", "content": system}]
+    turns = []
+    for _ in range(TURNS):
+        messages.append({"role": "user", "content": text(USER_CHARS, rng)})
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS,
+                                               temperature=0)
+        usage = reply.usage
+        cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+        turns.append({"prompt": usage.prompt_tokens, "cached": cached or 0,
+                      "completion": usage.completion_tokens})
+        messages.append({"role": "assistant", "content": reply.choices[0].message.content or ""})
+    return turns
+
+
+def one_run(out: Path, model_cache_dir: Path, routing: str, run: int) -> dict:
+    env = {"WORKER_MODEL_NAME": MODEL, "WORKER_MODEL_CACHE_DIR": str(model_cache_dir),
+           "WORKER_KV_CACHE_BYTES": KV_BYTES}
+    log_dir = out / f"s8-{routing}-run{run}" / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with environ(GATEWAY_ROUTING=routing), LocalCluster(num_workers=2, log_dir=log_dir, worker_env=env) as cluster:
+        client = openai.OpenAI(base_url=f"{cluster.gateway_url}/v1", api_key="unused", max_retries=0,
+                               timeout=600)
+        rng = random.Random(run)
+        system = text(SYSTEM_CHARS, rng)  # one system prompt shared by every session
+        for i in range(6):  # the workers' first forwards, outside the measurement (likely both)
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"warm {i}"}],
+                                           max_tokens=2, temperature=0, extra_headers={"X-Session-Id": f"warm-{i}"})
+        seeds = [random.Random(run * 1000 + i) for i in range(SESSIONS)]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(SESSIONS) as pool:
+            sessions = list(pool.map(lambda r: chat_session(client, system, r), seeds))
+        elapsed = time.perf_counter() - t0
+    later = [t for s in sessions for t in s[1:]]
+    prompt = sum(t["prompt"] for t in later)
+    return {"routing": routing, "run": run, "seconds": elapsed, "turns": SESSIONS * TURNS,
+            "turns_per_s": SESSIONS * TURNS / elapsed,
+            "completion_tokens_per_s": sum(t["completion"] for s in sessions for t in s) / elapsed,
+            "hit_rate_turns_2_6": sum(t["cached"] for t in later) / prompt,
+            "prompt_tokens_turns_2_6": prompt,
+            "first_turn_cached": [s[0]["cached"] for s in sessions]}
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def scenario_openai_chat(out: Path, model_cache_dir: Path, runs: int) -> dict:
+    resolve_model_path(MODEL, model_cache_dir)  # build the preset once, before workers start
+    rows: dict[str, list[dict]] = {"affinity": [], "round_robin": []}
+    for run in range(runs):
+        for routing in (("affinity", "round_robin") if run % 2 == 0 else ("round_robin", "affinity")):
+            row = one_run(out, model_cache_dir, routing, run)
+            rows[routing].append(row)
+            print(f"  s8 run {run + 1} {routing}: {row['seconds']:.1f} s, {row['turns_per_s']:.2f} turns/s, "
+                  f"hit rate turns 2-6 {row['hit_rate_turns_2_6'] * 100:.1f}%", flush=True)
+    a, r = rows["affinity"], rows["round_robin"]
+    return {
+        "model": MODEL, "runs": runs, "sessions": SESSIONS, "turns": TURNS, "system_tokens": SYSTEM_CHARS,
+        "user_tokens": USER_CHARS, "max_tokens": MAX_TOKENS,
+        "affinity_turns_per_s": summary([x["turns_per_s"] for x in a]),
+        "round_robin_turns_per_s": summary([x["turns_per_s"] for x in r]),
+        "speedup": summary([x["turns_per_s"] / y["turns_per_s"] for x, y in zip(a, r)]),
+        "affinity_seconds": summary([x["seconds"] for x in a]),
+        "round_robin_seconds": summary([x["seconds"] for x in r]),
+        "affinity_hit_rate": summary([x["hit_rate_turns_2_6"] for x in a]),
+        "round_robin_hit_rate": summary([x["hit_rate_turns_2_6"] for x in r]),
+        "rows": rows,
+    }
+
+
+def _row(name: str, s: dict, target: str = "", scale: float = 1.0, unit: str = "", digits: int = 2) -> str:
+    f = lambda v: f"{v * scale:.{digits}f}{unit}"  # noqa: E731
+    return f"| {name} | {f(s['min'])} | **{f(s['median'])}** | {f(s['max'])} | {target} |"
+
+
+def table_s8(r: dict) -> str:
+    pct = dict(scale=100, unit="%", digits=1)
+    return "\n".join([
+        f"8. OpenAI chat clients resending their history: 2 workers, {r['sessions']} sessions x {r['turns']} turns "
+        f"at once through the `openai` client ({r['system_tokens']}-token shared system prompt, {r['user_tokens']}-token "
+        f"user messages, {r['max_tokens']} greedy tokens), {r['model']}, {r['runs']} runs per routing mode.", "",
+        "| figure | min | median | max | target |", "|---|---|---|---|---|",
+        _row("affinity, turns/s", r["affinity_turns_per_s"]),
+        _row("round-robin, turns/s", r["round_robin_turns_per_s"]),
+        _row("throughput affinity / round-robin (per run pair)", r["speedup"], ">= 2x", unit="x"),
+        _row("affinity, wall time", r["affinity_seconds"], unit=" s", digits=1),
+        _row("round-robin, wall time", r["round_robin_seconds"], unit=" s", digits=1),
+        _row("affinity, prefix hit rate on turns 2-6 (prompt tokens)", r["affinity_hit_rate"], ">= 80%", **pct),
+        _row("round-robin, prefix hit rate on turns 2-6", r["round_robin_hit_rate"], **pct),
+    ])
