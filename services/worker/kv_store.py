@@ -5,14 +5,24 @@ tokens are written in place at their positions (no concatenation), and the buffe
 geometrically, so appending is amortized O(1). Entries sit in an OrderedDict in LRU order.
 Eviction frees a sequence's whole buffer (never some layers) and keeps its token ids, so its
 next request recomputes the KV and produces the same output.
+
+Stateless entries (the OpenAI-style API) are pure cache: an internal key, no session behind
+them, forgotten with their KV. The prefix index lists every idle entry that holds KV (session
+or stateless), so a stateless request can start from the longest cached prefix of its prompt.
+An entry is out of the index while busy; every change to its ids or KV happens then, or drops
+it from the index (drop_kv).
 """
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
+from services.worker.prefix_index import PrefixIndex
+
 BLOCK_TOKENS = 64  # capacity granularity
+STATELESS_KEY_PREFIX = "~"  # outside the seq_id alphabet: never a session's key
 
 
 class KVCapacityError(Exception):
@@ -77,6 +87,7 @@ class SequenceEntry:
     kv: SequenceKV | None = None
     busy: bool = False  # a request is running on it, or its KV is being copied: never evicted
     imported_tokens: int = 0  # positions pulled from another worker, not yet used by a request
+    stateless: bool = False  # pure cache: never exported, never in the session store
 
     @property
     def num_cached(self) -> int:
@@ -103,6 +114,8 @@ class KVStore:
         self.used_bytes = 0
         self.peak_bytes = 0
         self.evictions = 0
+        self.index = PrefixIndex()
+        self._stateless_ids = itertools.count()
 
     def get(self, seq_id: str) -> SequenceEntry | None:
         return self.entries.get(seq_id)
@@ -111,14 +124,61 @@ class KVStore:
         entry = self.entries.get(seq_id)
         if entry is None:
             entry = self.entries[seq_id] = SequenceEntry(seq_id)
-            self._forget_oldest_idle(keep=seq_id)
+            self._forget_oldest_idle(keep={seq_id})
         self.entries.move_to_end(seq_id)
         return entry
 
-    def reserve(self, entry: SequenceEntry, num_tokens: int) -> None:
+    def new_stateless(self, protect: SequenceEntry | None = None) -> SequenceEntry:
+        """A fresh stateless entry (most recently used); `protect` is not forgotten to make room."""
+        key = f"{STATELESS_KEY_PREFIX}{next(self._stateless_ids)}"
+        entry = self.entries[key] = SequenceEntry(key, stateless=True)
+        self._forget_oldest_idle(keep={key, protect.seq_id if protect else key})
+        return entry
+
+    def touch(self, entry: SequenceEntry) -> None:
+        self.entries.move_to_end(entry.seq_id)
+
+    # --- the prefix index ------------------------------------------------------------------
+    def acquire(self, entry: SequenceEntry) -> None:
+        """A request (or a KV transfer) takes the entry: busy, and out of the index."""
+        entry.busy = True
+        self.index.remove(entry.seq_id)
+
+    def release(self, entry: SequenceEntry) -> None:
+        """Idle again: indexed by its cached ids; a stateless entry without KV is forgotten."""
+        entry.busy = False
+        if entry.num_cached:
+            self.index.update(entry.seq_id, entry.token_ids[:entry.num_cached])
+        elif entry.stateless:
+            self.delete(entry.seq_id)
+
+    def longest_prefix(self, token_ids: list[int]) -> tuple[SequenceEntry, int] | None:
+        """The idle entry whose KV covers the longest prefix of `token_ids` (at least one index
+        block), and that prefix's exact length."""
+        match = self.index.longest_match(token_ids, lambda key: self.entries[key].cached_prefix(token_ids))
+        return (self.entries[match[0]], match[1]) if match else None
+
+    def copy_prefix(self, source: SequenceEntry, entry: SequenceEntry, num_tokens: int,
+                    reserve_tokens: int) -> bool:
+        """Reserve `reserve_tokens` positions for the empty `entry` (never evicting `source`) and
+        copy `source`'s first `num_tokens` positions (ids and KV) into it. False, and nothing
+        copied, if the budget cannot hold both."""
+        try:
+            self.reserve(entry, reserve_tokens, protect=source)
+        except KVCapacityError:
+            return False
+        entry.kv.data[:, :, :, :num_tokens] = source.kv.data[:, :, :, :num_tokens]
+        entry.kv.num_tokens = num_tokens
+        entry.token_ids = source.token_ids[:num_tokens]
+        self.touch(source)
+        return True
+
+    # --- the byte budget -------------------------------------------------------------------
+    def reserve(self, entry: SequenceEntry, num_tokens: int, protect: SequenceEntry | None = None) -> None:
         """Make `entry.kv` hold at least `num_tokens` positions, evicting idle sequences (LRU
-        first) as needed. Old and new buffers coexist during a grow, so both are counted; if
-        they cannot, the entry's own KV is dropped (read `entry.num_cached` afterwards)."""
+        first, never `protect`) as needed. Old and new buffers coexist during a grow, so both
+        are counted; if they cannot, the entry's own KV is dropped (read `entry.num_cached`
+        afterwards)."""
         if num_tokens > self.layout.max_positions:
             raise ValueError(f"{num_tokens} tokens exceed the model window {self.layout.max_positions}")
         current = entry.kv.capacity if entry.kv else 0
@@ -127,15 +187,16 @@ class KVStore:
         exact = min(_round_up(num_tokens, BLOCK_TOKENS), self.layout.max_positions)
         doubled = min(max(exact, 2 * current), self.layout.max_positions)
         bpt = self.layout.bytes_per_token
+        keep = {entry.seq_id, protect.seq_id if protect else entry.seq_id}
         if self.used_bytes + doubled * bpt <= self.budget_bytes:  # geometric growth if free
             self._grow(entry, doubled)
             return
-        if self._make_room(exact * bpt, keep=entry.seq_id):
+        if self._make_room(exact * bpt, keep):
             self._grow(entry, exact)
             return
         if entry.kv is not None:  # cannot hold old and new at once: recompute this one instead
             self.drop_kv(entry)
-            if self._make_room(exact * bpt, keep=entry.seq_id):
+            if self._make_room(exact * bpt, keep):
                 self._grow(entry, exact)
                 return
         need = exact * self.layout.bytes_per_token
@@ -150,6 +211,7 @@ class KVStore:
             * self.layout.bytes_per_token <= self.budget_bytes
 
     def drop_kv(self, entry: SequenceEntry) -> None:
+        self.index.remove(entry.seq_id)
         if entry.kv is not None:
             self.used_bytes -= entry.kv.nbytes
             entry.kv = None
@@ -166,6 +228,8 @@ class KVStore:
         cached = [e for e in self.entries.values() if e.kv is not None]
         return {
             "sequences": len(self.entries),
+            "stateless_sequences": sum(e.stateless for e in self.entries.values()),
+            "prefix_indexed_sequences": len(self.index),
             "cached_sequences": len(cached),
             "cached_tokens": sum(e.num_cached for e in cached),
             "kv_bytes_used": self.used_bytes,
@@ -184,21 +248,23 @@ class KVStore:
             self.drop_kv(entry)
         entry.kv = new
 
-    def _make_room(self, nbytes: int, keep: str) -> bool:
+    def _make_room(self, nbytes: int, keep: set[str]) -> bool:
         if self.used_bytes + nbytes <= self.budget_bytes:
             return True
         for entry in list(self.entries.values()):  # LRU first
-            if entry.busy or entry.kv is None or entry.seq_id == keep:
+            if entry.busy or entry.kv is None or entry.seq_id in keep:
                 continue
             self.drop_kv(entry)
+            if entry.stateless:  # nothing left of a pure cache entry
+                del self.entries[entry.seq_id]
             self.evictions += 1
             if self.used_bytes + nbytes <= self.budget_bytes:
                 return True
         return False
 
-    def _forget_oldest_idle(self, keep: str) -> None:
+    def _forget_oldest_idle(self, keep: set[str]) -> None:
         while len(self.entries) > self.max_sequences:
-            victim = next((e for e in self.entries.values() if not e.busy and e.seq_id != keep), None)
+            victim = next((e for e in self.entries.values() if not e.busy and e.seq_id not in keep), None)
             if victim is None:
                 return
             self.drop_kv(victim)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from services.worker import kv_store
-from services.worker.kv_store import BLOCK_TOKENS, KVCapacityError, KVLayout, KVStore, SequenceKV
+from services.worker.kv_store import (BLOCK_TOKENS, STATELESS_KEY_PREFIX, KVCapacityError, KVLayout, KVStore,
+                                      SequenceKV)
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32,
                   device=torch.device("cpu"), max_positions=4096)
@@ -270,6 +271,84 @@ def test_stats_fields():
     filled(store, "a", 10)
     store.get_or_create("b")
     stats = store.stats()
-    assert stats == {"sequences": 2, "cached_sequences": 1, "cached_tokens": 10,
+    assert stats == {"sequences": 2, "stateless_sequences": 0, "prefix_indexed_sequences": 0,
+                     "cached_sequences": 1, "cached_tokens": 10,
                      "kv_bytes_used": 64 * BPT, "kv_bytes_peak": 64 * BPT,
                      "kv_bytes_limit": 4 * 64 * BPT, "kv_bytes_per_token": BPT, "evictions": 0}
+
+
+# --- the prefix index, kept by the store -------------------------------------------------------
+def test_the_index_holds_idle_entries_with_kv_only():
+    store = make_store(10 * 64)
+    a = filled(store, "a", 40)
+    store.release(a)
+    assert store.longest_prefix(list(range(50))) == (a, 40)
+    store.acquire(a)  # a request runs on it
+    assert a.busy and store.longest_prefix(list(range(50))) is None
+    a.token_ids.append(99)  # what the engine does while it runs
+    a.kv.num_tokens += 1
+    store.release(a)
+    assert store.longest_prefix(list(range(40)) + [99, 0]) == (a, 41)
+    store.drop_kv(a)
+    assert store.longest_prefix(list(range(50))) is None and "a" not in store.index
+    assert store.get("a") is a  # a session keeps its ids without KV
+
+
+def test_deleted_and_evicted_entries_leave_the_index():
+    store = make_store(2 * 64)
+    a, b = filled(store, "a", 64), filled(store, "b", 64)
+    store.release(a)
+    store.release(b)
+    assert store.delete("a") and "a" not in store.index
+    filled(store, "c", 64)
+    store.reserve(store.get_or_create("d"), 64)  # evicts b
+    assert b.kv is None and "b" not in store.index and len(store.index) == 0
+
+
+def test_stateless_entries_are_forgotten_with_their_kv():
+    store = make_store(2 * 64)
+    s = store.new_stateless()
+    assert s.stateless and s.seq_id.startswith(STATELESS_KEY_PREFIX)
+    store.reserve(s, 40)
+    s.token_ids, s.kv.num_tokens = list(range(40)), 40
+    store.release(s)
+    assert store.longest_prefix(list(range(40))) == (s, 40)
+    filled(store, "x", 64)
+    filled(store, "y", 64)  # evicts s: nothing of it is kept
+    assert store.get(s.seq_id) is None and len(store.index) == 0
+    empty = store.new_stateless()
+    store.release(empty)  # a stateless entry that never got KV
+    assert store.get(empty.seq_id) is None
+    assert_accounting(store)
+
+
+def test_copy_prefix_protects_its_source_and_gives_up_when_both_cannot_fit():
+    store = make_store(3 * 64)
+    source = filled(store, "src", 64)
+    for i in range(64):
+        source.kv.data[:, :, :, i] = float(i)
+    store.release(source)
+    filled(store, "old", 64)
+    store.release(store.get("old"))
+    store.touch(source)  # "old" is now the least recently used
+    copy = store.new_stateless(protect=source)
+    assert store.copy_prefix(source, copy, 20, reserve_tokens=100)  # evicts "old", not the source
+    assert store.get("old").kv is None and source.kv is not None
+    assert copy.token_ids == list(range(20)) and copy.num_cached == 20
+    assert torch.equal(copy.kv.data[:, :, :, :20], source.kv.data[:, :, :, :20])
+    store.acquire(copy)  # a request runs on it
+    other = store.new_stateless(protect=source)
+    assert not store.copy_prefix(source, other, 20, reserve_tokens=100)  # needs 128 beside 64 + 128
+    assert other.kv is None and source.kv is not None
+    assert_accounting(store)
+
+
+def test_new_stateless_entries_never_forget_the_protected_source():
+    store = make_store(10 * 64, max_sequences=2)
+    source = filled(store, "src", 20)
+    store.release(source)
+    filled(store, "b", 20)
+    store.release(store.get("b"))
+    store.touch(store.get("b"))
+    entry = store.new_stateless(protect=source)  # over max_sequences: forgets b, not the source
+    assert store.get("src") is source and store.get("b") is None and store.get(entry.seq_id) is entry

@@ -17,6 +17,7 @@ from services.worker.engine.detokenizer import DetokState, next_text
 from services.worker.engine.sampling import make_generator, sample_token
 from services.worker.engine.scheduler import Admission, ScheduledItem, Scheduler
 from services.worker.engine.sequence import Request, Status
+from services.worker.engine.stop import StopMatcher
 from services.worker.kv_store import KVCapacityError, KVStore, SequenceEntry
 from services.worker.model.loader import LoadedModel
 from services.worker.model.runner import ModelRunner, StepInput
@@ -48,8 +49,9 @@ class Engine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.counters = dict.fromkeys(
-            ("requests", "hits", "misses", "new_sequences", "prefill_tokens", "reused_tokens",
-             "handoff_tokens", "generated_tokens", "steps", "aborted", "rejected"), 0)
+            ("requests", "hits", "misses", "new_sequences", "stateless_requests", "prefill_tokens",
+             "reused_tokens", "handoff_tokens", "generated_tokens", "steps", "aborted", "rejected",
+             "prefix_cache_queries", "prefix_cache_hits"), 0)
 
     # --- called from other threads -------------------------------------------------------
     def start(self) -> None:
@@ -94,8 +96,10 @@ class Engine:
             return entry.cached_prefix(token_ids) if entry else 0
 
     def num_cached_sequences(self) -> int:
+        """Sessions whose KV is held here: what a draining worker waits to hand off (stateless
+        entries are pure cache, never handed off)."""
         with self.lock:
-            return sum(1 for e in self.store.entries.values() if e.kv is not None)
+            return sum(1 for e in self.store.entries.values() if e.kv is not None and not e.stateless)
 
     # --- KV handoff: export to and import from other workers ---------------------------------
     def pin_for_export(self, seq_id: str) -> tuple[list[int], torch.Tensor] | None:
@@ -103,16 +107,16 @@ class Engine:
         (positions 0..len(ids) valid), pinned until unpin(); None if nothing can be exported."""
         with self.lock:
             entry = self.store.get(seq_id)
-            if entry is None or entry.busy or entry.num_cached == 0:
+            if entry is None or entry.stateless or entry.busy or entry.num_cached == 0:
                 return None
-            entry.busy = True
+            self.store.acquire(entry)
             return entry.token_ids[:entry.num_cached], entry.kv.data
 
     def unpin(self, seq_id: str) -> None:
         with self.lock:
             entry = self.store.get(seq_id)
             if entry is not None:
-                entry.busy = False
+                self.store.release(entry)
 
     def drop_sequence_kv(self, seq_id: str) -> bool:
         """Forget an idle sequence's KV and ids here (another worker took it over)."""
@@ -133,16 +137,16 @@ class Engine:
                 self.store.reserve(entry, max(n, reserve_tokens))
             except KVCapacityError:
                 return 0
-            entry.busy = True  # not evicted while the copy runs outside the lock
+            self.store.acquire(entry)  # not evicted while the copy runs outside the lock
         copied = False
         try:
             entry.kv.data[:, :, :, :n].copy_(kv)
             copied = True
         finally:
             with self.lock:
-                entry.busy = False
                 if copied:
                     entry.kv.num_tokens = entry.imported_tokens = n
+                self.store.release(entry)
         return n
 
     def stats(self) -> dict:
@@ -225,25 +229,21 @@ class Engine:
         if req.aborted:
             self._drop(req)
             return Admission.REJECTED
-        entry = self.store.get_or_create(req.seq_id)
-        if entry.busy:  # its KV is being exported or imported: wait a step
-            return Admission.NO_ROOM
         context = len(req.token_ids) - len(req.resumed)
-        window = self.store.layout.max_positions
-        if context + req.params.max_tokens > window:
-            return self._reject(req, entry, ContextTooLong(
-                f"context of {context} tokens plus max_tokens {req.params.max_tokens} exceeds the "
-                f"model window of {window}"))
+        error = self._size_error(context, req.params.max_tokens)
+        if error is not None:  # refused before anything is evicted for it
+            return self._reject(req, error)
+        entry = self._claim(req)
+        if entry is None:  # its KV is being exported or imported: wait a step
+            return Admission.NO_ROOM
         entry.reconcile(req.token_ids)
         if not self.config.enable_kv_reuse:
             self.store.drop_kv(entry)
         try:  # reserve the whole generation up front: a running request never runs out of KV
             self.store.reserve(entry, context + req.params.max_tokens)
-        except KVCapacityError as exc:
-            if exc.ever_fits:
-                return Admission.NO_ROOM
-            return self._reject(req, entry, Unavailable(f"request too large for this worker's KV budget: {exc}"))
-        entry.busy = True
+        except KVCapacityError:  # it fits the budget (checked): room comes as running requests end
+            self.store.release(entry)
+            return Admission.NO_ROOM
         req.entry = entry
         req.cached_tokens = entry.num_cached
         req.handoff_tokens = min(entry.imported_tokens, req.cached_tokens)
@@ -251,16 +251,49 @@ class Engine:
         self._start(req, context)
         return Admission.ADMITTED
 
+    def _size_error(self, context: int, max_tokens: int) -> ServiceError | None:
+        window = self.store.layout.max_positions
+        if context + max_tokens > window:
+            return ContextTooLong(f"context of {context} tokens plus max_tokens {max_tokens} exceeds the "
+                                  f"model window of {window}")
+        if not self.store.fits(context + max_tokens):
+            return Unavailable(f"request too large for this worker's KV budget: {context + max_tokens} "
+                               f"positions need more than its {self.store.budget_bytes} bytes")
+        return None
+
+    def _claim(self, req: Request) -> SequenceEntry | None:
+        """The entry the request runs on, acquired (busy, out of the prefix index); None while
+        a session's entry is busy with a KV transfer."""
+        if req.stateless:
+            entry = self._stateless_entry(req)
+        else:
+            entry = self.store.get_or_create(req.seq_id)
+            if entry.busy:
+                return None
+        self.store.acquire(entry)
+        return entry
+
+    def _stateless_entry(self, req: Request) -> SequenceEntry:
+        """The next turn of a cached conversation adopts the stateless entry whose whole KV
+        starts its prompt (no copy); any other request gets a new entry, into which the longest
+        cached prefix (of any idle entry, sessions included, read only) is copied."""
+        match = self.store.longest_prefix(req.token_ids) if self.config.enable_kv_reuse else None
+        if match is None:
+            return self.store.new_stateless()
+        source, length = match
+        if source.stateless and length == source.num_cached:
+            self.store.touch(source)
+            return source
+        entry = self.store.new_stateless(protect=source)
+        self.store.copy_prefix(source, entry, length, len(req.token_ids) + req.params.max_tokens)
+        return entry
+
     def _start(self, req: Request, context: int) -> None:
-        known = context > req.prompt_tokens
-        self.counters["requests"] += 1
-        self.counters["new_sequences" if not known else ("hits" if req.cached_tokens else "misses")] += 1
-        self.counters["reused_tokens"] += req.cached_tokens
-        self.counters["handoff_tokens"] += req.handoff_tokens
-        self.counters["prefill_tokens"] += len(req.token_ids) - req.cached_tokens
+        self._count_start(req, context)
         req.context_tokens = context
         req.sampler = make_generator(req.params.seed, self.store.layout.device)
         req.detok = DetokState()
+        req.stop = StopMatcher(req.params.stop) if req.params.stop else None
         for i in range(len(req.resumed)):  # a migrated turn: its text so far was already sent
             req.generated.append(req.resumed[i])
             next_text(self.tokenizer, req.generated, req.detok)
@@ -269,10 +302,23 @@ class Engine:
                   "context_tokens": req.context_tokens, "cached_tokens": req.cached_tokens,
                   "handoff_tokens": req.handoff_tokens})
 
-    def _reject(self, req: Request, entry: SequenceEntry, error: ServiceError) -> Admission:
+    def _count_start(self, req: Request, context: int) -> None:
+        known = context > req.prompt_tokens
+        self.counters["requests"] += 1
+        if req.stateless:
+            self.counters["stateless_requests"] += 1
+        else:
+            self.counters["new_sequences" if not known else ("hits" if req.cached_tokens else "misses")] += 1
+        self.counters["reused_tokens"] += req.cached_tokens
+        self.counters["handoff_tokens"] += req.handoff_tokens
+        self.counters["prefill_tokens"] += len(req.token_ids) - req.cached_tokens
+        if self.config.enable_kv_reuse:  # vLLM's semantics: positions looked up, and found
+            self.counters["prefix_cache_queries"] += len(req.token_ids)
+            self.counters["prefix_cache_hits"] += req.cached_tokens
+
+    def _reject(self, req: Request, error: ServiceError) -> Admission:
+        """Refused before any entry was claimed (or after it was released)."""
         self.counters["rejected"] += 1
-        if not entry.token_ids:  # do not keep an empty sequence for a rejected first request
-            self.store.delete(entry.seq_id)
         req.status = Status.FINISHED
         req.sink(error)
         return Admission.REJECTED
@@ -289,23 +335,35 @@ class Engine:
         self.counters["generated_tokens"] += 1
         finish = ("stop" if token == self.loaded.eos_token_id
                   else "length" if len(req.generated) >= p.max_tokens else None)
-        req.sink({"type": "token", "index": len(req.generated) - 1, "token_id": token,
-                  "token": next_text(self.tokenizer, req.generated, req.detok, final=finish is not None)})
-        if finish:
-            self._done(req, finish)
+        text, stopped = self._release_text(req, final=finish is not None)
+        req.sink({"type": "token", "index": len(req.generated) - 1, "token_id": token, "token": text})
+        if finish or stopped:
+            self._done(req, "stop" if stopped else finish)
+
+    def _release_text(self, req: Request, final: bool) -> tuple[str, bool]:
+        """The text the newest token lets the client see, and whether a stop string was hit."""
+        text = next_text(self.tokenizer, req.generated, req.detok, final=final)
+        stopped = False
+        if req.stop is not None:
+            text, stopped = req.stop.push(text, final=final)
+        req.text += text
+        return text, stopped
 
     def _done(self, req: Request, reason: str) -> None:
         req.sink({"type": "done", **self._result(req, reason)})
-        if self.config.enable_kv_reuse:
+        if self.config.enable_kv_reuse and not req.stateless:
             req.status = Status.COMPLETING  # one more step writes the last token's KV
         else:
+            # A stateless entry goes back to the prefix index before `done` can reach the client,
+            # so the conversation's next request finds it; that request computes the last token.
             self._finish(req)
 
     def _result(self, req: Request, reason: str) -> dict:
         ms = 1000.0
         return {
             "seq_id": req.seq_id, "worker_id": self.config.worker_id,
-            "text": self.tokenizer.decode(req.generated, skip_special_tokens=True),
+            "text": req.text if req.stop is not None else self.tokenizer.decode(req.generated,
+                                                                                skip_special_tokens=True),
             "finish_reason": reason,
             "usage": {"prompt_tokens": req.prompt_tokens, "cached_tokens": req.cached_tokens,
                       "handoff_tokens": req.handoff_tokens, "completion_tokens": len(req.generated),
@@ -316,19 +374,20 @@ class Engine:
         }
 
     def _finish(self, req: Request) -> None:
+        if req.status is Status.FINISHED:  # the entry is released once (it may be adopted next)
+            return
         req.status = Status.FINISHED
         self.scheduler.remove(req)
         if req.entry is not None:
-            req.entry.busy = False
             if not self.config.enable_kv_reuse:
                 self.store.drop_kv(req.entry)
+            self.store.release(req.entry)
 
     def _drop(self, req: Request) -> None:
         """An aborted request: its sequence keeps the tokens generated so far."""
         if req.status in (Status.WAITING, Status.RUNNING):
             self.counters["aborted"] += 1
-        if req.status is not Status.FINISHED:
-            self._finish(req)
+        self._finish(req)
 
     def _fail_batch(self, batch: list[ScheduledItem], exc: Exception) -> None:
         with self.lock:
@@ -336,6 +395,8 @@ class Engine:
                 self._fail(item.request, exc)
 
     def _fail(self, req: Request, exc: Exception) -> None:
+        if req.status is Status.FINISHED:
+            return
         if req.status is Status.RUNNING:
             req.sink({"type": "error", "error": {"type": "internal_error",
                                                  "message": f"generation failed: {exc}"}})

@@ -1,10 +1,11 @@
 """Which requests run in the next step, and how many of their tokens (no torch here).
 
 Policy: FIFO admission while there are free slots (`max_batch_size`), skipping a request whose
-sequence is busy with an earlier request (it waits for that one and continues after it). Each
-step has a token budget (`max_batch_tokens`): every decoding request gets its one token first,
-so running generations never stall; the rest of the budget goes to prompt prefill in chunks,
-oldest first. A long prompt therefore takes several steps, each shared with the decodes.
+sequence is busy with an earlier request (it waits for that one and continues after it;
+stateless requests have no sequence to wait for). Each step has a token budget
+(`max_batch_tokens`): every decoding request gets its one token first, so running generations
+never stall; the rest of the budget goes to prompt prefill in chunks, oldest first. A long
+prompt therefore takes several steps, each shared with the decodes.
 """
 
 from collections import deque
@@ -69,7 +70,7 @@ class Scheduler:
         for req in list(self.waiting):
             if len(self.running) >= self.max_batch_size:
                 return
-            if req.seq_id in busy:
+            if not req.stateless and req.seq_id in busy:
                 skipped += 1
                 continue
             # Dequeued before admit: a request told it is rejected no longer counts as waiting.
@@ -81,4 +82,5 @@ class Scheduler:
             if result is Admission.ADMITTED:
                 req.status = Status.RUNNING
                 self.running.append(req)
-                busy.add(req.seq_id)
+                if not req.stateless:
+                    busy.add(req.seq_id)

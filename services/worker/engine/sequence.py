@@ -18,6 +18,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # strings that end generation; they are not part of the text
 
 
 class Status(Enum):
@@ -37,6 +38,9 @@ class Request:
     params: SamplingParams
     sink: EventSink
     resumed: list[int] = field(default_factory=list)  # this turn's tokens generated elsewhere
+    # No session: `token_ids` is the whole prompt, `seq_id` only names the request in its events,
+    # and the engine picks the entry (the longest cached prefix) at admission.
+    stateless: bool = False
     arrival_s: float = field(default_factory=time.perf_counter)
     status: Status = Status.WAITING
     entry: SequenceEntry | None = None
@@ -48,6 +52,8 @@ class Request:
     in_inbox: bool = False
     sampler: Any = None          # per-request random generator, set at admission
     detok: Any = None            # incremental detokenizer state
+    stop: Any = None             # StopMatcher when params.stop is set
+    text: str = ""               # the text released to the client so far
     admitted_s: float = 0.0
     first_token_s: float = 0.0
     last_token_s: float = 0.0
