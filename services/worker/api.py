@@ -2,18 +2,18 @@
 
 import asyncio
 import uuid
+from functools import partial
 
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from services.common.errors import Conflict, Draining, InvalidRequest, NotFound, ServiceError, Unavailable
+from services.common.errors import Conflict, InvalidRequest, NotFound, ServiceError, Unavailable
 from services.common.metrics import metrics_response
 from services.common.schemas import WorkerGenerateRequest, check_seq_id
-from services.common.sse import encode_event
 from services.worker.engine.sequence import SamplingParams
-from services.worker.streams import RequestHandle
+from services.worker.streams import RequestHandle, collect_result, counted, start_request, stream_events
 from services.worker.turns import Turn
 
 router = APIRouter()
@@ -22,9 +22,7 @@ router = APIRouter()
 @router.post("/generate")
 async def generate(body: WorkerGenerateRequest, request: Request):
     state = request.app.state.worker
-    engine = state.require_engine()
-    if state.drainer.draining:
-        raise Draining("worker is draining: ask the coordinator for the new owner", retry_after_s=1)
+    engine = state.require_serving()
     if body.model_name is not None and body.model_name != state.settings.model_name:
         raise InvalidRequest(f"model '{body.model_name}' is not served here; this worker serves "
                              f"'{state.settings.model_name}'")
@@ -33,16 +31,12 @@ async def generate(body: WorkerGenerateRequest, request: Request):
     prompt_ids = await asyncio.to_thread(engine.encode, body.prompt)
     turn = await state.turns.begin(seq_id, body.request_id or uuid.uuid4().hex, prompt_ids,
                                    max_tokens=body.max_tokens, window=engine.window, resume=body.resume)
-    metrics = state.metrics
-    try:
-        handle, start = await _start_turn(state, engine, turn, body)
-    except ServiceError as exc:
-        metrics.http_requests.labels(exc.error_type).inc()
-        raise
-    metrics.http_requests.labels("accepted").inc()
+    handle, start = await counted(state.metrics.http_requests, _start_turn(state, engine, turn, body))
     headers = {"X-Seq-Id": seq_id}
     if not body.stream:
-        return JSONResponse(await _collect(state, turn, handle), headers=headers)
+        result = await collect_result(handle, state.metrics.ttft, partial(_finish, state, turn, handle),
+                                      partial(_close, state, turn, handle))
+        return JSONResponse(result, headers=headers)
     return EventSourceResponse(_stream(state, turn, handle, start), headers=headers, ping=15)
 
 
@@ -56,7 +50,6 @@ def _check_resume(body: WorkerGenerateRequest) -> None:
 async def _start_turn(state, engine, turn: Turn, body: WorkerGenerateRequest) -> tuple[RequestHandle, dict]:
     """Pull the KV from an earlier owner if one has it, then submit; until `start`, a failure
     takes the turn back out of the history."""
-    handle = None
     try:
         if not engine.store.fits(turn.earlier_tokens + turn.prompt_tokens + body.max_tokens):
             raise Unavailable("request too large for this worker's KV budget")
@@ -65,12 +58,9 @@ async def _start_turn(state, engine, turn: Turn, body: WorkerGenerateRequest) ->
                                     reserve_tokens=len(turn.token_ids) - len(turn.resumed) + body.max_tokens)
         params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
                                 top_p=body.top_p, seed=body.seed)
-        handle = RequestHandle(engine, turn, params)
-        handle.submit()
-        return handle, await handle.first_event()
+        handle = RequestHandle.for_turn(engine, turn, params)
+        return handle, await start_request(handle)
     except BaseException:
-        if handle is not None:
-            handle.abort()
         with anyio.CancelScope(shield=True):
             await state.turns.cancel(turn)
         raise
@@ -87,8 +77,8 @@ async def _finish(state, turn: Turn, handle: RequestHandle, event: dict) -> dict
 
 
 async def _close(state, turn: Turn, handle: RequestHandle) -> None:
-    """However the request ended: abort it in the engine; an open turn keeps what was generated."""
-    handle.abort()
+    """However the request ended (it is aborted in the engine): an open turn keeps what was
+    generated."""
     if state.turns.is_open(turn):
         with anyio.CancelScope(shield=True):
             try:
@@ -97,33 +87,10 @@ async def _close(state, turn: Turn, handle: RequestHandle) -> None:
                 pass  # the store is down or the turn was taken over; the lease releases it
 
 
-async def _stream(state, turn: Turn, handle: RequestHandle, start: dict):
-    metrics = state.metrics
-    try:
-        yield encode_event(start)
-        async for event in handle.events():
-            if event["type"] == "done":
-                metrics.ttft.observe(event["timings"]["ttft_ms"] / 1000)
-                event = await _finish(state, turn, handle, event)
-            yield encode_event(event)
-    finally:
-        await _close(state, turn, handle)  # client went away mid-stream: the engine drops it
-
-
-async def _collect(state, turn: Turn, handle: RequestHandle) -> dict:
-    try:
-        async for event in handle.events():
-            if event["type"] == "error":
-                raise ServiceError(event["error"]["message"])
-            if event["type"] == "done":
-                state.metrics.ttft.observe(event["timings"]["ttft_ms"] / 1000)
-                event = await _finish(state, turn, handle, event)
-                if event["type"] == "error":
-                    raise ServiceError(event["error"]["message"])
-                return {k: v for k, v in event.items() if k != "type"}
-    finally:
-        await _close(state, turn, handle)
-    raise ServiceError("generation ended without a result")
+def _stream(state, turn: Turn, handle: RequestHandle, start: dict):
+    """The turn's SSE body; a client that goes away mid-stream aborts it in the engine."""
+    return stream_events(handle, start, state.metrics.ttft, partial(_finish, state, turn, handle),
+                         partial(_close, state, turn, handle))
 
 
 @router.delete("/sequences/{seq_id}")
@@ -161,9 +128,7 @@ async def health(request: Request):
 @router.get("/ready")
 async def ready(request: Request):
     state = request.app.state.worker
-    state.require_engine()
-    if state.drainer.draining:
-        raise Draining("worker is draining")
+    state.require_serving()
     return {"status": "ready", "worker_id": state.settings.worker_id}
 
 

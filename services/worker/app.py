@@ -11,9 +11,9 @@ import torch
 from fastapi import Depends, FastAPI
 
 from services.common.auth import bearer_headers, require_bearer
-from services.common.errors import NotReady, install_error_handlers
+from services.common.errors import Draining, NotReady, install_error_handlers
 from services.common.http import make_client
-from services.worker import internal_api
+from services.worker import completions_api, internal_api
 from services.worker.api import router
 from services.worker.drain import Drainer
 from services.worker.engine.engine import Engine, EngineConfig
@@ -47,6 +47,13 @@ class WorkerState:
             detail = self.load_error or "model is loading"
             raise NotReady(f"worker not ready: {detail}", retry_after_s=None if self.load_error else 2)
         return self.engine
+
+    def require_serving(self) -> Engine:
+        """The engine, if this worker takes new requests (loaded, not draining)."""
+        engine = self.require_engine()
+        if self.drainer.draining:
+            raise Draining("worker is draining: ask the coordinator for the new owner", retry_after_s=1)
+        return engine
 
     def start_drain(self) -> None:
         self.drainer.start_drain()
@@ -134,5 +141,6 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
     app.state.worker = WorkerState(settings)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(completions_api.router)
     app.include_router(internal_api.router, dependencies=[Depends(require_bearer(settings.internal_token))])
     return app

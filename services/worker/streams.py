@@ -1,23 +1,43 @@
-"""Bridges the engine thread to one HTTP request: a thread-safe sink feeding an asyncio queue."""
+"""Bridges the engine thread to one HTTP request: a thread-safe sink feeding an asyncio queue,
+and the two ways a request's events leave the worker (an SSE stream, or one JSON result), shared
+by /generate and /completions."""
 
 import asyncio
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from prometheus_client import Counter, Histogram
 
 from services.common.errors import ServiceError
-from services.common.sse import TERMINAL_TYPES
+from services.common.sse import TERMINAL_TYPES, encode_event
 from services.worker.engine.engine import Engine
-from services.worker.engine.sequence import Request, SamplingParams
+from services.worker.engine.sequence import EventSink, Request, SamplingParams
 from services.worker.turns import Turn
+
+T = TypeVar("T")
+OnDone = Callable[[dict], Awaitable[dict]]  # may turn `done` into an `error` event
+OnClose = Callable[[], Awaitable[None]]
 
 
 class RequestHandle:
-    def __init__(self, engine: Engine, turn: Turn, params: SamplingParams):
+    def __init__(self, engine: Engine, build: Callable[[EventSink], Request]):
         self._engine = engine
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self.finished = False
-        self.request = Request(seq_id=turn.seq_id, token_ids=turn.token_ids, prompt_tokens=turn.prompt_tokens,
-                               params=params, sink=self._sink, resumed=turn.resumed)
+        self.request = build(self._sink)
+
+    @classmethod
+    def for_turn(cls, engine: Engine, turn: Turn, params: SamplingParams) -> "RequestHandle":
+        return cls(engine, lambda sink: Request(
+            seq_id=turn.seq_id, token_ids=turn.token_ids, prompt_tokens=turn.prompt_tokens,
+            params=params, sink=sink, resumed=turn.resumed))
+
+    @classmethod
+    def stateless(cls, engine: Engine, name: str, prompt_ids: list[int], params: SamplingParams) -> "RequestHandle":
+        """`name` stands in the events' seq_id field; there is no sequence."""
+        return cls(engine, lambda sink: Request(seq_id=name, token_ids=prompt_ids, prompt_tokens=len(prompt_ids),
+                                                params=params, sink=sink, stateless=True))
 
     @property
     def generated_ids(self) -> list[int]:
@@ -50,3 +70,67 @@ class RequestHandle:
     def abort(self) -> None:
         if not self.finished:
             self._engine.abort(self.request)
+
+
+async def start_request(handle: RequestHandle) -> dict:
+    """Submit, and wait for `start` (so a refusal is an HTTP error before the first byte); a
+    request that does not start is aborted in the engine."""
+    try:
+        handle.submit()
+        return await handle.first_event()
+    except BaseException:
+        handle.abort()
+        raise
+
+
+async def counted(outcomes: Counter, started: Awaitable[T]) -> T:
+    """Counts the outcome of starting a request: `accepted`, or the refusal's error type."""
+    try:
+        result = await started
+    except ServiceError as exc:
+        outcomes.labels(exc.error_type).inc()
+        raise
+    outcomes.labels("accepted").inc()
+    return result
+
+
+async def _unchanged(event: dict) -> dict:
+    return event
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def stream_events(handle: RequestHandle, start: dict, ttft: Histogram, on_done: OnDone = _unchanged,
+                        on_close: OnClose = _nothing) -> AsyncIterator[bytes]:
+    """The SSE body. However it ends (done, error, the client went away and the generator is
+    closed), the request is aborted in the engine, then `on_close` runs."""
+    try:
+        yield encode_event(start)
+        async for event in handle.events():
+            if event["type"] == "done":
+                ttft.observe(event["timings"]["ttft_ms"] / 1000)
+                event = await on_done(event)
+            yield encode_event(event)
+    finally:
+        handle.abort()
+        await on_close()
+
+
+async def collect_result(handle: RequestHandle, ttft: Histogram, on_done: OnDone = _unchanged,
+                         on_close: OnClose = _nothing) -> dict:
+    """The `done` event's fields (a `stream: false` body); an error event raises instead."""
+    try:
+        async for event in handle.events():
+            if event["type"] == "done":
+                ttft.observe(event["timings"]["ttft_ms"] / 1000)
+                event = await on_done(event)
+            if event["type"] == "error":
+                raise ServiceError(event["error"]["message"])
+            if event["type"] == "done":
+                return {k: v for k, v in event.items() if k != "type"}
+    finally:
+        handle.abort()
+        await on_close()
+    raise ServiceError("generation ended without a result")

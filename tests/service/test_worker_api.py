@@ -19,6 +19,7 @@ from services.worker.app import create_app
 from services.worker.engine.sequence import SamplingParams, Status
 from services.worker.settings import WorkerSettings
 from services.worker.streams import RequestHandle
+from tests.unit.test_engine import Gate
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -264,40 +265,23 @@ async def test_closing_the_stream_aborts_the_request(worker, engine):
     app, client = worker
     # Earlier tests' last step (writing the final token's KV) may still be due: let it run first.
     await wait_for(lambda: engine.stats()["running"] == 0, "an idle engine")
-    gate = threading.Event()
-    reached = threading.Event()
-    forward = engine.runner.forward
-    calls = 0
-
-    def gated(inputs):  # holds the engine in its 3rd forward: the request is surely running
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            reached.set()
-            gate.wait(WAIT_S)
-        return forward(inputs)
-
-    engine.runner.forward = gated
-    try:
+    with Gate(engine, hold_at=3) as gate:  # in its 3rd forward, the request is surely running
         state = app.state.worker
         turn = await state.turns.begin("api-disc", "turn-disc", engine.encode("disconnect me"),
                                        max_tokens=500, window=engine.window)
-        handle = RequestHandle(engine, turn, SamplingParams(max_tokens=500, temperature=0))
+        handle = RequestHandle.for_turn(engine, turn, SamplingParams(max_tokens=500, temperature=0))
         handle.submit()
         start = await handle.first_event()
         events = _stream(state, turn, handle, start)
         assert b'"start"' in await events.__anext__()
         assert b'"token"' in await events.__anext__()
-        assert await asyncio.to_thread(reached.wait, WAIT_S)
+        await asyncio.to_thread(gate.wait_reached)
         await events.aclose()  # the client went away
         kept = len(handle.generated_ids)  # what the engine had generated: into the session store
         assert kept == 2 and not state.turns.is_open(turn)
-        gate.set()
+        gate.released.set()
         await wait_for(lambda: handle.request.status is Status.FINISHED, "the abort")
         assert len(handle.request.generated) == 3  # the step in flight, then nothing
-    finally:
-        engine.runner.forward = forward
-        gate.set()
     assert engine.stats()["aborted"] >= 1
     _, events = await stream(client, prompt=" back", seq_id="api-disc", max_tokens=2,
                              temperature=0)

@@ -286,11 +286,13 @@ def test_max_waiting_requests_raises_overloaded(loaded_tiny):
 # --- abort, reuse switch, same sequence twice, EOS -------------------------------------------
 class Gate:
     """Holds the engine thread inside its `hold_at`-th forward pass until released, so a test
-    can act while a request is certainly running (the engine lock is free during a forward)."""
+    can act while a request is certainly running (the engine lock is free during a forward).
+    As a context manager, it releases and puts the engine's forward back on exit."""
 
     def __init__(self, engine: Engine, hold_at: int):
         self.calls, self.hold_at = 0, hold_at
         self.reached, self.released = threading.Event(), threading.Event()
+        self._engine, self._forward = engine, engine.runner.forward
         forward = engine.runner.forward
 
         def gated(inputs):
@@ -304,6 +306,13 @@ class Gate:
 
     def wait_reached(self) -> None:
         assert self.reached.wait(WAIT_S), "the engine never reached the gated step"
+
+    def __enter__(self) -> "Gate":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.released.set()
+        self._engine.runner.forward = self._forward
 
 
 def test_abort_stops_generation_and_releases_the_sequence(engine):

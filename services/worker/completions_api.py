@@ -1,0 +1,47 @@
+"""POST /completions: stateless (OpenAI-style) generation, sent by the gateway.
+
+No seq_id and no session store: the request's KV entry is pure cache. The engine starts from the
+longest cached prefix of the prompt (automatic prefix caching) and keeps the result for the next
+request that shares it. The response is /generate's: SSE events start/token/done/error, or with
+`stream: false` the GenerateResult; the events' seq_id field carries the request_id.
+"""
+
+import asyncio
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from services.common.errors import InvalidRequest
+from services.common.schemas import WorkerCompletionRequest
+from services.worker.chat_template import chat_prompt_ids
+from services.worker.engine.engine import Engine
+from services.worker.engine.sequence import SamplingParams
+from services.worker.streams import RequestHandle, collect_result, counted, start_request, stream_events
+
+router = APIRouter()
+
+
+@router.post("/completions")
+async def completions(body: WorkerCompletionRequest, request: Request):
+    state = request.app.state.worker
+    engine = state.require_serving()
+    prompt_ids = await asyncio.to_thread(prompt_token_ids, engine, body)
+    if not prompt_ids:
+        raise InvalidRequest("the prompt encodes to no tokens")
+    params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                            seed=body.seed, stop=tuple(body.stop))
+    handle = RequestHandle.stateless(engine, body.request_id or uuid.uuid4().hex, prompt_ids, params)
+    metrics = state.metrics
+    start = await counted(metrics.completion_requests, start_request(handle))
+    if not body.stream:
+        return JSONResponse(await collect_result(handle, metrics.ttft))
+    return EventSourceResponse(stream_events(handle, start, metrics.ttft), ping=15)
+
+
+def prompt_token_ids(engine: Engine, body: WorkerCompletionRequest) -> list[int]:
+    """Blocking (tokenization): `messages` through the chat template, or the raw `prompt`."""
+    if body.messages is None:
+        return engine.encode(body.prompt)
+    return chat_prompt_ids(engine.tokenizer, [m.model_dump() for m in body.messages])

@@ -1,0 +1,182 @@
+"""POST /completions on the worker app in-process: stateless chats that resend their history reuse
+their earlier turns' KV, conversations share a system prompt, stop strings, the same stream and
+error formats as /generate, draining, metrics and client disconnects. Outputs are compared with
+a worker that has KV reuse off."""
+
+import asyncio
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from services.common.schemas import GenerateResult
+from services.common.sse import parse_events
+from services.worker.engine.sequence import SamplingParams, Status
+from services.worker.prefix_index import BLOCK_TOKENS
+from services.worker.streams import RequestHandle, start_request, stream_events
+from tests.service.test_worker_api import assert_error, running_app, wait_for, worker_settings
+from tests.unit.test_engine import Gate
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+SYSTEM = ("You are a careful assistant for a distributed KV-cache serving system. Answer briefly, "
+          "cite the configuration setting by name, and never invent a setting that does not exist. ") * 2
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def worker(tiny_model_cache_dir):
+    async with running_app(worker_settings(tiny_model_cache_dir, worker_id="w-cached")) as (app, client):
+        yield app, client
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def fresh(tiny_model_cache_dir):
+    """A worker that recomputes everything."""
+    settings = worker_settings(tiny_model_cache_dir, worker_id="w-fresh", enable_kv_reuse=False)
+    async with running_app(settings) as (_, client):
+        yield client
+
+
+@pytest.fixture
+def client(worker):
+    return worker[1]
+
+
+async def complete(client: httpx.AsyncClient, **body) -> dict:
+    """The `done` fields, streamed or not; with stream=true, also checks the event sequence."""
+    body = {"max_tokens": 12, "temperature": 0, **body}
+    response = await client.post("/completions", json=body)
+    assert response.status_code == 200, response.text
+    if not body.get("stream", True):
+        return GenerateResult.model_validate(response.json()).model_dump()
+    events = list(parse_events(response.text.splitlines()))
+    types = [e["type"] for e in events]
+    assert types[0] == "start" and types[-1] == "done" and set(types[1:-1]) == {"token"}, types
+    start, done = events[0], events[-1]
+    assert start["cached_tokens"] == done["usage"]["cached_tokens"]
+    assert start["context_tokens"] == done["usage"]["context_tokens"] == done["usage"]["prompt_tokens"]
+    assert start["handoff_tokens"] == done["usage"]["handoff_tokens"] == 0
+    assert "".join(e["token"] for e in events[1:-1]) == done["text"]
+    return {**{k: v for k, v in done.items() if k != "type"}, "pieces": [e["token"] for e in events[1:-1]]}
+
+
+async def test_a_six_turn_chat_reuses_its_history_and_matches_recompute(client, fresh):
+    messages = [{"role": "system", "content": SYSTEM}]
+    previous = None
+    for turn in range(6):
+        messages.append({"role": "user", "content": f"Question {turn}: which setting bounds the KV cache?"})
+        stream = turn % 2 == 1
+        cached = await complete(client, messages=messages, stream=stream)
+        expected = await complete(fresh, messages=messages, stream=stream)
+        assert cached["text"] == expected["text"], turn
+        usage = cached["usage"]
+        assert usage["prompt_tokens"] == expected["usage"]["prompt_tokens"]
+        assert expected["usage"]["cached_tokens"] == 0
+        if previous is not None:
+            assert usage["cached_tokens"] >= previous["prompt_tokens"] + previous["completion_tokens"] - BLOCK_TOKENS
+            assert usage["cached_tokens"] < usage["prompt_tokens"]
+        previous = usage
+        messages.append({"role": "assistant", "content": cached["text"]})
+
+
+async def test_a_shared_system_prompt_is_copied_into_another_conversation(client, fresh):
+    system = [{"role": "system", "content": "Shared: " + SYSTEM}]
+    await complete(client, messages=system + [{"role": "user", "content": "How do I scale out?"}], stream=False)
+    second = system + [{"role": "user", "content": "What does a drain do?"}]
+    result = await complete(client, messages=second, stream=False)
+    rendered_system = len(f"<|system|>\nShared: {SYSTEM}<|end|>\n")  # byte-level: a token per character
+    assert result["usage"]["cached_tokens"] >= rendered_system - BLOCK_TOKENS
+    assert result["usage"]["cached_tokens"] < result["usage"]["prompt_tokens"] - len("What does a drain do?")
+    assert result["text"] == (await complete(fresh, messages=second, stream=False))["text"]
+
+
+async def test_stop_strings(client):
+    prompt = "Stop strings: " + SYSTEM
+    full = (await complete(client, prompt=prompt, max_tokens=24))["text"]
+    stop = full[8:11]
+    assert full.index(stop) == 8, "pick a stop string that first occurs at position 8"
+    for stream in (True, False):
+        result = await complete(client, prompt=prompt, max_tokens=24, stop=[stop, "never-there"], stream=stream)
+        assert result["finish_reason"] == "stop"
+        assert result["text"] == full[:8]
+        assert all(stop not in piece for piece in result.get("pieces", []))
+    assert (await complete(client, prompt=prompt, max_tokens=24, stop=["never-there"]))["finish_reason"] == "length"
+
+
+async def test_a_raw_prompt_returns_the_generate_result(client):
+    response = await client.post("/completions", json={"prompt": "Hello there", "max_tokens": 5, "temperature": 0,
+                                                       "stream": False, "request_id": "req-1"})
+    assert response.status_code == 200
+    result = GenerateResult.model_validate(response.json())
+    assert result.seq_id == "req-1" and result.worker_id == "w-cached"
+    assert result.usage.model_dump() == {"prompt_tokens": 11, "cached_tokens": 0, "handoff_tokens": 0,
+                                         "completion_tokens": 5, "context_tokens": 11}
+    assert result.finish_reason == "length"
+    generated = await client.post("/generate", json={"prompt": "Hello there", "max_tokens": 5, "temperature": 0,
+                                                     "stream": False})
+    assert generated.json()["text"] == result.text  # the same model, the same greedy output
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_context_too_long_is_400(client, stream):
+    response = await client.post("/completions", json={"prompt": "x" * 1000, "max_tokens": 100, "stream": stream})
+    assert_error(response, 400, "context_too_long")
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]},
+    {"max_tokens": 3},
+    {"prompt": "hi", "stop": [""]},
+    {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]},
+    {"messages": [{"role": "robot", "content": "hi"}]},
+    {"messages": []},
+    {"prompt": "hi", "seq_id": "s"},
+])
+async def test_bad_bodies_are_422(client, body):
+    assert_error(await client.post("/completions", json=body), 422, "invalid_request")
+
+
+async def test_stats_and_metrics_count_prefix_cache_tokens(client):
+    prompt = "Counters: " + SYSTEM
+    before = (await client.get("/stats")).json()
+    await complete(client, prompt=prompt, max_tokens=2)
+    again = await complete(client, prompt=prompt, max_tokens=2)
+    stats = (await client.get("/stats")).json()
+    assert stats["prefix_cache_queries"] - before["prefix_cache_queries"] == 2 * len(prompt)
+    assert stats["prefix_cache_hits"] - before["prefix_cache_hits"] == again["usage"]["cached_tokens"] == len(prompt) - 1
+    text = (await client.get("/metrics")).text
+    assert f"kvcache_worker_prefix_cache_queries_total {float(stats['prefix_cache_queries'])}" in text
+    assert f"kvcache_worker_prefix_cache_hits_total {float(stats['prefix_cache_hits'])}" in text
+    assert 'kvcache_worker_completion_requests_total{outcome="accepted"}' in text
+    assert "kvcache_worker_stateless_sequences " in text
+
+
+async def test_closing_the_stream_aborts_the_request(worker):
+    """A client disconnect closes the SSE generator, which aborts the request in the engine."""
+    app, client = worker
+    engine = app.state.worker.engine
+    await wait_for(lambda: engine.stats()["running"] == 0, "an idle engine")
+    with Gate(engine, hold_at=3) as gate:  # in its 3rd forward, the request is surely running
+        handle = RequestHandle.stateless(engine, "disc", engine.encode("disconnect me " * 4),
+                                         SamplingParams(max_tokens=500, temperature=0))
+        events = stream_events(handle, await start_request(handle), app.state.worker.metrics.ttft)
+        assert b'"start"' in await events.__anext__()
+        assert b'"token"' in await events.__anext__()
+        await asyncio.to_thread(gate.wait_reached)
+        await events.aclose()  # the client went away
+        gate.released.set()
+        await wait_for(lambda: handle.request.status is Status.FINISHED, "the abort")
+        assert len(handle.request.generated) == 3  # the step in flight, then nothing
+    # What it computed stays cached: the same prompt finds it.
+    again = await complete(client, prompt="disconnect me " * 4, max_tokens=2)
+    assert again["usage"]["cached_tokens"] == len("disconnect me " * 4) - 1
+
+
+async def test_refused_while_draining_or_loading(tiny_model_cache_dir):
+    async with running_app(worker_settings(tiny_model_cache_dir, worker_id="w-drain")) as (app, client):
+        app.state.worker.start_drain()
+        response = await client.post("/completions", json={"prompt": "hi"})
+        assert_error(response, 503, "draining")
+    unloaded = running_app(worker_settings(tiny_model_cache_dir), ready=False).app  # lifespan not run
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=unloaded), base_url="http://w") as client:
+        assert_error(await client.post("/completions", json={"prompt": "hi"}), 503, "worker_not_ready")
