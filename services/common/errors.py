@@ -1,22 +1,34 @@
 """Domain errors and the one JSON error body: {"error": {"type", "message"}}."""
 
+from collections.abc import Callable
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 
 
 class ServiceError(Exception):
     status_code = 500
     error_type = "internal_error"
 
-    def __init__(self, message: str, *, retry_after_s: int | None = None):
+    def __init__(self, message: str, *, retry_after_s: int | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s
+        self.param = param  # the request field at fault, when there is one
+        self.headers = headers
 
     def to_body(self) -> dict:
         return error_body(self.error_type, self.message)
+
+    def response_headers(self) -> dict[str, str] | None:
+        headers = dict(self.headers or {})
+        if self.retry_after_s:
+            headers["Retry-After"] = str(self.retry_after_s)
+        return headers or None
 
 
 class InvalidRequest(ServiceError):
@@ -58,9 +70,17 @@ def error_body(error_type: str, message: str) -> dict:
     return {"error": {"type": error_type, "message": message}}
 
 
+class HTTPStatusError(ServiceError):
+    """An error with a status decided elsewhere: Starlette's (404, 405), a worker's, a validation's."""
+
+    def __init__(self, status_code: int, error_type: str, message: str, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.status_code = status_code
+        self.error_type = error_type
+
+
 def error_response(exc: ServiceError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
-    return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=headers)
+    return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=exc.response_headers())
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -71,25 +91,43 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    async def on_service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc)
+def _validation_param(exc: RequestValidationError) -> str | None:
+    """The first offending field, e.g. "messages.0.content" (None for a wholly invalid body)."""
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "header", "query", "path")]
+        if loc:
+            return ".".join(loc)
+    return None
 
-    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body("invalid_request", _validation_message(exc)), status_code=422)
 
-    async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+def as_service_error(exc: Exception) -> ServiceError:
+    """Every exception a route can raise, as the one error type the renderers know."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        return HTTPStatusError(422, InvalidRequest.error_type, _validation_message(exc), param=_validation_param(exc))
+    if isinstance(exc, StarletteHTTPException):
         error_type = "not_found" if exc.status_code == 404 else "http_error"
-        return JSONResponse(error_body(error_type, str(exc.detail)), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return HTTPStatusError(exc.status_code, error_type, str(exc.detail), headers=getattr(exc, "headers", None))
+    return ServiceError(f"{type(exc).__name__}: {exc}")
 
-    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(error_body("internal_error", f"{type(exc).__name__}: {exc}"), status_code=500)
 
-    app.add_exception_handler(ServiceError, on_service_error)
-    app.add_exception_handler(RequestValidationError, on_validation_error)
-    app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(Exception, on_unexpected)
+ErrorRenderer = Callable[[Request, ServiceError], Response]
+
+
+def _render_default(_: Request, exc: ServiceError) -> Response:
+    return error_response(exc)
+
+
+def install_error_handlers(app: FastAPI, render: ErrorRenderer = _render_default) -> None:
+    """Domain errors, invalid requests, Starlette's HTTP errors and anything unexpected all leave
+    through `render` (a service with another public error shape passes its own)."""
+
+    async def on_error(request: Request, exc: Exception) -> Response:
+        return render(request, as_service_error(exc))
+
+    for exc_type in (ServiceError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(exc_type, on_error)
 
 
 class SequenceConflict(Conflict):

@@ -1,9 +1,9 @@
 """Wire schemas shared by the services (one definition per message)."""
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, model_validator
 
 from services.common.errors import InvalidRequest
 
@@ -11,6 +11,7 @@ SEQ_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 WORKER_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 MAX_TOKENS_LIMIT = 4096
 _SEQ_ID_RE = re.compile(SEQ_ID_PATTERN)
+StrictFloat = Annotated[float, Strict()]  # a JSON number (integers too), never a bool or a string
 
 
 def check_seq_id(seq_id: str) -> None:
@@ -24,12 +25,12 @@ class GenerateRequest(BaseModel):
 
     prompt: str = Field(..., min_length=1)
     seq_id: str | None = Field(None, pattern=SEQ_ID_PATTERN)
-    max_tokens: int = Field(50, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: StrictInt = Field(50, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: StrictFloat = Field(1.0, ge=0.0, le=2.0)
+    top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0)
     model_name: str | None = None
-    stream: bool = True
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: StrictBool = True
+    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
 
 
 class WorkerRef(BaseModel):

@@ -4,22 +4,25 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from services.common.errors import ServiceError, error_response
 from services.common.metrics import metrics_response
 from services.common.schemas import SEQ_ID_PATTERN, GenerateRequest
+from services.gateway.openapi_docs import GENERATE_RESPONSES, METRICS_RESPONSES, errors
 from services.gateway.proxy import GatewayProxy
 
 router = APIRouter()
 SeqId = Annotated[str, Path(pattern=SEQ_ID_PATTERN)]
+DELETE_RESPONSES = {200: {"description": "Removed from the session store and every worker's KV."}} | errors(
+    401, 404, 409, 422, 502, 503)
 
 
 def _proxy(request: Request) -> GatewayProxy:
     return request.app.state.proxy
 
 
-@router.post("/generate", response_model=None)
+@router.post("/generate", response_model=None, responses=GENERATE_RESPONSES)
 async def generate(body: GenerateRequest, request: Request) -> Response:
     seq_id = body.seq_id or uuid.uuid4().hex
     payload = body.model_dump(exclude_unset=True) | {"seq_id": seq_id, "stream": body.stream}
@@ -31,12 +34,12 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     return response
 
 
-@router.delete("/sequences/{seq_id}", response_model=None)
+@router.delete("/sequences/{seq_id}", response_model=None, responses=DELETE_RESPONSES)
 async def delete_sequence(seq_id: SeqId, request: Request) -> Response:
     return await _proxy(request).delete_sequence(seq_id)
 
 
-@router.get("/stats")
+@router.get("/stats", responses=errors(401, 502, 503))
 async def stats(request: Request) -> dict:
     return await _proxy(request).cluster_stats()
 
@@ -46,6 +49,6 @@ async def health() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/metrics", response_model=None)
+@router.get("/metrics", response_class=PlainTextResponse, responses=METRICS_RESPONSES)
 async def metrics(request: Request) -> Response:
     return metrics_response(request.app.state.metrics.registry)

@@ -2,17 +2,34 @@
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import version
 
 import httpx
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.responses import Response
 
-from services.common.errors import install_error_handlers
+from services.common.errors import ServiceError, error_response, install_error_handlers
 from services.common.http import make_client
 from services.gateway.api import router
+from services.gateway.openai_api import router as openai_router
+from services.gateway.openai_format import is_openai_path, openai_error_body, openai_status
 from services.gateway.metrics import GatewayMetrics, RequestMetricsMiddleware
 from services.gateway.proxy import GatewayProxy
 from services.gateway.routing import CoordinatorClient
 from services.gateway.settings import GatewaySettings
+
+DESCRIPTION = ("Routes each request to the worker that holds its KV cache. `/generate` continues a "
+               "server-side conversation (`seq_id`); `/v1/*` is OpenAI-compatible and stateless, with "
+               "automatic prefix caching. With GATEWAY_API_KEYS set, every route but /health and "
+               "/metrics needs `Authorization: Bearer <key>`.")
+
+
+def render_error(request: Request, exc: ServiceError) -> Response:
+    """/v1 errors in OpenAI's shape (a bad body is a 400); the gateway's own routes in ours."""
+    if is_openai_path(request.url.path):
+        return JSONResponse(openai_error_body(exc), status_code=openai_status(exc), headers=exc.response_headers())
+    return error_response(exc)
 
 
 def create_app(settings: GatewaySettings, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
@@ -25,17 +42,18 @@ def create_app(settings: GatewaySettings, transport: httpx.AsyncBaseTransport | 
                              read_timeout_s=settings.read_timeout_s, transport=transport)
         app.state.client = client
         app.state.proxy = GatewayProxy(client, CoordinatorClient(client, settings.coordinator_url), metrics,
-                                       migration_limit=settings.migration_limit)
+                                       migration_limit=settings.migration_limit, routing=settings.routing)
         try:
             yield
         finally:
             await client.aclose()
 
-    # Public service: no interactive docs or schema endpoints.
-    app = FastAPI(title="kvcache gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="kvcache gateway", version=version("kvcache"), description=DESCRIPTION,
+                  lifespan=lifespan, redoc_url=None)
     app.state.settings = settings
     app.state.metrics = metrics
-    install_error_handlers(app)
+    install_error_handlers(app, render_error)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.include_router(router)
+    app.include_router(openai_router)
     return app

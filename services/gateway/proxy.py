@@ -2,9 +2,10 @@
 JSON or SSE, and migrate a stream whose worker died to the sequence's new owner."""
 
 import asyncio
+import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import aclosing, suppress
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,8 @@ from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from services.common.errors import Draining, NotReady, ServiceError, Unavailable, UpstreamError, error_body
+from services.common.errors import (Draining, HTTPStatusError, NotReady, ServiceError, Unavailable, UpstreamError,
+                                   error_body)
 from services.common.http import path_segment
 from services.common.schemas import RouteResponse
 from services.common.sse import TERMINAL_TYPES, aparse_events, encode_event
@@ -25,6 +27,7 @@ from services.gateway.routing import CoordinatorClient, describe, error_message,
 
 NUM_ATTEMPTS = 3  # the first try, then re-routes past workers that are unreachable or draining
 STATS_TIMEOUT_S = 2.0
+WORKERS_TTL_S = 1.0  # how stale the worker list behind /v1/models and round-robin may be
 _UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout)
 # A worker's 503s that mean "not here, ask again": it is leaving, or (re)starting.
 _REROUTE_ERRORS = frozenset({Draining.error_type, NotReady.error_type})
@@ -60,7 +63,7 @@ def stream_outcome(terminal_event: dict) -> str:
     return "upstream_error" if is_ours else "error"
 
 
-async def relay_json(upstream: httpx.Response) -> JSONResponse:
+async def read_json(upstream: httpx.Response) -> tuple[int, dict, str | None]:
     """The worker's status, JSON body and Retry-After; a non-JSON error body becomes our error shape."""
     try:
         content = await upstream.aread()
@@ -73,9 +76,24 @@ async def relay_json(upstream: httpx.Response) -> JSONResponse:
         raise UpstreamError(f"worker sent an invalid HTTP {upstream.status_code} body")
     if not upstream.is_success and error_message(body) is None:
         body = error_body(UpstreamError.error_type, f"worker answered HTTP {upstream.status_code}")
-    retry_after = upstream.headers.get("retry-after")
+    return upstream.status_code, body, upstream.headers.get("retry-after")
+
+
+async def relay_json(upstream: httpx.Response) -> JSONResponse:
+    status, body, retry_after = await read_json(upstream)
     headers = {"Retry-After": retry_after} if retry_after else None
-    return JSONResponse(body, status_code=upstream.status_code, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def read_result(upstream: httpx.Response) -> dict:
+    """A worker's 200 body; its error (status, type, message, Retry-After) raised as a ServiceError."""
+    status, body, retry_after = await read_json(upstream)
+    if status == 200:
+        return body
+    error = body["error"]
+    retry_after_s = int(retry_after) if retry_after and retry_after.isdigit() else None
+    raise HTTPStatusError(status, str(error.get("type") or UpstreamError.error_type), str(error["message"]),
+                          retry_after_s=retry_after_s)
 
 
 def sum_numeric(stats: list[dict]) -> dict[str, float]:
@@ -98,25 +116,55 @@ class Upstream:
 
 class GatewayProxy:
     def __init__(self, client: httpx.AsyncClient, coordinator: CoordinatorClient,
-                 metrics: GatewayMetrics, migration_limit: int = 1) -> None:
+                 metrics: GatewayMetrics, migration_limit: int = 1, routing: str = "affinity") -> None:
         self._client = client
         self._coordinator = coordinator
-        self._metrics = metrics
+        self.metrics = metrics
         self.migration_limit = migration_limit
+        self.routing = routing
+        self._turns = itertools.count()  # round-robin position
+        self._workers: tuple[float, list[dict]] = (-WORKERS_TTL_S, [])
 
     async def generate(self, payload: dict, *, stream: bool) -> Response:
         started_s = time.perf_counter()
         upstream = await self.open_generate(payload)
         if stream and upstream.response.status_code == 200:
-            relay = StreamRelay(self, upstream, self._metrics, started_s)
-            return RelayResponse(relay)
+            relay = StreamRelay(self, upstream, self.metrics, started_s)
+            return ClosingEventStream(relay.encoded(), relay.aclose)
         response = await relay_json(upstream.response)
         if response.status_code == 200:
-            self._metrics.ttfb_s.observe(time.perf_counter() - started_s)
+            self.metrics.ttfb_s.observe(time.perf_counter() - started_s)
         return response
 
     async def open_generate(self, payload: dict, exclude: Collection[str] = ()) -> Upstream:
-        return await self._send_to_owner(payload["seq_id"], "POST", "/generate", payload, exclude)
+        seq_id = payload["seq_id"]
+
+        async def owner(excluded: set[str]) -> RouteResponse:
+            return await self._coordinator.route(seq_id, excluded)
+
+        return await self._send(owner, "/generate", payload, exclude)
+
+    async def open_completion(self, key: str, payload: dict) -> Upstream:
+        """A stateless request: to the owner of its routing key (affinity: the worker that holds the
+        conversation's KV), or to the next worker in turn (round_robin, for comparison)."""
+
+        async def owner(excluded: set[str]) -> RouteResponse:
+            if self.routing == "round_robin":
+                return await self._next_in_turn(excluded)
+            return await self._coordinator.route(key, excluded)
+
+        return await self._send(owner, "/completions", payload)
+
+    async def served_models(self) -> dict[str, int]:
+        """Model name -> creation time (the Unix time its longest-serving worker registered)."""
+        models: dict[str, int] = {}
+        now = time.time()
+        for worker in await self._cached_workers():
+            name, age_s = worker.get("model_name"), worker.get("age_s")
+            if isinstance(name, str) and worker.get("state") == "active":
+                created = int(now - age_s) if isinstance(age_s, (int, float)) else int(now)
+                models[name] = min(models.get(name, created), created)
+        return models
 
     async def delete_sequence(self, seq_id: str) -> JSONResponse:
         """Removes the sequence from the session store and from every worker's KV: every worker
@@ -142,19 +190,19 @@ class GatewayProxy:
         return {"num_workers": len(workers), "workers": per_worker,
                 "totals": sum_numeric(reachable), "unreachable": unreachable}
 
-    async def _send_to_owner(self, seq_id: str, method: str, path: str, payload: dict | None,
-                             exclude: Collection[str] = ()) -> Upstream:
-        """Open a streamed request to the owner. A worker that cannot be reached, or that answers
-        that it is draining, is left out and the coordinator asked again."""
+    async def _send(self, owner: Callable[[set[str]], Awaitable[RouteResponse]], path: str, payload: dict,
+                    exclude: Collection[str] = ()) -> Upstream:
+        """POST to the owner, as a stream. A worker that cannot be reached, or that answers that it
+        is draining or not ready, is left out and the owner asked for again."""
         excluded = set(exclude)
         failure = "no worker could be reached"
         for attempt in range(NUM_ATTEMPTS):
             if attempt:
-                self._metrics.upstream_retries.inc()
-            route = await self._coordinator.route(seq_id, excluded)
+                self.metrics.upstream_retries.inc()
+            route = await owner(excluded)
             body = _for_worker(payload, route)
             try:
-                request = self._client.build_request(method, route.address.rstrip("/") + path, json=body)
+                request = self._client.build_request("POST", route.address.rstrip("/") + path, json=body)
                 response = await self._client.send(request, stream=True)
             except _UNREACHABLE as exc:
                 failure = f"worker {route.worker_id} unreachable: {describe(exc)}"
@@ -169,6 +217,23 @@ class GatewayProxy:
                 failure = f"worker {route.worker_id}: {reason}"
             excluded.add(route.worker_id)
         raise Unavailable(failure, retry_after_s=1)
+
+    async def _next_in_turn(self, excluded: set[str]) -> RouteResponse:
+        active = [w for w in await self._cached_workers()
+                  if w.get("state") == "active" and isinstance(w.get("address"), str)
+                  and w["worker_id"] not in excluded]
+        if not active:
+            raise Unavailable("no worker available", retry_after_s=1)
+        worker = active[next(self._turns) % len(active)]
+        return RouteResponse(seq_id="", worker_id=worker["worker_id"], address=worker["address"], epoch=0)
+
+    async def _cached_workers(self) -> list[dict]:
+        """The coordinator's worker list, at most WORKERS_TTL_S old (asked once per request otherwise)."""
+        fetched_s, workers = self._workers
+        if time.monotonic() - fetched_s >= WORKERS_TTL_S:
+            workers = await self._coordinator.workers()
+            self._workers = (time.monotonic(), workers)
+        return workers
 
     async def _delete_at(self, address: Any, path: str) -> JSONResponse | None:
         if not isinstance(address, str):
@@ -193,12 +258,12 @@ class GatewayProxy:
         return body, None
 
 
-def _for_worker(payload: dict | None, route: RouteResponse) -> dict | None:
-    """A fresh request id per attempt (the worker's turn id) and the handoff sources."""
-    if payload is None:
-        return None
-    sources = [ref.model_dump() for ref in route.previous]
-    return payload | {"request_id": uuid.uuid4().hex, "handoff_sources": sources}
+def _for_worker(payload: dict, route: RouteResponse) -> dict:
+    """A fresh request id per attempt (a session's turn id), and a session's handoff sources."""
+    body = payload | {"request_id": uuid.uuid4().hex}
+    if "seq_id" in payload:
+        body["handoff_sources"] = [ref.model_dump() for ref in route.previous]
+    return body
 
 
 async def _reroute_reason(response: httpx.Response) -> str | None:
@@ -299,16 +364,17 @@ class StreamRelay:
             await self.upstream.response.aclose()
 
 
-class RelayResponse(EventSourceResponse):
-    """SSE to the client that closes the worker's stream however it ends (done, broken, client gone,
-    cancelled), so a client disconnect reaches the worker and it stops generating."""
+class ClosingEventStream(EventSourceResponse):
+    """SSE to the client that runs `close` (closing the worker's stream) however it ends (done,
+    broken, client gone, cancelled), so a client disconnect reaches the worker and it stops."""
 
-    def __init__(self, relay: StreamRelay) -> None:
-        super().__init__(relay.encoded(), sep="\n")
-        self._relay = relay
+    def __init__(self, body: AsyncIterator[bytes], close: Callable[[], Awaitable[None]],
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(body, sep="\n", headers=headers)
+        self._close = close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._relay.aclose()
+            await self._close()

@@ -1,3 +1,5 @@
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -17,3 +19,6 @@ class GatewaySettings(ServiceSettings):
     # A stream that breaks before its terminal event continues on the sequence's new owner at
     # most this many times per request (0: never; the stream ends with an error event).
     migration_limit: int = Field(1, ge=0, le=10)
+    # How /v1 requests pick a worker: `affinity` (the owner of the conversation's routing key,
+    # which holds its KV) or `round_robin` (each request to the next worker; for comparison only).
+    routing: Literal["affinity", "round_robin"] = "affinity"

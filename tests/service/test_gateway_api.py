@@ -489,8 +489,22 @@ async def test_metrics_exposes_gateway_series(cluster):
     assert "kvcache_gateway_active_streams 0.0" in text
 
 
-async def test_no_debug_or_docs_endpoints(cluster):
-    for path in ("/docs", "/openapi.json", "/debug"):
+async def test_openapi_documents_every_route_and_there_is_no_debug_endpoint(cluster):
+    schema = (await cluster.gateway.get("/openapi.json")).json()
+    paths = schema["paths"]
+    assert set(paths) == {"/generate", "/sequences/{seq_id}", "/stats", "/health", "/metrics", "/v1/models",
+                          "/v1/models/{model_id}", "/v1/chat/completions", "/v1/completions"}
+    for path, kind in (("/generate", "GenerateResult"), ("/v1/chat/completions", "ChatCompletion"),
+                       ("/v1/completions", "TextCompletion")):
+        content = paths[path]["post"]["responses"]["200"]["content"]
+        assert set(content) == {"application/json", "text/event-stream"}
+        assert content["application/json"]["schema"]["$ref"].endswith("/" + kind)
+    assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    assert {"404", "409", "503"} <= set(paths["/sequences/{seq_id}"]["delete"]["responses"])
+    v1_error = paths["/v1/chat/completions"]["post"]["responses"]["400"]["content"]["application/json"]
+    assert v1_error["schema"]["$ref"].endswith("/OpenAIErrorBody")
+    assert (await cluster.gateway.get("/docs")).status_code == 200
+    for path in ("/redoc", "/debug"):
         response = await cluster.gateway.get(path)
         assert response.status_code == 404
         assert response.json()["error"]["type"] == "not_found"
