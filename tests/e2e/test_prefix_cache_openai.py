@@ -75,3 +75,24 @@ def test_a_shared_system_prompt_is_copied_into_another_conversation(cluster, ref
     assert cached >= len(SYSTEM) - BLOCK  # byte-level tokenizer: one token per character
     assert cached < usage.prompt_tokens - len("What does a drain do?")  # the user message differs
     assert reply == ask(fresh_api, second, "shared-system", stream=False)[0]
+
+
+def test_every_turn_without_a_session_header_reaches_the_conversations_worker(cluster):
+    """The default routing key hashes the model, the system message and the first user message,
+    which every turn resends: the same key each turn, so the KV of the earlier turns is found."""
+    api = client(cluster.gateway_url)
+    messages = [{"role": "system", "content": "Routing without a header."},
+                {"role": "user", "content": "Where does my next turn go?"}]
+    keys, previous = set(), None
+    for turn in range(4):
+        raw = api.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=6,
+                                                             temperature=0)
+        reply = raw.parse()
+        keys.add(raw.headers["x-session-id"])
+        if previous is not None:
+            cached = reply.usage.prompt_tokens_details.cached_tokens
+            assert cached >= previous.prompt_tokens + previous.completion_tokens - BLOCK, (turn + 1, cached)
+        previous = reply.usage
+        messages += [{"role": "assistant", "content": reply.choices[0].message.content},
+                     {"role": "user", "content": f"And turn {turn + 2}?"}]
+    assert len(keys) == 1

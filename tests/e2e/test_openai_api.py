@@ -1,0 +1,169 @@
+"""The gateway's OpenAI-compatible API through the real `openai` package, against real processes on
+loopback (a coordinator, two tiny-gpt2 workers, gateways)."""
+
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import httpx
+import openai
+import pytest
+
+from services.localcluster import free_port
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "tiny-gpt2"
+KEYS = "first-key-0123456789,second-key-9876543210"
+MESSAGES = [{"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": "Which service owns the hash ring?"}]
+
+
+def client(url: str, api_key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def api(cluster) -> openai.OpenAI:
+    return client(cluster.gateway_url)
+
+
+@contextmanager
+def extra_gateway(cluster, log_dir, **env: str):
+    """Another gateway process in front of the same cluster, with its own settings."""
+    port = free_port()
+    env = {**os.environ, "GATEWAY_PORT": str(port), "GATEWAY_COORDINATOR_URL": cluster.coordinator_url, **env}
+    with open(log_dir / "gateway.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "services.gateway"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not _healthy(url):
+            assert proc.poll() is None and time.monotonic() < deadline, "the gateway did not start"
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway(cluster, tmp_path_factory):
+    with extra_gateway(cluster, tmp_path_factory.mktemp("keyed"), GATEWAY_API_KEYS=KEYS) as url:
+        yield url
+
+
+def test_models_lists_the_served_model(api):
+    assert [m.id for m in api.models.list().data] == [MODEL]
+    model = api.models.retrieve(MODEL)
+    assert (model.id, model.object, model.owned_by) == (MODEL, "model", "kvcache")
+    with pytest.raises(openai.NotFoundError):
+        api.models.retrieve("gpt-4o")
+
+
+def test_chat_streamed_equals_not_streamed(api):
+    raw = api.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0)
+    reply = raw.parse()
+    assert raw.headers["x-session-id"].startswith("conv-")
+    assert reply.object == "chat.completion" and reply.model == MODEL
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens == 10 or reply.choices[0].finish_reason == "stop"
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+    chunks = list(api.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0,
+                                              stream=True))
+    assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
+    assert all(c.usage is None for c in chunks)  # no usage chunk unless asked for
+
+
+def test_streamed_usage_comes_last_when_asked(api):
+    chunks = list(api.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=4,
+                                              temperature=0, stream=True, stream_options={"include_usage": True}))
+    *body, last = chunks
+    assert last.choices == [] and last.usage.completion_tokens == 4
+    assert last.usage.prompt_tokens_details.cached_tokens <= last.usage.prompt_tokens
+    assert all(c.usage is None for c in body)
+
+
+def test_completions_streamed_and_not(api):
+    reply = api.completions.create(model=MODEL, prompt="The coordinator keeps", max_tokens=8, temperature=0)
+    assert reply.object == "text_completion" and reply.usage.completion_tokens == 8
+    assert reply.usage.prompt_tokens == len("The coordinator keeps")  # byte-level tokenizer
+    streamed = api.completions.create(model=MODEL, prompt="The coordinator keeps", max_tokens=8, temperature=0,
+                                      stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == reply.choices[0].text
+
+
+def test_a_stop_sequence_ends_the_answer_before_it(api):
+    prompt = "Workers hold the KV cache of"
+    full = api.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0).choices[0].text
+    assert len(full) >= 10
+    stop = full[6:9]
+    expected = full[:full.index(stop)]
+    for stream in (False, True):
+        if stream:
+            chunks = list(api.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                                 stop=[stop, "never-appears"], stream=True))
+            text, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            choice = api.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                            stop=stop).choices[0]
+            text, reason = choice.text, choice.finish_reason
+        assert (text, reason) == (expected, "stop")
+
+
+def test_unsupported_parameters_are_400_in_openais_shape(api):
+    with pytest.raises(openai.BadRequestError) as n2:
+        api.chat.completions.create(model=MODEL, messages=MESSAGES, n=2)
+    assert n2.value.body["param"] == "n" and n2.value.body["type"] == "invalid_request_error"
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError) as tools:
+        api.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[tool])
+    assert tools.value.body["param"] == "tools"
+    with pytest.raises(openai.BadRequestError) as seed:
+        api.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"seed": False})
+    assert seed.value.body["param"] == "seed"
+    with pytest.raises(openai.NotFoundError) as model:
+        api.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert model.value.body["code"] == "model_not_found"
+
+
+def test_api_keys_guard_every_route_but_health_and_metrics(keyed_gateway):
+    with pytest.raises(openai.AuthenticationError):
+        client(keyed_gateway, api_key="wrong").models.list()
+    for key in KEYS.split(","):
+        reply = client(keyed_gateway, api_key=key).chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=2, temperature=0)
+        assert reply.usage.completion_tokens == 2
+    assert httpx.post(f"{keyed_gateway}/generate", json={"prompt": "a"}).status_code == 401
+    assert httpx.get(f"{keyed_gateway}/openapi.json").status_code == 401
+    assert httpx.get(f"{keyed_gateway}/health").status_code == 200
+    assert httpx.get(f"{keyed_gateway}/metrics").status_code == 200
+
+
+def stateless_requests(cluster) -> dict[str, int]:
+    workers = httpx.get(f"{cluster.gateway_url}/stats", timeout=10).json()["workers"]
+    return {name: stats["stateless_requests"] for name, stats in workers.items()}
+
+
+def test_round_robin_spreads_one_conversation_over_the_workers(cluster, tmp_path):
+    with extra_gateway(cluster, tmp_path, GATEWAY_ROUTING="round_robin") as url:
+        before = stateless_requests(cluster)
+        for _ in range(4):
+            client(url).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1, temperature=0)
+        after = stateless_requests(cluster)
+    assert sorted(after[name] - before[name] for name in after) == [2, 2]
