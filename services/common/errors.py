@@ -46,6 +46,10 @@ class NotFound(ServiceError):
     error_type = "not_found"
 
 
+class ModelNotFound(NotFound):
+    error_type = "model_not_found"
+
+
 class Conflict(ServiceError):
     status_code = 409
     error_type = "conflict"

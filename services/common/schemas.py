@@ -3,15 +3,32 @@
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
 from services.common.errors import InvalidRequest
 
 SEQ_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 WORKER_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 MAX_TOKENS_LIMIT = 4096
+MAX_SEED = 2**53 - 1  # JSON's largest exact integer: a larger bound rounds up in a schema's float
 _SEQ_ID_RE = re.compile(SEQ_ID_PATTERN)
-StrictFloat = Annotated[float, Strict()]  # a JSON number (integers too), never a bool or a string
+
+
+def _no_bool_or_string(value: object) -> object:
+    """JSON Schema's integer and number: 3 and 3.0 are both integers, true and "3" are neither."""
+    if isinstance(value, (bool, str)):
+        raise ValueError("Input should be a JSON number, not a boolean or a string")
+    return value
+
+
+NotBoolOrString = BeforeValidator(_no_bool_or_string)
+JsonInt = Annotated[int, NotBoolOrString]
+JsonFloat = Annotated[float, NotBoolOrString]
+# For optional fields: the constraints must come before the validator to reach the JSON schema.
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED), NotBoolOrString]
+TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT), NotBoolOrString]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0), NotBoolOrString]
+TopP = Annotated[float, Field(gt=0.0, le=1.0), NotBoolOrString]
 
 
 def check_seq_id(seq_id: str) -> None:
@@ -25,12 +42,12 @@ class GenerateRequest(BaseModel):
 
     prompt: str = Field(..., min_length=1)
     seq_id: str | None = Field(None, pattern=SEQ_ID_PATTERN)
-    max_tokens: StrictInt = Field(50, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: StrictFloat = Field(1.0, ge=0.0, le=2.0)
-    top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: JsonInt = Field(50, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: JsonFloat = Field(1.0, ge=0.0, le=2.0)
+    top_p: JsonFloat = Field(1.0, gt=0.0, le=1.0)
     model_name: str | None = None
     stream: StrictBool = True
-    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
+    seed: Seed | None = None
 
 
 class WorkerRef(BaseModel):
@@ -142,7 +159,7 @@ class WorkerCompletionRequest(BaseModel):
     max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: Seed | None = None
     stop: list[str] = Field([], max_length=MAX_STOP_SEQUENCES)
     stream: bool = True
     request_id: str | None = Field(None, min_length=1, max_length=128)

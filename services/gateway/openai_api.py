@@ -5,8 +5,10 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request
 from starlette.responses import Response
 
+from services.common.errors import ModelNotFound
+from services.common.schemas import SEQ_ID_PATTERN
 from services.gateway.openai_format import ChatReply, TextReply, model_object
-from services.gateway.openai_relay import ModelNotFound, complete
+from services.gateway.openai_relay import complete
 from services.gateway.openai_schemas import ChatCompletionRequest, CompletionRequest
 from services.gateway.openapi_docs import (CHAT_RESPONSES, COMPLETION_RESPONSES, V1_ERRORS, Model, ModelList,
                                            errors)
@@ -15,7 +17,7 @@ from services.gateway.session_key import SESSION_HEADER, chat_opening, prompt_op
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 SessionHeader = Annotated[str | None, Header(
-    alias=SESSION_HEADER, description="Routing key: every request with the same key reaches the same worker "
+    alias=SESSION_HEADER, pattern=SEQ_ID_PATTERN, description="Routing key: every request with the same key reaches the same worker "
                                       "(default: a hash of the model and the conversation's opening).")]
 
 

@@ -10,17 +10,13 @@ from collections.abc import AsyncIterator
 
 from starlette.responses import JSONResponse, Response
 
-from services.common.errors import HTTPStatusError, NotFound, UpstreamError
+from services.common.errors import HTTPStatusError, ModelNotFound, UpstreamError
 from services.common.schemas import WorkerCompletionRequest
 from services.common.sse import encode_event
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_format import DONE_LINE, Reply, openai_error_body
 from services.gateway.proxy import ClosingEventStream, GatewayProxy, StreamBroken, Upstream, read_result, worker_events
 from services.gateway.session_key import SESSION_HEADER
-
-
-class ModelNotFound(NotFound):
-    error_type = "model_not_found"
 
 
 async def check_model(proxy: GatewayProxy, model: str) -> None:

@@ -8,9 +8,9 @@ clients commonly send are accepted only with the value that changes nothing (`n:
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from services.common.schemas import (MAX_STOP_SEQUENCES, MAX_TOKENS_LIMIT, ChatMessage, StrictFloat,
+from services.common.schemas import (MAX_STOP_SEQUENCES, ChatMessage, Seed, Temperature, TokenCount, TopP,
                                      WorkerCompletionRequest)
 Stop = Annotated[str, Field(min_length=1, max_length=256)]
 PromptText = Annotated[str, Field(min_length=1, max_length=4_000_000)]
@@ -26,33 +26,25 @@ class _OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(..., min_length=1, max_length=256, description="Must name the served model (see /v1/models).")
-    max_tokens: StrictInt | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: StrictFloat | None = Field(None, ge=0.0, le=2.0, description="Default 1; 0 is greedy.")
-    top_p: StrictFloat | None = Field(None, gt=0.0, le=1.0, description="Default 1.")
-    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible.")
-    stop: Stop | list[Stop] | None = Field(
+    max_tokens: TokenCount | None = None
+    temperature: Temperature | None = Field(None, description="Default 1; 0 is greedy.")
+    top_p: TopP | None = Field(None, description="Default 1.")
+    seed: Seed | None = Field(None, description="Makes sampling reproducible.")
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP_SEQUENCES)] | None = Field(
         None, description=f"Up to {MAX_STOP_SEQUENCES} strings; generation ends before the first, which is not returned.")
     stream: StrictBool = False
-    stream_options: StreamOptions | None = Field(None, description="Only with stream: true.")
+    stream_options: StreamOptions | None = Field(None, description="Ignored unless stream is true.")
     n: Literal[1] | None = Field(None, description="Only 1 is supported.")
     user: str | None = Field(None, max_length=256, description="Accepted and ignored.")
     presence_penalty: Literal[0] | None = Field(None, description="Only 0 (no penalty) is supported.")
     frequency_penalty: Literal[0] | None = Field(None, description="Only 0 (no penalty) is supported.")
     logprobs: None = Field(None, description="Not supported.")
 
-    @model_validator(mode="after")
-    def _check(self) -> "_OpenAIRequest":
-        if len(self.stop_list()) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"stop: at most {MAX_STOP_SEQUENCES} sequences")
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options: only allowed with stream: true")
-        return self
-
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
     def _sampling(self, max_tokens: int | None) -> dict:
         params = {"max_tokens": max_tokens or 16, "temperature": self.temperature, "top_p": self.top_p,
@@ -81,8 +73,7 @@ class Message(BaseModel):
 
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[Message] = Field(..., min_length=1, max_length=1024)
-    max_completion_tokens: StrictInt | None = Field(
-        None, ge=1, le=MAX_TOKENS_LIMIT, description="Takes precedence over max_tokens. Default 16.")
+    max_completion_tokens: TokenCount | None = Field(None, description="Takes precedence over max_tokens. Default 16.")
     logprobs: Literal[False] | None = Field(None, description="Only false is supported.")
 
     def for_worker(self) -> WorkerCompletionRequest:

@@ -35,7 +35,7 @@ class OpenAIErrorBody(BaseModel):
 _WHY = {
     400: "Invalid request (for /v1 also a body that fails validation), or a prompt too long for the model.",
     401: "GATEWAY_API_KEYS is set and the request has no valid `Authorization: Bearer` key.",
-    404: "Not found.",
+    404: "Not found: no such sequence, or a model (model, model_name) that is not served.",
     409: "The sequence is busy with another request.",
     422: "The body or a parameter fails validation.",
     429: "The worker's queue is full; retry after Retry-After seconds.",
@@ -49,15 +49,28 @@ def errors(*statuses: int, openai: bool = False) -> dict[int | str, dict[str, An
     return {status: {"description": _WHY[status], "model": model} for status in statuses}
 
 
-def sse_or_json(model: type[BaseModel], description: str) -> dict[int | str, dict[str, Any]]:
+def sse_event(data: dict) -> dict:
+    """The schema of one Server-Sent Event (OpenAPI 3.2's reading of a text/event-stream schema)."""
+    return {"type": "object", "required": ["data"], "properties": {"data": data}}
+
+
+GENERATE_EVENT = sse_event({
+    "type": "string", "contentMediaType": "application/json",
+    "description": "One event as JSON: start, token, then done or error.",
+    "contentSchema": {"type": "object", "required": ["type"],
+                      "properties": {"type": {"enum": ["start", "token", "done", "error"]}}}})
+OPENAI_CHUNK_EVENT = sse_event({"type": "string", "description": "A chunk as JSON; the last event is `[DONE]`."})
+
+
+def sse_or_json(model: type[BaseModel], event_schema: dict, description: str) -> dict[int | str, dict[str, Any]]:
     """200 as Server-Sent Events (`stream: true`) or one JSON object (`stream: false`)."""
-    sse = {"schema": {"type": "string", "description": "`data: <json>` lines, one event each"}}
-    return {200: {"description": description, "model": model, "content": {"text/event-stream": sse}}}
+    return {200: {"description": description, "model": model,
+                  "content": {"text/event-stream": {"schema": event_schema}}}}
 
 
 GENERATE_RESPONSES = sse_or_json(
-    GenerateResult, "Events start, token..., then done or error; the result itself when stream is false."
-) | errors(400, 401, 409, 422, 429, 502, 503)
+    GenerateResult, GENERATE_EVENT, "Events start, token..., then done or error; the result itself when stream is false."
+) | errors(400, 401, 404, 409, 422, 429, 502, 503)
 
 METRICS_RESPONSES = {200: {"description": "Prometheus text exposition format."}}
 
@@ -130,5 +143,5 @@ _CHUNKS = ("`chat.completion.chunk` / `text_completion` chunks, with stream_opti
            "chunk with the usage, then `data: [DONE]`; the whole object when stream is false. The "
            "X-Session-Id header names the routing key used.")
 V1_ERRORS = errors(400, 401, 404, 429, 502, 503, openai=True)
-CHAT_RESPONSES = sse_or_json(ChatCompletion, _CHUNKS) | V1_ERRORS
-COMPLETION_RESPONSES = sse_or_json(TextCompletion, _CHUNKS) | V1_ERRORS
+CHAT_RESPONSES = sse_or_json(ChatCompletion, OPENAI_CHUNK_EVENT, _CHUNKS) | V1_ERRORS
+COMPLETION_RESPONSES = sse_or_json(TextCompletion, OPENAI_CHUNK_EVENT, _CHUNKS) | V1_ERRORS

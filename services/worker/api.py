@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from services.common.errors import Conflict, InvalidRequest, NotFound, ServiceError, Unavailable
+from services.common.errors import Conflict, InvalidRequest, ModelNotFound, NotFound, ServiceError, Unavailable
 from services.common.metrics import metrics_response
 from services.common.schemas import WorkerGenerateRequest, check_seq_id
 from services.worker.engine.sequence import SamplingParams
@@ -24,8 +24,8 @@ async def generate(body: WorkerGenerateRequest, request: Request):
     state = request.app.state.worker
     engine = state.require_serving()
     if body.model_name is not None and body.model_name != state.settings.model_name:
-        raise InvalidRequest(f"model '{body.model_name}' is not served here; this worker serves "
-                             f"'{state.settings.model_name}'")
+        raise ModelNotFound(f"model '{body.model_name}' is not served here; this worker serves "
+                            f"'{state.settings.model_name}'", param="model_name")
     _check_resume(body)
     seq_id = body.seq_id or uuid.uuid4().hex
     prompt_ids = await asyncio.to_thread(engine.encode, body.prompt)

@@ -168,9 +168,9 @@ async def test_concurrent_streams_all_complete(client):
 
 
 # --- errors before streaming ---------------------------------------------------------------
-async def test_wrong_model_name_is_400(client):
+async def test_wrong_model_name_is_404(client):
     response = await client.post("/generate", json={"prompt": "hi", "model_name": "gpt2"})
-    error = assert_error(response, 400, "invalid_request")
+    error = assert_error(response, 404, "model_not_found")
     assert "tiny-gpt2" in error["message"]
     ok = await client.post("/generate", json={"prompt": "hi", "model_name": "tiny-gpt2",
                                               "max_tokens": 1, "stream": False})

@@ -31,6 +31,12 @@ def test_temperature_zero_is_argmax():
     assert sample_token(logits, 0.0, 1.0, make_generator(None, CPU)) == int(logits.argmax())
 
 
+def test_a_temperature_that_overflows_the_logits_is_greedy():
+    """5e-324 (the smallest float, found by the fuzzer) makes logits / T infinite: not a NaN crash."""
+    assert draws(LOGITS, 5e-324, 1.0, 3, 5) == [1] * 5
+    assert draws(-LOGITS - 10, 5e-324, 0.9, 3, 5) == [4] * 5  # all negative: -inf everywhere
+
+
 def test_same_seed_same_tokens():
     logits = torch.zeros(257)
     assert draws(logits, 1.0, 1.0, 42, 50) == draws(logits, 1.0, 1.0, 42, 50)

@@ -16,7 +16,10 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
     # logits: [vocab] float32
     if temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / temperature, dim=-1)
+    scaled = logits / temperature
+    if not torch.isfinite(scaled.max()):  # a temperature so small it overflows: its limit is greedy
+        return int(torch.argmax(logits))
+    probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).
