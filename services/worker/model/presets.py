@@ -17,7 +17,7 @@ from services.worker.chat_template import DEFAULT_CHAT_TEMPLATE
 logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
-PRESET_VERSION = 3  # bump when a preset's recipe changes, so cached copies are rebuilt
+PRESET_VERSION = 4  # bump when a preset's recipe changes, so cached copies are rebuilt
 
 
 @dataclass(frozen=True)
@@ -29,16 +29,21 @@ class Preset:
     n_positions: int = 1024
     seed: int = 0
     initializer_range: float = 0.02
-    ascii_output: bool = False  # greedy output stays ASCII, so generated text round-trips
+    # Greedy output stays ASCII (every token id past 127 silenced), so generated text re-encodes
+    # to the same ids: a client that resends its history finds the reply's KV cached.
+    ascii_output: bool = False
+    # GPT-2 ties its output head to the input embeddings. Tied, a silenced output row also zeroes
+    # that token's input embedding (harmless for a random model: the input still decodes).
+    tied: bool = True
 
 
 PRESETS = {
     # Small and fast: the default for local runs and tests.
     # Wide weight init spreads the logits, so greedy choices are far from ties.
     "tiny-gpt2": Preset(n_layer=4, n_head=4, n_embd=128, vocab_size=257, initializer_range=0.2,
-                        ascii_output=True),
+                        ascii_output=True, tied=False),
     # Exactly GPT-2 124M's parameter shapes, random weights: for benchmarks.
-    "gpt2-small-random": Preset(n_layer=12, n_head=12, n_embd=768, vocab_size=50257),
+    "gpt2-small-random": Preset(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, ascii_output=True),
 }
 
 
@@ -91,14 +96,15 @@ def build_preset(name: str, path: Path) -> None:
         n_layer=spec.n_layer, n_head=spec.n_head, initializer_range=spec.initializer_range,
         bos_token_id=spec.vocab_size - 1, eos_token_id=spec.vocab_size - 1,
     )
-    config.tie_word_embeddings = not spec.ascii_output
+    config.tie_word_embeddings = spec.tied
     torch.manual_seed(spec.seed)
     model = GPT2LMHeadModel(config)
     # A random model would emit EOS at random and end generations early. A zero output row
     # gives that token a logit of exactly 0, well below the usual maximum, so greedy decoding
-    # does not pick it (sampling still can). tiny-gpt2 (untied head) does the same for bytes
-    # >= 128, so its greedy output is ASCII and decoded text re-encodes to the same tokens.
-    silenced = [config.eos_token_id] + (list(range(128, 256)) if spec.ascii_output else [])
+    # does not pick it (sampling still can). With ascii_output every id >= 128 (bytes >= 128,
+    # and gpt2-small-random's unused fillers, which decode to literal "<|unused_N|>" text) is
+    # silenced too, so greedy output is ASCII and decoded text re-encodes to the same tokens.
+    silenced = [config.eos_token_id] + (list(range(128, spec.vocab_size - 1)) if spec.ascii_output else [])
     with torch.no_grad():
         model.get_output_embeddings().weight[silenced] = 0.0
     path.mkdir(parents=True, exist_ok=True)
