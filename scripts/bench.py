@@ -20,7 +20,8 @@ Scenarios (medians over repetitions, min/max in the JSON and the table):
   7. scale-out 2 -> 3 and scale-in 3 -> 2 workers under steady multi-turn load: failures, lost
      histories, handoff tokens, TTFT p50/p99 around each change
   8. 32 OpenAI chat sessions x 6 turns resending their history: session-affine vs round-robin
-     routing (throughput, prefix hit rate)
+     routing (throughput, prefix hit rate); 8 with one system prompt shared by all sessions,
+     8b with a system prompt of each session's own (--s8-system-prompt)
 Scenarios 6 and 7 live in scripts/bench_elastic.py, 8 in scripts/bench_openai.py.
 """
 
@@ -301,6 +302,8 @@ def main() -> None:
                         help="scenario 7's load duration; scale-out at 15/60 of it, scale-in at 35/60 "
                              "(later, and the load longer, if the new worker takes long to start)")
     parser.add_argument("--s8-runs", type=int, default=3, help="runs of scenario 8 per routing mode")
+    parser.add_argument("--s8-system-prompt", choices=("shared", "own", "both"), default="both",
+                        help="scenario 8's sessions share one system prompt (8), have one each (8b), or both")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
     parser.add_argument("--model-cache-dir", type=Path, default=Path.home() / ".cache" / "kvcache" / "models")
     args = parser.parse_args()
@@ -330,8 +333,10 @@ def main() -> None:
     if 8 in args.scenarios:
         t0 = time.perf_counter()
         print("scenario 8: OpenAI chat sessions, affinity vs round-robin...", flush=True)
-        results["s8"] = bench_openai.scenario_openai_chat(args.out, args.model_cache_dir, args.s8_runs)
-        results["measured_at"]["s8"] = now
+        for key, shared in (("s8", True), ("s8b", False)):
+            if args.s8_system_prompt in ("both", "shared" if shared else "own"):
+                results[key] = bench_openai.scenario_openai_chat(args.out, args.model_cache_dir, args.s8_runs, shared)
+                results["measured_at"][key] = now
         print(f"scenario 8 done in {time.perf_counter() - t0:.0f} s", flush=True)
     results.setdefault("machine", machine())
     md = ""
@@ -340,7 +345,7 @@ def main() -> None:
         md += (f"Machine: {results['machine']}; model {results.get('model', MODEL)}; medians of "
                f"{results.get('reps', args.reps)} runs (min-max).\n\n{classic}\n")
     for key, render in (("s6", bench_elastic.table_s6), ("s7", bench_elastic.table_s7),
-                        ("s8", bench_openai.table_s8)):
+                        ("s8", bench_openai.table_s8), ("s8b", bench_openai.table_s8)):
         if key in results:
             md += f"\n{render(results[key])}\n"
     dates = ", ".join(f"{k} {v}" for k, v in sorted(results["measured_at"].items()))

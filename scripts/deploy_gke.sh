@@ -117,7 +117,10 @@ kubectl create namespace "${ns}" --dry-run=client -o yaml | kubectl apply -f -
 if ! kubectl -n "${ns}" get secret kvcache-secrets >/dev/null 2>&1; then
   kubectl -n "${ns}" create secret generic kvcache-secrets \
     --from-literal=redis-password="$(openssl rand -hex 24)" \
-    --from-literal=internal-token="$(openssl rand -hex 32)"
+    --from-literal=internal-token="$(openssl rand -hex 32)" \
+    --from-literal=gateway-api-keys="$(openssl rand -hex 24)"
+  echo "Created Secret kvcache-secrets. The gateway's API key (Authorization: Bearer <key>):"
+  echo "  kubectl -n ${ns} get secret kvcache-secrets -o jsonpath='{.data.gateway-api-keys}' | base64 -d"
 fi
 kubectl apply -k "${workdir}"
 kubectl -n "${ns}" rollout status statefulset/redis --timeout=5m

@@ -7,7 +7,8 @@ from services.common.metrics import PREFIX
 
 _NAME = f"{PREFIX}_gateway"
 _TTFB_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-_ENDPOINTS = {"/generate": "generate", "/stats": "stats", "/health": "health", "/metrics": "metrics"}
+_ENDPOINTS = {"/generate": "generate", "/stats": "stats", "/health": "health", "/metrics": "metrics",
+              "/v1/chat/completions": "chat_completions", "/v1/completions": "completions", "/v1/models": "models"}
 
 
 class GatewayMetrics:
@@ -40,6 +41,8 @@ class GatewayMetrics:
 def endpoint_label(path: str) -> str:
     if path.startswith("/sequences/"):
         return "sequences"
+    if path.startswith("/v1/models/"):
+        return "models"
     return _ENDPOINTS.get(path, "other")
 
 

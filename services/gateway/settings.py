@@ -1,6 +1,6 @@
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -22,3 +22,6 @@ class GatewaySettings(ServiceSettings):
     # How /v1 requests pick a worker: `affinity` (the owner of the conversation's routing key,
     # which holds its KV) or `round_robin` (each request to the next worker; for comparison only).
     routing: Literal["affinity", "round_robin"] = "affinity"
+    # Comma-separated keys, or @/path/to/file; empty: no key needed. When set, every route but
+    # /health and /metrics needs `Authorization: Bearer <key>`.
+    api_keys: SecretStr = SecretStr("")

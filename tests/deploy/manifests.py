@@ -38,7 +38,7 @@ GENERIC_ENV = {"PYTHONUNBUFFERED", "HF_HOME"}
 SUBSTITUTION_ONLY_ENV = {"POD_NAME", "POD_NAMESPACE", "REDIS_PASSWORD"}
 # Secrets are created out of band (infra/DEPLOYMENT.md); tests see this stand-in for each value.
 SECRET_NAME = "kvcache-secrets"
-SECRET_KEYS = {"redis-password", "internal-token"}
+SECRET_KEYS = {"redis-password", "internal-token", "gateway-api-keys"}
 NAMESPACE = "kvcache"
 
 Doc = dict[str, Any]

@@ -345,6 +345,14 @@ def test_secret_keys_are_created_as_documented_and_never_committed(docs):
     assert not [d for d in docs if d["kind"] == "Secret"], "secret values must not be in the manifests"
 
 
+def test_gateway_takes_its_api_keys_from_the_secret_if_there(docs):
+    container = only_container(find_workload(docs, "gateway"))
+    [entry] = [e for e in container["env"] if e["name"] == "GATEWAY_API_KEYS"]
+    assert entry["valueFrom"]["secretKeyRef"]["optional"] is True  # a Secret without it: open gateway
+    settings = settings_from_env(SETTINGS["gateway"], resolve_env(container, docs, "gateway-0"))
+    assert settings.api_keys.get_secret_value() == "stand-in-gateway-api-keys"
+
+
 def test_workers_use_the_session_store_and_drain_within_their_grace_period(docs):
     worker = find_workload(docs, "worker")
     container = only_container(worker)

@@ -1,0 +1,81 @@
+"""API keys on the public gateway (GATEWAY_API_KEYS): every route but /health and /metrics needs
+`Authorization: Bearer <key>`, the header the openai SDK sends.
+
+A pure ASGI middleware, so SSE streams pass unbuffered; it runs before routing, so /openapi.json,
+/docs and unknown paths are guarded too. A key is compared with every configured key in constant
+time (no early exit: the timing says neither whether nor which key matched) and never logged.
+"""
+
+import hmac
+import json
+from pathlib import Path
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from services.gateway.openai_format import is_openai_path
+
+OPEN_PATHS = frozenset({"/health", "/metrics"})  # probes and Prometheus carry no key
+
+
+def load_api_keys(value: str) -> list[bytes]:
+    """"" -> no keys (auth off); "a,b" -> two keys; "@/path" -> the keys in that file (commas or
+    newlines; blank lines and `#` comments ignored). A file that cannot be read or holds no key
+    is an error: whoever points at a file wants auth on, never a gateway silently left open."""
+    if not value.startswith("@"):
+        return _split(value)
+    path = Path(value[1:])
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(f"GATEWAY_API_KEYS: cannot read {path}: {exc.strerror or exc}") from None
+    keys = _split(",".join(line for line in lines if not line.strip().startswith("#")))
+    if not keys:
+        raise ValueError(f"GATEWAY_API_KEYS: {path} holds no key")
+    return keys
+
+
+def _split(text: str) -> list[bytes]:
+    return [key.strip().encode() for key in text.split(",") if key.strip()]
+
+
+def key_matches(given: bytes, keys: list[bytes]) -> bool:
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key)
+    return matched
+
+
+class ApiKeyMiddleware:
+    def __init__(self, app: ASGIApp, keys: list[bytes]) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        failure = self._failure(scope)
+        if failure is None:
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps(_error_body(scope["path"], failure)).encode()
+        await send({"type": "http.response.start", "status": 401, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"www-authenticate", b"Bearer")]})
+        await send({"type": "http.response.body", "body": body})
+
+    def _failure(self, scope: Scope) -> str | None:
+        header = dict(scope["headers"]).get(b"authorization")
+        if header is None:
+            return "missing API key: send Authorization: Bearer <key>"
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not key_matches(given.strip(), self.keys):
+            return "invalid API key"
+        return None
+
+
+def _error_body(path: str, message: str) -> dict:
+    if is_openai_path(path):
+        return {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                          "code": "invalid_api_key"}}
+    return {"error": {"type": "unauthorized", "message": message}}
