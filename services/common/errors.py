@@ -91,7 +91,8 @@ def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+        message = "not a supported parameter" if err.get("type") == "extra_forbidden" else err.get("msg", "invalid")
+        parts.append(f"{loc or 'body'}: {message}")
     return "; ".join(parts) or "invalid request"
 
 

@@ -134,6 +134,7 @@ def test_unsupported_parameters_are_400_in_openais_shape(api):
     with pytest.raises(openai.BadRequestError) as tools:
         api.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[tool])
     assert tools.value.body["param"] == "tools"
+    assert tools.value.body["message"] == "tools: not a supported parameter"
     with pytest.raises(openai.BadRequestError) as seed:
         api.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"seed": False})
     assert seed.value.body["param"] == "seed"

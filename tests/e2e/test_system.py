@@ -85,7 +85,7 @@ def test_bad_inputs_get_json_4xx(cluster):
         ({"prompt": ""}, 422), ({"max_tokens": 5}, 422), ({"prompt": "x", "seq_id": "bad id"}, 422),
         ({"prompt": "x", "max_tokens": 0}, 422), ({"prompt": "x", "temperature": 2.5}, 422),
         ({"prompt": "x", "top_p": 0}, 422), ({"prompt": "x", "unknown": 1}, 422),
-        ({"prompt": "x", "model_name": "not-served"}, 400),
+        ({"prompt": "x", "model_name": "not-served"}, 404),
         ({"prompt": "x" * 1020, "max_tokens": 50}, 400),
     ]
     for body, status in cases:
