@@ -12,6 +12,7 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from services.common.auth import Unauthorized
 from services.gateway.openai_format import is_openai_path
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})  # probes and Prometheus carry no key
@@ -19,10 +20,14 @@ OPEN_PATHS = frozenset({"/health", "/metrics"})  # probes and Prometheus carry n
 
 def load_api_keys(value: str) -> list[bytes]:
     """"" -> no keys (auth off); "a,b" -> two keys; "@/path" -> the keys in that file (commas or
-    newlines; blank lines and `#` comments ignored). A file that cannot be read or holds no key
-    is an error: whoever points at a file wants auth on, never a gateway silently left open."""
+    newlines; blank lines and `#` comments ignored). A file that cannot be read, a file with no
+    key, or a value with no key (","): an error, since whoever set it wants auth on, never a
+    gateway silently left open."""
     if not value.startswith("@"):
-        return _split(value)
+        keys = _split(value)
+        if value.strip() and not keys:
+            raise ValueError("GATEWAY_API_KEYS is set but holds no key (unset it to turn keys off)")
+        return keys
     path = Path(value[1:])
     try:
         lines = path.read_text().splitlines()
@@ -78,4 +83,4 @@ def _error_body(path: str, message: str) -> dict:
     if is_openai_path(path):
         return {"error": {"message": message, "type": "invalid_request_error", "param": None,
                           "code": "invalid_api_key"}}
-    return {"error": {"type": "unauthorized", "message": message}}
+    return Unauthorized(message).to_body()
