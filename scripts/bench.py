@@ -304,6 +304,8 @@ def main() -> None:
     parser.add_argument("--s8-runs", type=int, default=3, help="runs of scenario 8 per routing mode")
     parser.add_argument("--s8-system-prompt", choices=("shared", "own", "both"), default="both",
                         help="scenario 8's sessions share one system prompt (8), have one each (8b), or both")
+    parser.add_argument("--s8-workers", type=int, default=2,
+                        help="workers of scenario 8 (results of another count than 2 are kept apart: s8-<n>w)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
     parser.add_argument("--model-cache-dir", type=Path, default=Path.home() / ".cache" / "kvcache" / "models")
     args = parser.parse_args()
@@ -333,9 +335,11 @@ def main() -> None:
     if 8 in args.scenarios:
         t0 = time.perf_counter()
         print("scenario 8: OpenAI chat sessions, affinity vs round-robin...", flush=True)
-        for key, shared in (("s8", True), ("s8b", False)):
+        suffix = "" if args.s8_workers == 2 else f"-{args.s8_workers}w"
+        for key, shared in ((f"s8{suffix}", True), (f"s8b{suffix}", False)):
             if args.s8_system_prompt in ("both", "shared" if shared else "own"):
-                results[key] = bench_openai.scenario_openai_chat(args.out, args.model_cache_dir, args.s8_runs, shared)
+                results[key] = bench_openai.scenario_openai_chat(args.out, args.model_cache_dir, args.s8_runs, shared,
+                                                                 args.s8_workers)
                 results["measured_at"][key] = now
         print(f"scenario 8 done in {time.perf_counter() - t0:.0f} s", flush=True)
     results.setdefault("machine", machine())
@@ -345,7 +349,7 @@ def main() -> None:
         md += (f"Machine: {results['machine']}; model {results.get('model', MODEL)}; medians of "
                f"{results.get('reps', args.reps)} runs (min-max).\n\n{classic}\n")
     for key, render in (("s6", bench_elastic.table_s6), ("s7", bench_elastic.table_s7),
-                        ("s8", bench_openai.table_s8), ("s8b", bench_openai.table_s8)):
+                        *((k, bench_openai.table_s8) for k in sorted(results) if k.startswith(("s8-", "s8b")) or k == "s8")):
         if key in results:
             md += f"\n{render(results[key])}\n"
     dates = ", ".join(f"{k} {v}" for k, v in sorted(results["measured_at"].items()))

@@ -75,17 +75,17 @@ def chat_session(client: openai.OpenAI, system: str | None, rng: random.Random) 
     return turns
 
 
-def one_run(out: Path, model_cache_dir: Path, routing: str, run: int, shared_system: bool) -> dict:
+def one_run(out: Path, model_cache_dir: Path, routing: str, run: int, shared_system: bool, workers: int) -> dict:
     env = {"WORKER_MODEL_NAME": MODEL, "WORKER_MODEL_CACHE_DIR": str(model_cache_dir),
            "WORKER_KV_CACHE_BYTES": KV_BYTES}
-    log_dir = out / f"s8-{'shared' if shared_system else 'own'}-{routing}-run{run}" / "logs"
+    log_dir = out / f"s8-{'shared' if shared_system else 'own'}-{workers}w-{routing}-run{run}" / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    with environ(GATEWAY_ROUTING=routing), LocalCluster(num_workers=2, log_dir=log_dir, worker_env=env) as cluster:
+    with environ(GATEWAY_ROUTING=routing), LocalCluster(num_workers=workers, log_dir=log_dir, worker_env=env) as cluster:
         client = openai.OpenAI(base_url=f"{cluster.gateway_url}/v1", api_key="unused", max_retries=0,
                                timeout=600)
         rng = random.Random(run)
         system = text(SYSTEM_CHARS, rng) if shared_system else None  # shared by every session, or one each
-        for i in range(6):  # the workers' first forwards, outside the measurement (likely both)
+        for i in range(3 * workers):  # the workers' first forwards, outside the measurement (likely both)
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"warm {i}"}],
                                            max_tokens=2, temperature=0, extra_headers={"X-Session-Id": f"warm-{i}"})
         seeds = [random.Random(run * 1000 + i) for i in range(SESSIONS)]
@@ -107,18 +107,19 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def scenario_openai_chat(out: Path, model_cache_dir: Path, runs: int, shared_system: bool = True) -> dict:
+def scenario_openai_chat(out: Path, model_cache_dir: Path, runs: int, shared_system: bool = True,
+                         workers: int = 2) -> dict:
     resolve_model_path(MODEL, model_cache_dir)  # build the preset once, before workers start
     rows: dict[str, list[dict]] = {"affinity": [], "round_robin": []}
     for run in range(runs):
         for routing in (("affinity", "round_robin") if run % 2 == 0 else ("round_robin", "affinity")):
-            row = one_run(out, model_cache_dir, routing, run, shared_system)
+            row = one_run(out, model_cache_dir, routing, run, shared_system, workers)
             rows[routing].append(row)
             print(f"  s8 run {run + 1} {routing}: {row['seconds']:.1f} s, {row['turns_per_s']:.2f} turns/s, "
                   f"hit rate turns 2-6 {row['hit_rate_turns_2_6'] * 100:.1f}%", flush=True)
     a, r = rows["affinity"], rows["round_robin"]
     return {
-        "model": MODEL, "runs": runs, "shared_system": shared_system, "sessions": SESSIONS, "turns": TURNS, "system_tokens": SYSTEM_CHARS,
+        "model": MODEL, "runs": runs, "shared_system": shared_system, "workers": workers, "sessions": SESSIONS, "turns": TURNS, "system_tokens": SYSTEM_CHARS,
         "user_tokens": USER_CHARS, "max_tokens": MAX_TOKENS,
         "affinity_turns_per_s": summary([x["turns_per_s"] for x in a]),
         "round_robin_turns_per_s": summary([x["turns_per_s"] for x in r]),
@@ -139,7 +140,7 @@ def _row(name: str, s: dict, target: str = "", scale: float = 1.0, unit: str = "
 def table_s8(r: dict) -> str:
     pct = dict(scale=100, unit="%", digits=1)
     return "\n".join([
-        f"8{'' if r.get('shared_system', True) else 'b'}. OpenAI chat clients resending their history: 2 workers, "
+        f"8{'' if r.get('shared_system', True) else 'b'}. OpenAI chat clients resending their history: {r.get('workers', 2)} workers, "
         f"{r['sessions']} sessions x {r['turns']} turns at once through the `openai` client ({r['system_tokens']}-token "
         f"{'system prompt shared by all sessions' if r.get('shared_system', True) else 'system prompt of its own per session'}, "
         f"{r['user_tokens']}-token "
