@@ -7,6 +7,7 @@ conversation and sees an error chunk (never a silently shortened answer), so it 
 
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 
 from starlette.responses import JSONResponse, Response
 
@@ -15,7 +16,8 @@ from services.common.schemas import WorkerCompletionRequest
 from services.common.sse import encode_event
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_format import DONE_LINE, Reply, openai_error_body
-from services.gateway.proxy import ClosingEventStream, GatewayProxy, StreamBroken, Upstream, read_result, worker_events
+from services.gateway.proxy import (ClosingEventStream, GatewayProxy, StreamBroken, Upstream, close_upstream,
+                                    read_result, worker_events)
 from services.gateway.session_key import SESSION_HEADER
 
 
@@ -36,7 +38,7 @@ async def complete(proxy: GatewayProxy, reply: Reply, request: WorkerCompletionR
         proxy.metrics.ttfb_s.observe(time.perf_counter() - started_s)
         return JSONResponse(reply.result(result), headers=headers)
     chunks = ChunkRelay(upstream, reply, proxy.metrics, started_s)
-    return ClosingEventStream(chunks.encoded(), upstream.response.aclose, headers=headers)
+    return ClosingEventStream(chunks.encoded(), partial(close_upstream, upstream.response), headers=headers)
 
 
 class ChunkRelay:

@@ -360,8 +360,14 @@ class StreamRelay:
         return None
 
     async def aclose(self) -> None:
-        with anyio.CancelScope(shield=True), suppress(httpx.HTTPError):
-            await self.upstream.response.aclose()
+        await close_upstream(self.upstream.response)
+
+
+async def close_upstream(response: httpx.Response) -> None:
+    """Close a worker's response even while the client's request is being cancelled (shielded), so
+    the worker sees the disconnect and stops generating."""
+    with anyio.CancelScope(shield=True), suppress(httpx.HTTPError):
+        await response.aclose()
 
 
 class ClosingEventStream(EventSourceResponse):

@@ -35,6 +35,21 @@ def test_client_disconnect_stops_the_worker(cluster):
     assert stats["generated_tokens"] - before["generated_tokens"] < 900
 
 
+def test_client_leaving_an_openai_stream_stops_the_worker(cluster):
+    session = f"gone-{uuid.uuid4().hex[:8]}"
+    owner = httpx.get(f"{cluster.coordinator_url}/route/{session}").json()["address"]
+    before = httpx.get(f"{owner}/stats").json()
+    body = {"model": "tiny-gpt2", "prompt": "a long one", "max_tokens": 900, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=60) as client, client.stream(
+            "POST", f"{cluster.gateway_url}/v1/completions", json=body, headers={"X-Session-Id": session}) as resp:
+        lines = (line for line in resp.iter_lines() if line.startswith("data: {"))
+        assert '"text_completion"' in next(lines) and '"text_completion"' in next(lines)
+    wait_until(lambda: httpx.get(f"{owner}/stats").json()["aborted"] > before["aborted"],
+               what="the worker to abort the request")
+    wait_until(lambda: httpx.get(f"{owner}/stats").json()["running"] == 0, what="no running request")
+    assert httpx.get(f"{owner}/stats").json()["generated_tokens"] - before["generated_tokens"] < 900
+
+
 def test_coordinator_restart_and_worker_crash(tmp_path):
     with start_cluster(tmp_path, num_workers=2) as cluster:
         url = cluster.gateway_url
