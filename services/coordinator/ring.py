@@ -10,6 +10,10 @@ import hashlib
 from collections.abc import Collection
 
 KEY_SPACE = 2**32
+# Points per worker. Random points balance slowly: with 4 workers the largest share is up to
+# 1.14x the mean at 100 (Karger's paper) or 256 (KubeAI), still 1.11x at 500, 1.03x at 2000
+# (measured over six worker-id sets). 2000 points cost 2000 MD5s per join, nothing per lookup.
+DEFAULT_VNODES = 2000
 
 
 class EmptyRingError(LookupError):
@@ -28,7 +32,7 @@ class HashRing:
     """`_points` and `_hashes` are replaced on every change, never mutated in place, so a copy()
     can share them: a snapshot costs O(workers), not O(points)."""
 
-    def __init__(self, vnodes: int = 100):
+    def __init__(self, vnodes: int = DEFAULT_VNODES):
         if vnodes < 1:
             raise ValueError(f"vnodes must be >= 1, got {vnodes}")
         self.vnodes = vnodes

@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from services.coordinator.ring import KEY_SPACE, EmptyRingError, HashRing, hash_key
+from services.coordinator.ring import DEFAULT_VNODES, KEY_SPACE, EmptyRingError, HashRing, hash_key
 
 SEQ_IDS = [f"seq-{i}" for i in range(5000)]
 
@@ -116,6 +116,32 @@ def test_shares_sum_to_one_and_track_key_counts():
     counts = Counter(owners(ring).values())
     for worker_id, share in shares.items():
         assert counts[worker_id] / len(SEQ_IDS) == pytest.approx(share, abs=0.03)
+
+
+WORKER_ID_SETS = [[f"worker-{i}" for i in range(4)], [f"worker-{i}" for i in range(4, 8)],
+                  [f"w{i}" for i in range(1, 5)], [f"kvcache-worker-{i}" for i in range(4)],
+                  [f"gpu-{c}" for c in "abcd"], [f"worker-{i}" for i in range(8, 12)]]
+
+
+@pytest.mark.parametrize("worker_ids", WORKER_ID_SETS, ids=lambda ids: ids[0])
+def test_default_ring_balances_4_workers_within_7_percent(worker_ids):
+    ring = build_ring_of(worker_ids, DEFAULT_VNODES)
+    keys = [f"conv-{i}" for i in range(5000)]
+    counts = Counter(ring.owner(key) for key in keys)
+    assert max(counts.values()) / (len(keys) / 4) <= 1.07, counts
+    assert max(ring.shares().values()) * 4 <= 1.05  # the ring itself; the keys add sampling noise
+
+
+def test_the_classic_100_points_stay_available_and_are_less_even():
+    worst = max(max(build_ring_of(ids, 100).shares().values()) * 4 for ids in WORKER_ID_SETS)
+    assert worst > 1.07
+
+
+def build_ring_of(worker_ids: list[str], vnodes: int) -> HashRing:
+    ring = HashRing(vnodes)
+    for worker_id in worker_ids:
+        ring.add(worker_id)
+    return ring
 
 
 def test_shares_of_empty_ring_is_empty():
