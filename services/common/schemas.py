@@ -22,19 +22,19 @@ def _no_bool_or_string(value: object) -> object:
 
 
 NotBoolOrString = BeforeValidator(_no_bool_or_string)
-JsonInt = Annotated[int, NotBoolOrString]
-JsonFloat = Annotated[float, NotBoolOrString]
-# For optional fields: the constraints must come before the validator to reach the JSON schema.
+# The constraints come before the validator, or they do not reach the JSON schema of an optional field.
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED), NotBoolOrString]
 TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT), NotBoolOrString]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0), NotBoolOrString]
 TopP = Annotated[float, Field(gt=0.0, le=1.0), NotBoolOrString]
 
 
-def check_seq_id(seq_id: str) -> None:
-    """For a seq_id taken from a URL path (bodies are checked by GenerateRequest)."""
+def check_seq_id(seq_id: str, name: str = "seq_id") -> None:
+    """For a seq_id (or a key of the same alphabet) taken from a URL path or a header; bodies are
+    checked by their schema."""
     if not _SEQ_ID_RE.fullmatch(seq_id):
-        raise InvalidRequest("seq_id must be 1-128 characters of [A-Za-z0-9._:-]")
+        raise InvalidRequest(f"{name} must be 1-128 characters of [A-Za-z0-9._:-]",
+                             param=None if name == "seq_id" else name)
 
 
 class GenerateRequest(BaseModel):
@@ -42,9 +42,9 @@ class GenerateRequest(BaseModel):
 
     prompt: str = Field(..., min_length=1)
     seq_id: str | None = Field(None, pattern=SEQ_ID_PATTERN)
-    max_tokens: JsonInt = Field(50, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: JsonFloat = Field(1.0, ge=0.0, le=2.0)
-    top_p: JsonFloat = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: TokenCount = 50
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
     model_name: str | None = None
     stream: StrictBool = True
     seed: Seed | None = None

@@ -17,8 +17,9 @@ from services.gateway.session_key import SESSION_HEADER, chat_opening, prompt_op
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 SessionHeader = Annotated[str | None, Header(
-    alias=SESSION_HEADER, pattern=SEQ_ID_PATTERN, description="Routing key: every request with the same key reaches the same worker "
-                                      "(default: a hash of the model and the conversation's opening).")]
+    alias=SESSION_HEADER, pattern=SEQ_ID_PATTERN,
+    description="Routing key: every request with the same key reaches the same worker "
+                "(default: a hash of the model and the conversation's opening).")]
 
 
 def _proxy(request: Request) -> GatewayProxy:

@@ -61,15 +61,17 @@ class _Reply:
     def usage_chunk(self, usage: dict) -> dict:
         return self._chunk([]) | {"usage": usage_object(usage)}
 
+    def __post_init__(self) -> None:
+        self.id = self.id or f"{self.id_prefix}-{uuid.uuid4().hex}"
+
     chunk_object = ""
+    id_prefix = ""
 
 
 @dataclass
 class ChatReply(_Reply):
     chunk_object = "chat.completion.chunk"
-
-    def __post_init__(self) -> None:
-        self.id = self.id or f"chatcmpl-{uuid.uuid4().hex}"
+    id_prefix = "chatcmpl"
 
     def result(self, done: dict) -> dict:
         choice = {"index": 0, "message": {"role": "assistant", "content": done["text"]},
@@ -92,9 +94,7 @@ class ChatReply(_Reply):
 @dataclass
 class TextReply(_Reply):
     chunk_object = "text_completion"
-
-    def __post_init__(self) -> None:
-        self.id = self.id or f"cmpl-{uuid.uuid4().hex}"
+    id_prefix = "cmpl"
 
     def result(self, done: dict) -> dict:
         choice = {"index": 0, "text": done["text"], "logprobs": None, "finish_reason": done["finish_reason"]}

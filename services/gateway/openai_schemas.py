@@ -47,9 +47,9 @@ class _OpenAIRequest(BaseModel):
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
     def _sampling(self, max_tokens: int | None) -> dict:
-        params = {"max_tokens": max_tokens or 16, "temperature": self.temperature, "top_p": self.top_p,
+        params = {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
                   "seed": self.seed, "stop": self.stop_list(), "stream": self.stream}
-        return {key: value for key, value in params.items() if value is not None}
+        return {key: value for key, value in params.items() if value is not None}  # else the worker's defaults
 
 
 class TextPart(BaseModel):

@@ -8,14 +8,11 @@ messages and the first user message of a chat, the first characters of a complet
 
 import hashlib
 import json
-import re
 
-from services.common.errors import InvalidRequest
-from services.common.schemas import SEQ_ID_PATTERN
+from services.common.schemas import check_seq_id
 
 SESSION_HEADER = "X-Session-Id"
 PROMPT_OPENING_CHARS = 256
-_KEY_RE = re.compile(SEQ_ID_PATTERN)
 
 
 def chat_opening(messages: list[tuple[str, str]]) -> list[str]:
@@ -35,9 +32,7 @@ def prompt_opening(prompt: str) -> list[str]:
 
 def session_key(header: str | None, model: str, opening: list[str]) -> str:
     if header is not None:
-        if not _KEY_RE.fullmatch(header):
-            raise InvalidRequest(f"{SESSION_HEADER} must be 1-128 characters of [A-Za-z0-9._:-]",
-                                 param=SESSION_HEADER)
+        check_seq_id(header, SESSION_HEADER)
         return header
     digest = hashlib.sha256(json.dumps([model, *opening], ensure_ascii=False).encode()).hexdigest()
     return f"conv-{digest[:32]}"
