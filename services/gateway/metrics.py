@@ -7,6 +7,7 @@ from services.common.metrics import PREFIX
 
 _NAME = f"{PREFIX}_gateway"
 _TTFB_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ROUTING_DECISIONS = ("owner", "spilled", "rerouted", "migrated", "round_robin")
 _ENDPOINTS = {"/generate": "generate", "/stats": "stats", "/health": "health", "/metrics": "metrics",
               "/v1/chat/completions": "chat_completions", "/v1/completions": "completions", "/v1/models": "models"}
 
@@ -30,6 +31,14 @@ class GatewayMetrics:
             ["outcome"], registry=self.registry)
         for outcome in ("ok", "failed"):
             self.migrations.labels(outcome)
+        self.routing_decisions = Counter(
+            f"{_NAME}_routing_decisions_total",
+            "Where requests were sent: owner (the key's ring owner), spilled (past a loaded owner, "
+            "bounded-load hashing), rerouted (past an unreachable or draining owner), migrated (a broken "
+            "stream continued elsewhere), round_robin (GATEWAY_ROUTING=round_robin).",
+            ["decision"], registry=self.registry)
+        for decision in ROUTING_DECISIONS:
+            self.routing_decisions.labels(decision)
         self.active_streams = Gauge(
             f"{_NAME}_active_streams", "Token streams being relayed now.", registry=self.registry)
         self.ttfb_s = Histogram(
