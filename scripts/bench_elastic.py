@@ -53,13 +53,14 @@ def text(n: int, rng: random.Random) -> str:
     return "".join(rng.choice(string.ascii_letters + " ") for _ in range(n))
 
 
-def turn(url: str, **body) -> dict:
-    """One streamed POST /generate that never raises: status, start, done, error, client TTFT."""
+def turn(url: str, token_times: list[float] | None = None, client: httpx.Client = CLIENT, **body) -> dict:
+    """One streamed POST /generate that never raises: status, start, done, error, client TTFT.
+    `token_times` gets the perf_counter() of every token event."""
     out = {"status": None, "start": None, "done": None, "error": None, "ttft_s": None}
     t0 = time.perf_counter()
     out["sent_s"] = t0
     try:
-        with CLIENT.stream("POST", f"{url}/generate", json=body) as resp:
+        with client.stream("POST", f"{url}/generate", json=body) as resp:
             out["status"] = resp.status_code
             if resp.status_code != 200:
                 resp.read()
@@ -69,8 +70,12 @@ def turn(url: str, **body) -> dict:
                     kind = event["type"]
                     if kind == "start":
                         out["start"] = event
-                    elif kind == "token" and out["ttft_s"] is None:
-                        out["ttft_s"] = time.perf_counter() - t0
+                    elif kind == "token":
+                        now = time.perf_counter()
+                        if out["ttft_s"] is None:
+                            out["ttft_s"] = now - t0
+                        if token_times is not None:
+                            token_times.append(now)
                     elif kind == "error":
                         out["error"] = event
                     elif kind == "done":
