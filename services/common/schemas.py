@@ -110,6 +110,8 @@ class RegisterRequest(BaseModel):
 
 class HeartbeatRequest(BaseModel):
     worker_id: str = Field(..., pattern=WORKER_ID_PATTERN)
+    # Requests in progress at the worker (admitted, not yet finished): routers balance on it.
+    load: int | None = Field(None, ge=0)
 
 
 class DeregisterRequest(BaseModel):
@@ -119,6 +121,32 @@ class DeregisterRequest(BaseModel):
 class DrainRequest(BaseModel):
     worker_id: str = Field(..., pattern=WORKER_ID_PATTERN)
 
+
+
+class RingWorker(BaseModel):
+    worker_id: str
+    address: str
+    model_name: str | None = None
+    state: Literal["active", "draining"]
+    age_s: float                  # since it registered
+    last_heartbeat_age_s: float
+    load: int = 0                 # its last reported load (requests in progress)
+    load_reports: int = 0         # how many load reports it sent: a new one resets a router's estimate
+
+
+class RingSnapshot(BaseModel):
+    """Everything a router needs to route without asking: the workers, the current ring (its active
+    workers, `vnodes` points each) and the retired rings of the handoff window (previous owners)."""
+
+    instance: str  # the coordinator process: versions of another instance are not comparable
+    # Restarted less than a heartbeat TTL ago: workers are still re-registering, so the ring may
+    # be incomplete (routers keep their last ring meanwhile).
+    settling: bool = False
+    version: int   # grows with every change below, load reports included
+    epoch: int     # grows with membership changes only
+    vnodes: int
+    workers: list[RingWorker]
+    retired: list[list[str]] = []  # worker ids of each retired ring, newest first
 
 
 class RouteResponse(BaseModel):

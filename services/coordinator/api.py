@@ -6,12 +6,12 @@ internal bearer token. `router` holds the open routes (lookups, health, metrics)
 
 import re
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from services.common.errors import InvalidRequest, NotFound, Unavailable
 from services.common.metrics import metrics_response
 from services.common.schemas import (WORKER_ID_PATTERN, DeregisterRequest, DrainRequest,
-                                     HeartbeatRequest, RegisterRequest, RouteResponse, WorkerRef,
+                                     HeartbeatRequest, RegisterRequest, RingSnapshot, RouteResponse, WorkerRef,
                                      check_seq_id)
 from services.coordinator.membership import Membership, NoWorkers, UnknownWorker
 from services.coordinator.metrics import CoordinatorMetrics
@@ -20,6 +20,7 @@ router = APIRouter()
 membership_router = APIRouter()
 
 _WORKER_ID_RE = re.compile(WORKER_ID_PATTERN)
+MAX_RING_WAIT_S = 60.0
 
 
 def _membership(request: Request) -> Membership:
@@ -51,7 +52,7 @@ async def register(body: RegisterRequest, request: Request) -> dict:
 async def heartbeat(body: HeartbeatRequest, request: Request) -> dict:
     membership = _membership(request)
     try:
-        membership.heartbeat(body.worker_id)
+        membership.heartbeat(body.worker_id, body.load)
     except UnknownWorker as exc:
         _metrics(request).heartbeats.labels(outcome="unknown").inc()
         raise NotFound(f"{exc}; register again") from None
@@ -98,6 +99,20 @@ async def route(seq_id: str, request: Request, exclude: str = "") -> RouteRespon
     previous = [WorkerRef(worker_id=p.worker_id, address=p.address) for p in found.previous]
     return RouteResponse(seq_id=seq_id, worker_id=found.worker_id, address=found.address,
                          epoch=found.epoch, previous=previous)
+
+
+@router.get("/ring")
+async def ring(request: Request, after: int = -1, instance: str = "",
+               wait_s: float = Query(0.0, ge=0, le=MAX_RING_WAIT_S)) -> RingSnapshot:
+    """The routing state (workers, loads, current and retired rings). With `after` (a version of
+    this `instance`), waits up to `wait_s` for a newer version (a long poll): routers stay in
+    sync within milliseconds of a change without asking per request."""
+    membership, state = _membership(request), request.app.state
+    if membership.version <= after and instance == state.instance and wait_s > 0:
+        await state.watch.wait(wait_s)
+    uptime_s = membership.now() - state.started_at
+    return RingSnapshot.model_validate(membership.snapshot() | {
+        "instance": state.instance, "settling": uptime_s < membership.ttl_s})
 
 
 @router.get("/workers")

@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI
@@ -14,6 +15,7 @@ from services.coordinator.api import membership_router, router
 from services.coordinator.membership import Membership
 from services.coordinator.metrics import CoordinatorMetrics
 from services.coordinator.settings import CoordinatorSettings
+from services.coordinator.watch import VersionWatch
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +30,13 @@ async def sweep_forever(membership: Membership, interval_s: float) -> None:
 
 
 def build_membership(settings: CoordinatorSettings, metrics: CoordinatorMetrics,
-                     clock: Callable[[], float]) -> Membership:
+                     clock: Callable[[], float], watch: VersionWatch) -> Membership:
     def on_change(change: str, _worker_id: str, epoch: int) -> None:
         metrics.record_change(change, len(membership), membership.num_draining, epoch)
 
     membership = Membership(ttl_s=settings.ttl_s, vnodes=settings.vnodes,
                             handoff_window_s=settings.handoff_window_s, clock=clock,
-                            on_change=on_change)
+                            on_change=on_change, on_version=watch.notify)
     return membership
 
 
@@ -47,7 +49,10 @@ def create_app(settings: CoordinatorSettings | None = None, *,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
         app.state.metrics = CoordinatorMetrics()
-        app.state.membership = build_membership(settings, app.state.metrics, clock)
+        app.state.watch = VersionWatch()
+        app.state.instance = uuid.uuid4().hex
+        app.state.started_at = clock()
+        app.state.membership = build_membership(settings, app.state.metrics, clock, app.state.watch)
         sweep = asyncio.create_task(sweep_forever(app.state.membership, settings.sweep_interval_s))
         try:
             yield

@@ -10,7 +10,7 @@ Not thread-safe: the coordinator calls it only from its event loop (routes and t
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 Change = Literal["join", "leave", "expire", "update", "drain"]
 WorkerState = Literal["active", "draining"]
 OnChange = Callable[[Change, str, int], None]
+OnVersion = Callable[[int], None]
 
 MAX_RINGS_KEPT = 64
 # WorkerGenerateRequest.handoff_sources takes at most 16; the newest owners are the likeliest sources.
@@ -43,6 +44,8 @@ class WorkerInfo:
     registered_at: float
     last_heartbeat: float
     state: WorkerState = "active"
+    load: int = 0          # requests in progress, as last reported
+    load_reports: int = 0
 
 
 class Peer(NamedTuple):
@@ -62,18 +65,38 @@ class RetiredRing(NamedTuple):
     ring: HashRing
 
 
+def previous_owners(key: str, retired_rings: Iterable[HashRing], addresses: Mapping[str, str],
+                    skip: Collection[str]) -> tuple[Peer, ...]:
+    """The key's owners on the retired rings (newest first) that are still registered (have an
+    address), each once, not in `skip`, at most MAX_PREVIOUS: where its KV may still be."""
+    seen, previous = set(skip), []
+    for ring in retired_rings:
+        worker_id = ring.owner(key)
+        if worker_id in seen or worker_id not in addresses:
+            continue
+        seen.add(worker_id)
+        previous.append(Peer(worker_id, addresses[worker_id]))
+        if len(previous) == MAX_PREVIOUS:
+            break
+    return tuple(previous)
+
+
 class Membership:
     """`epoch` counts membership changes that alter routing or handoff sources: joins, drains,
-    leaves, expiries, and address updates. Heartbeats never bump it."""
+    leaves, expiries, and address updates. Heartbeats never bump it. `version` counts those and
+    changes of a reported load: what a router syncing the ring waits on (`on_version`)."""
 
     def __init__(self, *, ttl_s: float, vnodes: int = 100, handoff_window_s: float = 600.0,
-                 clock: Callable[[], float] = time.monotonic, on_change: OnChange | None = None):
+                 clock: Callable[[], float] = time.monotonic, on_change: OnChange | None = None,
+                 on_version: OnVersion | None = None):
         self.ttl_s = ttl_s
         self.handoff_window_s = handoff_window_s
         self.ring = HashRing(vnodes)
         self.epoch = 0
+        self.version = 0
         self._clock = clock
         self._on_change = on_change
+        self._on_version = on_version
         self._workers: dict[str, WorkerInfo] = {}
         self._history: deque[RetiredRing] = deque(maxlen=MAX_RINGS_KEPT)  # oldest first
 
@@ -140,9 +163,16 @@ class Membership:
             self._set_state(info, "draining")
         return info
 
-    def heartbeat(self, worker_id: str) -> WorkerInfo:
+    def heartbeat(self, worker_id: str, load: int | None = None) -> WorkerInfo:
+        """`load`: the worker's requests in progress; a report that changes it bumps `version`."""
         info = self.get(worker_id)
         info.last_heartbeat = self._clock()
+        if load is not None:
+            changed = load != info.load
+            info.load = load
+            info.load_reports += 1
+            if changed:
+                self._bump_version()
         return info
 
     def deregister(self, worker_id: str) -> bool:
@@ -172,22 +202,25 @@ class Membership:
             excluded_all = bool(excluded) and len(self.ring) > 0
             raise NoWorkers("every active worker is excluded" if excluded_all
                             else "no worker is active") from None
-        previous = self._previous_owners(seq_id, skip=excluded | {worker_id})
+        self._forget_rings(self._clock())
+        addresses = {w: info.address for w, info in self._workers.items()}
+        previous = previous_owners(seq_id, self.retired_rings(), addresses, skip=excluded | {worker_id})
         return Route(worker_id, self._workers[worker_id].address, self.epoch, previous)
 
-    def _previous_owners(self, seq_id: str, skip: frozenset[str]) -> tuple[Peer, ...]:
-        self._forget_rings(self._clock())
-        seen, previous = set(skip), []
-        for retired in reversed(self._history):
-            worker_id = retired.ring.owner(seq_id)
-            info = self._workers.get(worker_id)
-            if worker_id in seen or info is None:
-                continue
-            seen.add(worker_id)
-            previous.append(Peer(worker_id, info.address))
-            if len(previous) == MAX_PREVIOUS:
-                break
-        return tuple(previous)
+    def retired_rings(self) -> list[HashRing]:
+        """The rings of the handoff window, newest first."""
+        return [retired.ring for retired in reversed(self._history)]
+
+    def snapshot(self) -> dict:
+        """What a router needs to route by itself (the fields of schemas.RingSnapshot)."""
+        now = self._clock()
+        self._forget_rings(now)
+        workers = [{"worker_id": w.worker_id, "address": w.address, "model_name": w.model_name,
+                    "state": w.state, "age_s": round(now - w.registered_at, 3),
+                    "last_heartbeat_age_s": round(now - w.last_heartbeat, 3), "load": w.load,
+                    "load_reports": w.load_reports} for w in self.workers()]
+        return {"version": self.version, "epoch": self.epoch, "vnodes": self.ring.vnodes,
+                "workers": workers, "retired": [ring.workers for ring in self.retired_rings()]}
 
     def _set_state(self, info: WorkerInfo, state: WorkerState) -> None:
         info.state = state
@@ -222,3 +255,9 @@ class Membership:
                  info.address, info.state, self.epoch, len(self._workers), self.num_active)
         if self._on_change is not None:
             self._on_change(change, info.worker_id, self.epoch)
+        self._bump_version()
+
+    def _bump_version(self) -> None:
+        self.version += 1
+        if self._on_version is not None:
+            self._on_version(self.version)

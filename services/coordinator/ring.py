@@ -6,8 +6,9 @@ Python's hash() so every process (coordinator replicas, tests, tools) agrees on 
 """
 
 import bisect
+import functools
 import hashlib
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Iterator
 
 KEY_SPACE = 2**32
 # Points per worker. Random points balance slowly: with 4 workers the largest share is up to
@@ -26,6 +27,11 @@ def hash_key(key: str) -> int:
 
 def vnode_key(worker_id: str, index: int) -> str:
     return f"{worker_id}-vn-{index}"
+
+
+@functools.lru_cache(maxsize=256)  # ~200 KB a worker at 2000 points
+def _points_of(worker_id: str, vnodes: int) -> tuple[tuple[int, str], ...]:
+    return tuple((hash_key(vnode_key(worker_id, i)), worker_id) for i in range(vnodes))
 
 
 class HashRing:
@@ -57,8 +63,7 @@ class HashRing:
         if worker_id in self._workers:
             return False
         self._workers.add(worker_id)
-        points = [(hash_key(vnode_key(worker_id, i)), worker_id) for i in range(self.vnodes)]
-        self._rebuild(self._points + points)
+        self._rebuild(self._points + list(_points_of(worker_id, self.vnodes)))
         return True
 
     def remove(self, worker_id: str) -> bool:
@@ -74,18 +79,35 @@ class HashRing:
         excluded workers: the key's owner as if the excluded workers had left the ring."""
         if not self._points:
             raise EmptyRingError("the hash ring has no workers")
+        if not exclude:
+            return self._points[bisect.bisect_left(self._hashes, hash_key(key)) % len(self._points)][1]
+        for worker_id in self.walk(key, exclude):
+            return worker_id
+        raise EmptyRingError("every worker on the hash ring is excluded")
+
+    def walk(self, key: str, exclude: Collection[str] = ()) -> Iterator[str]:
+        """Each worker once, in the order of their first point clockwise from the key's hash: the
+        owner first, then the workers a bounded-load router spills to."""
+        excluded = frozenset(exclude)
+        wanted = len(self._workers - excluded)
+        seen: set[str] = set()
         num_points = len(self._points)
         start = bisect.bisect_left(self._hashes, hash_key(key))
-        if not exclude:
-            return self._points[start % num_points][1]
-        excluded = frozenset(exclude)
-        if self._workers <= excluded:
-            raise EmptyRingError("every worker on the hash ring is excluded")
         for offset in range(num_points):
+            if len(seen) == wanted:
+                return
             worker_id = self._points[(start + offset) % num_points][1]
-            if worker_id not in excluded:
-                return worker_id
-        raise AssertionError("unreachable: some worker is not excluded")
+            if worker_id not in seen and worker_id not in excluded:
+                seen.add(worker_id)
+                yield worker_id
+
+    @classmethod
+    def of(cls, workers: Iterable[str], vnodes: int = DEFAULT_VNODES) -> "HashRing":
+        """A ring of these workers, built at once (points of each worker cached across rings)."""
+        ring = cls(vnodes)
+        ring._workers = set(workers)
+        ring._rebuild([p for w in ring._workers for p in _points_of(w, vnodes)])
+        return ring
 
     def copy(self) -> "HashRing":
         ring = HashRing(self.vnodes)

@@ -20,6 +20,7 @@ from services.worker.engine.engine import Engine, EngineConfig
 from services.worker.handoff import KVPuller
 from services.worker.kv_store import KVStore
 from services.worker.kv_transfer import fingerprint
+from services.worker.load import InFlight, InFlightMiddleware
 from services.worker.metrics import WorkerMetrics
 from services.worker.model.loader import LoadedModel, load_model
 from services.worker.registration import Registration
@@ -39,6 +40,7 @@ class WorkerState:
         self.turns: Turns | None = None
         self.puller: KVPuller | None = None
         self.fingerprint: dict = {}
+        self.in_flight = InFlight()
         self.drainer = Drainer(settings.drain_timeout_s, registration=None)
         self.drainer.bind(lambda: self.engine, lambda: self.turns.num_open if self.turns else 0)
 
@@ -120,7 +122,8 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
         store = await asyncio.to_thread(open_store, s)
         state.turns = Turns(store, s.turn_lease_s)
         registration = Registration(client, s.coordinator_url, s.worker_id, s.advertise_address,
-                                    s.model_name, s.heartbeat_interval_s, bearer_headers(s.internal_token)) \
+                                    s.model_name, s.heartbeat_interval_s, bearer_headers(s.internal_token),
+                                    load=lambda: state.in_flight.count) \
             if s.register_with_coordinator else None
         state.drainer.registration = registration
         tasks = [asyncio.create_task(_start(state, registration, client)),
@@ -140,6 +143,7 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
     app = FastAPI(title="kvcache worker", lifespan=lifespan)
     app.state.worker = WorkerState(settings)
     install_error_handlers(app)
+    app.add_middleware(InFlightMiddleware, in_flight=app.state.worker.in_flight)
     app.include_router(router)
     app.include_router(completions_api.router)
     app.include_router(internal_api.router, dependencies=[Depends(require_bearer(settings.internal_token))])

@@ -3,6 +3,7 @@ and the drain/deregister calls of a graceful exit."""
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import httpx
 
@@ -11,13 +12,15 @@ logger = logging.getLogger(__name__)
 
 class Registration:
     def __init__(self, client: httpx.AsyncClient, coordinator_url: str, worker_id: str,
-                 address: str, model_name: str, interval_s: float, headers: dict[str, str]):
+                 address: str, model_name: str, interval_s: float, headers: dict[str, str],
+                 load: Callable[[], int] = lambda: 0):
         self.client = client
         self.base = coordinator_url.rstrip("/")
         self.body = {"worker_id": worker_id, "address": address, "model_name": model_name,
                      "draining": False}
         self.interval_s = interval_s
         self.headers = headers  # the bearer token, when one is configured
+        self.load = load  # requests in progress, reported on each heartbeat
         self.registered = False
         self.stopped = False  # deregistered: no more heartbeats
 
@@ -33,7 +36,7 @@ class Registration:
 
     async def _beat(self) -> None:
         if self.registered:
-            resp = await self._post("/heartbeat", {"worker_id": self.body["worker_id"]})
+            resp = await self._post("/heartbeat", {"worker_id": self.body["worker_id"], "load": self.load()})
             if resp.status_code != 404:
                 resp.raise_for_status()
                 return
