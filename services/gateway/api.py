@@ -45,8 +45,11 @@ async def stats(request: Request) -> dict:
 
 
 @router.get("/health")
-async def health() -> dict:
-    return {"status": "ok"}
+async def health(request: Request) -> dict:
+    """200 while the gateway can route: `degraded` when it routes with its last ring because the
+    coordinator cannot be reached (`ring` says since when and why)."""
+    ring = _proxy(request).ring.health()
+    return {"status": "degraded" if ring["coordinator"] != "ok" else "ok", "ring": ring}
 
 
 @router.get("/metrics", response_class=PlainTextResponse, responses=METRICS_RESPONSES)

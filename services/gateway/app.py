@@ -1,7 +1,8 @@
 """The public gateway: stateless; routes each request to its sequence's owner worker."""
 
+import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from importlib.metadata import version
 
 import httpx
@@ -16,7 +17,9 @@ from services.gateway.api_keys import ApiKeyMiddleware, load_api_keys
 from services.gateway.openai_api import router as openai_router
 from services.gateway.openai_format import is_openai_path, openai_error_body, openai_status
 from services.gateway.metrics import GatewayMetrics, RequestMetricsMiddleware
+from services.gateway.placement import Placer
 from services.gateway.proxy import GatewayProxy
+from services.gateway.ring_sync import RingSync
 from services.gateway.routing import CoordinatorClient
 from services.gateway.settings import GatewaySettings
 
@@ -42,11 +45,17 @@ def create_app(settings: GatewaySettings, transport: httpx.AsyncBaseTransport | 
         client = make_client(connect_timeout_s=settings.connect_timeout_s,
                              read_timeout_s=settings.read_timeout_s, transport=transport)
         app.state.client = client
-        app.state.proxy = GatewayProxy(client, CoordinatorClient(client, settings.coordinator_url), metrics,
-                                       migration_limit=settings.migration_limit, routing=settings.routing)
+        placer = Placer(settings.routing, settings.load_factor)
+        ring = RingSync(CoordinatorClient(client, settings.coordinator_url), placer.loads)
+        app.state.proxy = GatewayProxy(client, ring, placer, metrics, migration_limit=settings.migration_limit)
+        sync = asyncio.create_task(ring.run())
+        await ring.wait_first()
         try:
             yield
         finally:
+            sync.cancel()
+            with suppress(asyncio.CancelledError):
+                await sync
             await client.aclose()
 
     app = FastAPI(title="kvcache gateway", version=version("kvcache"), description=DESCRIPTION,

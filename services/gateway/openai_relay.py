@@ -21,8 +21,8 @@ from services.gateway.proxy import (ClosingEventStream, GatewayProxy, StreamBrok
 from services.gateway.session_key import SESSION_HEADER
 
 
-async def check_model(proxy: GatewayProxy, model: str) -> None:
-    served = await proxy.served_models()
+def check_model(proxy: GatewayProxy, model: str) -> None:
+    served = proxy.served_models()
     if model not in served:
         names = ", ".join(sorted(served)) or "none (no worker is registered)"
         raise ModelNotFound(f"model '{model}' is not served here; served: {names}", param="model")
@@ -30,7 +30,7 @@ async def check_model(proxy: GatewayProxy, model: str) -> None:
 
 async def complete(proxy: GatewayProxy, reply: Reply, request: WorkerCompletionRequest, key: str) -> Response:
     started_s = time.perf_counter()
-    await check_model(proxy, reply.model)
+    check_model(proxy, reply.model)
     upstream = await proxy.open_completion(key, request.model_dump(exclude_none=True))
     headers = {SESSION_HEADER: key}
     if not request.stream or upstream.response.status_code != 200:

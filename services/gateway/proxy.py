@@ -2,13 +2,13 @@
 JSON or SSE, and migrate a stream whose worker died to the sequence's new owner."""
 
 import asyncio
-import itertools
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import aclosing, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import httpx
@@ -21,13 +21,15 @@ from services.common.errors import (Draining, HTTPStatusError, NotReady, Service
                                    error_body)
 from services.common.http import path_segment
 from services.common.schemas import RouteResponse
-from services.common.sse import TERMINAL_TYPES, aparse_events, encode_event
+from services.common.sse import TERMINAL_TYPES, adata, encode_data, event_type
+from services.coordinator.ring import EmptyRingError
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.routing import CoordinatorClient, describe, error_message, json_or_none
+from services.gateway.placement import Placer
+from services.gateway.ring_sync import RingSync
+from services.gateway.routing import describe, error_message, json_or_none
 
 NUM_ATTEMPTS = 3  # the first try, then re-routes past workers that are unreachable or draining
 STATS_TIMEOUT_S = 2.0
-WORKERS_TTL_S = 1.0  # how stale the worker list behind /v1/models and round-robin may be
 _UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout)
 # A worker's 503s that mean "not here, ask again": it is leaving, or (re)starting.
 _REROUTE_ERRORS = frozenset({Draining.error_type, NotReady.error_type})
@@ -37,28 +39,49 @@ class StreamBroken(Exception):
     """The worker's stream ended before its terminal event (the worker died or the link broke)."""
 
 
-def upstream_error_event(message: str, error_type: str = UpstreamError.error_type) -> dict:
-    return {"type": "error", "error": {"type": error_type, "message": message}}
+class RawEvent(NamedTuple):
+    """A worker's event as its JSON text, relayed as is; parsed only where its content matters."""
+
+    type: str
+    data: str
+
+    def parsed(self) -> dict:
+        return json.loads(self.data)
 
 
-async def worker_events(upstream: httpx.Response) -> AsyncIterator[dict]:
+def upstream_error_event(message: str, error_type: str = UpstreamError.error_type) -> RawEvent:
+    error = {"type": "error", "error": {"type": error_type, "message": message}}
+    return RawEvent("error", json.dumps(error, separators=(",", ":")))
+
+
+async def raw_worker_events(upstream: httpx.Response) -> AsyncIterator[RawEvent]:
     """The worker's events in order, up to its terminal event; StreamBroken if there is none."""
     try:
-        async for event in aparse_events(upstream.aiter_lines()):
-            if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        async for data in adata(upstream.aiter_lines()):
+            kind = event_type(data)
+            if kind is None:
                 raise ValueError("event without a type")
-            yield event
-            if event["type"] in TERMINAL_TYPES:
+            yield RawEvent(kind, data)
+            if kind in TERMINAL_TYPES:
                 return
     except (httpx.HTTPError, ValueError) as exc:
         raise StreamBroken(f"worker stream broke: {describe(exc)}") from exc
     raise StreamBroken("worker stream ended without a done or error event")
 
 
-def stream_outcome(terminal_event: dict) -> str:
-    if terminal_event["type"] == "done":
+async def worker_events(upstream: httpx.Response) -> AsyncIterator[dict]:
+    """The worker's events parsed (for relays that rewrite them)."""
+    async for raw in raw_worker_events(upstream):
+        yield _parsed_or_broken(raw)
+
+
+def stream_outcome(terminal: RawEvent) -> str:
+    if terminal.type == "done":
         return "done"
-    error = terminal_event.get("error")
+    try:
+        error = terminal.parsed().get("error")
+    except (ValueError, AttributeError):
+        return "error"
     is_ours = isinstance(error, dict) and error.get("type") == UpstreamError.error_type
     return "upstream_error" if is_ours else "error"
 
@@ -115,15 +138,13 @@ class Upstream:
 
 
 class GatewayProxy:
-    def __init__(self, client: httpx.AsyncClient, coordinator: CoordinatorClient,
-                 metrics: GatewayMetrics, migration_limit: int = 1, routing: str = "affinity") -> None:
+    def __init__(self, client: httpx.AsyncClient, ring: RingSync, placer: Placer,
+                 metrics: GatewayMetrics, migration_limit: int = 1) -> None:
         self._client = client
-        self._coordinator = coordinator
+        self.ring = ring
+        self.placer = placer
         self.metrics = metrics
         self.migration_limit = migration_limit
-        self.routing = routing
-        self._turns = itertools.count()  # round-robin position
-        self._workers: tuple[float, list[dict]] = (-WORKERS_TTL_S, [])
 
     async def generate(self, payload: dict, *, stream: bool) -> Response:
         started_s = time.perf_counter()
@@ -136,42 +157,31 @@ class GatewayProxy:
             self.metrics.ttfb_s.observe(time.perf_counter() - started_s)
         return response
 
-    async def open_generate(self, payload: dict, exclude: Collection[str] = ()) -> Upstream:
-        seq_id = payload["seq_id"]
-
-        async def owner(excluded: set[str]) -> RouteResponse:
-            return await self._coordinator.route(seq_id, excluded)
-
-        return await self._send(owner, "/generate", payload, exclude)
+    async def open_generate(self, payload: dict, exclude: Collection[str] = (), *,
+                            migrating: bool = False) -> Upstream:
+        return await self._send(payload["seq_id"], "/generate", payload, exclude, migrating=migrating)
 
     async def open_completion(self, key: str, payload: dict) -> Upstream:
-        """A stateless request: to the owner of its routing key (affinity: the worker that holds the
-        conversation's KV), or to the next worker in turn (round_robin, for comparison)."""
+        """A stateless request, placed by its routing key like a session's turn (affinity: the
+        worker that holds the conversation's KV)."""
+        return await self._send(key, "/completions", payload)
 
-        async def owner(excluded: set[str]) -> RouteResponse:
-            if self.routing == "round_robin":
-                return await self._next_in_turn(excluded)
-            return await self._coordinator.route(key, excluded)
-
-        return await self._send(owner, "/completions", payload)
-
-    async def served_models(self) -> dict[str, int]:
+    def served_models(self) -> dict[str, int]:
         """Model name -> creation time (the Unix time its longest-serving worker registered)."""
         models: dict[str, int] = {}
         now = time.time()
-        for worker in await self._cached_workers():
-            name, age_s = worker.get("model_name"), worker.get("age_s")
-            if isinstance(name, str) and worker.get("state") == "active":
-                created = int(now - age_s) if isinstance(age_s, (int, float)) else int(now)
-                models[name] = min(models.get(name, created), created)
+        for worker in self.ring.current().workers.values():
+            if worker.model_name is not None and worker.state == "active":
+                created = int(now - worker.age_s)
+                models[worker.model_name] = min(models.get(worker.model_name, created), created)
         return models
 
     async def delete_sequence(self, seq_id: str) -> JSONResponse:
         """Removes the sequence from the session store and from every worker's KV: every worker
         is asked (any of them may hold its KV). 409 if a request runs on it, 404 if unknown."""
-        workers = await self._coordinator.workers()
+        workers = self.ring.current().workers.values()
         path = f"/sequences/{path_segment(seq_id)}"
-        answers = await asyncio.gather(*(self._delete_at(w.get("address"), path) for w in workers))
+        answers = await asyncio.gather(*(self._delete_at(w.address, path) for w in workers))
         for status in (409, 503, 200, 404):
             for answer in answers:
                 if answer is not None and answer.status_code == status:
@@ -179,27 +189,32 @@ class GatewayProxy:
         raise Unavailable("no worker could be asked to delete the sequence")
 
     async def cluster_stats(self) -> dict:
-        workers = await self._coordinator.workers()
-        results = await asyncio.gather(*(self._worker_stats(w.get("address")) for w in workers))
+        workers = list(self.ring.current().workers.values())
+        results = await asyncio.gather(*(self._worker_stats(w.address) for w in workers))
         per_worker, unreachable = {}, []
         for worker, (stats, failure) in zip(workers, results):
-            per_worker[worker["worker_id"]] = stats if stats is not None else {"error": failure}
+            per_worker[worker.worker_id] = stats if stats is not None else {"error": failure}
             if stats is None:
-                unreachable.append(worker["worker_id"])
+                unreachable.append(worker.worker_id)
         reachable = [stats for stats, _ in results if stats is not None]
         return {"num_workers": len(workers), "workers": per_worker,
                 "totals": sum_numeric(reachable), "unreachable": unreachable}
 
-    async def _send(self, owner: Callable[[set[str]], Awaitable[RouteResponse]], path: str, payload: dict,
-                    exclude: Collection[str] = ()) -> Upstream:
-        """POST to the owner, as a stream. A worker that cannot be reached, or that answers that it
-        is draining or not ready, is left out and the owner asked for again."""
+    async def _send(self, key: str, path: str, payload: dict, exclude: Collection[str] = (), *,
+                    migrating: bool = False) -> Upstream:
+        """POST to the key's worker (placed on the gateway's own ring), as a stream. A worker that
+        cannot be reached, or that answers that it is draining or not ready, is left out, the
+        ring refreshed, and the key placed again."""
         excluded = set(exclude)
-        failure = "no worker could be reached"
+        failure = None
         for attempt in range(NUM_ATTEMPTS):
+            try:
+                route = self._place(key, excluded, migrating)
+            except EmptyRingError as exc:
+                failure = f"{failure}; no other worker is active" if failure else str(exc)
+                break
             if attempt:
                 self.metrics.upstream_retries.inc()
-            route = await owner(excluded)
             body = _for_worker(payload, route)
             try:
                 request = self._client.build_request("POST", route.address.rstrip("/") + path, json=body)
@@ -213,31 +228,24 @@ class GatewayProxy:
             else:
                 reason = await _reroute_reason(response)
                 if reason is None:
+                    self._count_open(route.worker_id, response)
                     return Upstream(response, route, body)
                 failure = f"worker {route.worker_id}: {reason}"
             excluded.add(route.worker_id)
+            self.ring.refresh_now()
         raise Unavailable(failure, retry_after_s=1)
 
-    async def _next_in_turn(self, excluded: set[str]) -> RouteResponse:
-        active = [w for w in await self._cached_workers()
-                  if w.get("state") == "active" and isinstance(w.get("address"), str)
-                  and w["worker_id"] not in excluded]
-        if not active:
-            raise Unavailable("no worker available", retry_after_s=1)
-        worker = active[next(self._turns) % len(active)]
-        return RouteResponse(seq_id="", worker_id=worker["worker_id"], address=worker["address"], epoch=0)
+    def _place(self, key: str, excluded: set[str], migrating: bool) -> RouteResponse:
+        placement = self.placer.place(self.ring.current(), key, excluded)
+        self.metrics.routing_decisions.labels("migrated" if migrating else placement.decision).inc()
+        return placement.route
 
-    async def _cached_workers(self) -> list[dict]:
-        """The coordinator's worker list, at most WORKERS_TTL_S old (asked once per request otherwise)."""
-        fetched_s, workers = self._workers
-        if time.monotonic() - fetched_s >= WORKERS_TTL_S:
-            workers = await self._coordinator.workers()
-            self._workers = (time.monotonic(), workers)
-        return workers
+    def _count_open(self, worker_id: str, response: httpx.Response) -> None:
+        """The request counts in the worker's load (bounded loads) until its response is closed."""
+        self.placer.loads.started(worker_id)
+        response.stream = _ReleasingStream(response.stream, lambda: self.placer.loads.finished(worker_id))
 
-    async def _delete_at(self, address: Any, path: str) -> JSONResponse | None:
-        if not isinstance(address, str):
-            return None
+    async def _delete_at(self, address: str, path: str) -> JSONResponse | None:
         try:
             response = await self._client.send(
                 self._client.build_request("DELETE", address.rstrip("/") + path), stream=True)
@@ -245,9 +253,7 @@ class GatewayProxy:
         except (httpx.HTTPError, httpx.InvalidURL, ServiceError):
             return None  # a worker that is gone holds no KV
 
-    async def _worker_stats(self, address: Any) -> tuple[dict | None, str | None]:
-        if not isinstance(address, str):
-            return None, "worker has no address"
+    async def _worker_stats(self, address: str) -> tuple[dict | None, str | None]:
         try:
             response = await self._client.get(f"{address.rstrip('/')}/stats", timeout=STATS_TIMEOUT_S)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
@@ -256,6 +262,28 @@ class GatewayProxy:
         if response.status_code != 200 or not isinstance(body, dict):
             return None, error_message(body) or f"HTTP {response.status_code}"
         return body, None
+
+
+
+
+class _ReleasingStream(httpx.AsyncByteStream):
+    """A response body that calls `release` once when closed (read to the end, or closed early)."""
+
+    def __init__(self, stream: httpx.AsyncByteStream, release: Callable[[], None]) -> None:
+        self._stream = stream
+        self._release: Callable[[], None] | None = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
 
 
 def _for_worker(payload: dict, route: RouteResponse) -> dict:
@@ -284,7 +312,8 @@ async def _reroute_reason(response: httpx.Response) -> str | None:
 class StreamRelay:
     """One client stream over one or more worker streams: when a worker's stream breaks, the rest
     of the turn is asked of the sequence's new owner (resume: the tokens already sent), and the
-    client sees one uninterrupted stream with one start and exactly one terminal event."""
+    client sees one uninterrupted stream with one start and exactly one terminal event. Events are
+    relayed as the worker's bytes; only start and terminal events are parsed."""
 
     def __init__(self, proxy: GatewayProxy, upstream: Upstream, metrics: GatewayMetrics,
                  started_s: float) -> None:
@@ -293,24 +322,24 @@ class StreamRelay:
         self.metrics = metrics
         self.started_s = started_s
         self.start: dict | None = None
-        self.token_ids: list[int] = []
+        self.tokens: list[str] = []  # token events' JSON, parsed only if the turn migrates
 
     async def encoded(self) -> AsyncIterator[bytes]:
-        outcome, last_event = "client_disconnect", None
+        outcome, last = "client_disconnect", None
         self.metrics.active_streams.inc()
         try:
             async with aclosing(self.events()) as events:
                 async for event in events:
-                    if last_event is None:
+                    if last is None:
                         self.metrics.ttfb_s.observe(time.perf_counter() - self.started_s)
-                    last_event = event
-                    yield encode_event(event)
-            outcome = stream_outcome(last_event)
+                    last = event
+                    yield encode_data(event.data)
+            outcome = stream_outcome(last)
         finally:
             self.metrics.active_streams.dec()
             self.metrics.streams.labels(outcome).inc()
 
-    async def events(self) -> AsyncIterator[dict]:
+    async def events(self) -> AsyncIterator[RawEvent]:
         migrations = 0
         while True:
             try:
@@ -327,26 +356,31 @@ class StreamRelay:
                     yield failure
                     return
 
-    async def _relay_one(self) -> AsyncIterator[dict]:
-        async for event in worker_events(self.upstream.response):
-            if event["type"] == "start":
+    async def _relay_one(self) -> AsyncIterator[RawEvent]:
+        async for event in raw_worker_events(self.upstream.response):
+            if event.type == "token":
+                self.tokens.append(event.data)
+            elif event.type == "start":
                 if self.start is not None:
                     continue  # a migrated turn's second start: the client has one already
-                self.start = event
-            elif event["type"] == "token":
-                self.token_ids.append(event.get("token_id"))
+                self.start = _parsed_or_broken(event)
             yield event
 
-    async def _migrate(self) -> dict | None:
+    async def _migrate(self) -> RawEvent | None:
         """Continue on the new owner; an error event if that is not possible."""
         await self.aclose()
         previous = self.upstream
+        try:
+            generated_ids = [json.loads(data).get("token_id") for data in self.tokens]
+        except (ValueError, AttributeError):
+            return upstream_error_event("migration failed: the worker sent an invalid token event")
         payload = previous.payload | {"resume": {
             "turn_id": previous.payload["request_id"],
-            "context_tokens": self.start["context_tokens"] if self.start else None,
-            "generated_ids": self.token_ids}}
+            "context_tokens": self.start.get("context_tokens") if self.start else None,
+            "generated_ids": generated_ids}}
         try:
-            upstream = await self.proxy.open_generate(payload, exclude={previous.route.worker_id})
+            upstream = await self.proxy.open_generate(payload, exclude={previous.route.worker_id},
+                                                      migrating=True)
         except ServiceError as exc:
             self.metrics.migrations.labels("failed").inc()
             return upstream_error_event(f"migration failed: {exc.message}", exc.error_type)
@@ -361,6 +395,16 @@ class StreamRelay:
 
     async def aclose(self) -> None:
         await close_upstream(self.upstream.response)
+
+
+def _parsed_or_broken(event: RawEvent) -> dict:
+    try:
+        parsed = event.parsed()
+    except ValueError as exc:
+        raise StreamBroken(f"worker stream broke: {describe(exc)}") from exc
+    if not isinstance(parsed, dict):
+        raise StreamBroken("worker stream broke: an event that is not an object")
+    return parsed
 
 
 async def close_upstream(response: httpx.Response) -> None:

@@ -1,6 +1,6 @@
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -22,6 +22,16 @@ class GatewaySettings(ServiceSettings):
     # How /v1 requests pick a worker: `affinity` (the owner of the conversation's routing key,
     # which holds its KV) or `round_robin` (each request to the next worker; for comparison only).
     routing: Literal["affinity", "round_robin"] = "affinity"
+    # Bounded-load consistent hashing (affinity routing): a request passes its key's owner when
+    # that worker's load is above this factor times the average (plus one). 0: off; else >= 1.
+    load_factor: float = Field(0.0, ge=0)
     # Comma-separated keys, or @/path/to/file; empty: no key needed. When set, every route but
     # /health and /metrics needs `Authorization: Bearer <key>`.
     api_keys: SecretStr = SecretStr("")
+
+    @field_validator("load_factor")
+    @classmethod
+    def _off_or_at_least_one(cls, value: float) -> float:
+        if 0 < value < 1:
+            raise ValueError("must be 0 (off) or at least 1 (no worker can stay below the average)")
+        return value

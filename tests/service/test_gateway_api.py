@@ -1,6 +1,7 @@
 """The gateway in-process, in front of a fake coordinator and fake workers (also in-process)."""
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 
 import httpx
@@ -10,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from services.common.errors import error_body
 from services.common.sse import aparse_events, encode_event, parse_events
+from services.coordinator.ring import HashRing
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 
@@ -192,38 +194,57 @@ class FakeWorker:
         return app
 
 
+RING_VNODES = 50
+
+
 @dataclass
 class Cluster:
     workers: dict[str, FakeWorker]
     dispatch: HostDispatch | None = None
     gateway: httpx.AsyncClient | None = None
-    routes: list[str] = field(default_factory=lambda: ["w1"])  # handed out in order; the last repeats
-    registered: list[str] = field(default_factory=lambda: ["w1", "w2"])
-    route_calls: list[str] = field(default_factory=list)
-    route_excludes: list[str] = field(default_factory=list)
+    app: FastAPI | None = None
+    active: list[str] = field(default_factory=lambda: ["w1"])      # on the ring
+    registered: list[str] = field(default_factory=lambda: ["w1", "w2"])  # the others are draining
+    version: int = 1
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    ring_polls: int = 0
 
-    def next_route(self) -> str | None:
-        if not self.routes:
-            return None
-        return self.routes.pop(0) if len(self.routes) > 1 else self.routes[0]
+    def snapshot(self) -> dict:
+        workers = [{"worker_id": w, "address": f"http://{w}:8082", "model_name": "tiny",
+                    "state": "active" if w in self.active else "draining", "age_s": 5.0,
+                    "last_heartbeat_age_s": 0.5} for w in self.registered]
+        return {"instance": "fake", "version": self.version, "epoch": self.version,
+                "vnodes": RING_VNODES, "workers": workers}
+
+    async def set_ring(self, active: list[str], registered: list[str] | None = None) -> None:
+        """Changes the fake coordinator's ring and waits until the gateway routes by it."""
+        self.active = active
+        self.registered = registered if registered is not None else sorted(set(self.registered) | set(active))
+        self.version += 1
+        self.changed.set()
+        self.changed = asyncio.Event()
+        ring = self.app.state.proxy.ring
+        async with asyncio.timeout(WAIT_S):
+            while ring.view is None or ring.view.version != self.version:
+                await asyncio.sleep(0.005)
+
+
+def owned_by(worker_id: str, workers: list[str], prefix: str = "s") -> str:
+    """A seq_id whose owner on a ring of `workers` is `worker_id`."""
+    ring = HashRing.of(workers, RING_VNODES)
+    return next(f"{prefix}-{i}" for i in range(1000) if ring.owner(f"{prefix}-{i}") == worker_id)
 
 
 def fake_coordinator(cluster: Cluster) -> FastAPI:
     app = FastAPI()
 
-    @app.get("/route/{seq_id}")
-    async def route(seq_id: str, exclude: str = ""):
-        cluster.route_calls.append(seq_id)
-        cluster.route_excludes.append(exclude)
-        worker_id = cluster.next_route()
-        if worker_id is None:
-            return JSONResponse(error_body("unavailable", "no live workers"), status_code=503)
-        return {"seq_id": seq_id, "worker_id": worker_id, "address": f"http://{worker_id}:8082", "epoch": 1}
-
-    @app.get("/workers")
-    async def workers():
-        return {"epoch": 1, "workers": [{"worker_id": w, "address": f"http://{w}:8082", "model_name": "tiny"}
-                                        for w in cluster.registered]}
+    @app.get("/ring")
+    async def ring(after: int = -1, instance: str = "", wait_s: float = 0.0):
+        cluster.ring_polls += 1
+        if after >= cluster.version and instance == "fake":
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cluster.changed.wait(), wait_s)
+        return cluster.snapshot()
 
     return app
 
@@ -235,10 +256,15 @@ async def cluster():
     transports["coordinator:8081"] = StreamingASGITransport(fake_coordinator(cluster))
     cluster.dispatch = HostDispatch(transports)
     app = create_app(GatewaySettings(coordinator_url="http://coordinator:8081"), transport=cluster.dispatch)
+    cluster.app = app
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=StreamingASGITransport(app), base_url="http://gateway") as client:
             cluster.gateway = client
             yield cluster
+
+
+def sent_to(cluster: Cluster) -> dict[str, list[str]]:
+    return {w: [r["seq_id"] for r in fake.requests] for w, fake in cluster.workers.items()}
 
 
 def events_of(response: httpx.Response) -> list[dict]:
@@ -272,7 +298,6 @@ async def test_given_seq_id_is_routed_and_forwarded(cluster, seq_id):
     body = {"prompt": "hi", "seq_id": seq_id, "max_tokens": 7, "temperature": 0.0}
     response = await cluster.gateway.post("/generate", json=body)
     assert response.status_code == 200
-    assert cluster.route_calls == [seq_id]
     [sent] = cluster.workers["w1"].requests
     assert sent.pop("handoff_sources") == [] and len(sent.pop("request_id")) == 32
     assert sent == {**body, "stream": True}
@@ -282,7 +307,6 @@ async def test_seq_id_is_generated_when_absent(cluster):
     response = await cluster.gateway.post("/generate", json={"prompt": "hi"})
     seq_id = response.headers["x-seq-id"]
     assert len(seq_id) == 32 and int(seq_id, 16) >= 0
-    assert cluster.route_calls == [seq_id]
     assert cluster.workers["w1"].requests[0]["seq_id"] == seq_id
     assert events_of(response)[0]["seq_id"] == seq_id
 
@@ -329,7 +353,7 @@ async def test_bad_input_is_422_json(cluster, body):
     response = await cluster.gateway.post("/generate", json=body)
     assert response.status_code == 422
     assert response.json()["error"]["type"] == "invalid_request"
-    assert cluster.route_calls == []
+    assert sent_to(cluster) == {"w1": [], "w2": []}
 
 
 async def test_malformed_json_is_422(cluster):
@@ -339,32 +363,67 @@ async def test_malformed_json_is_422(cluster):
     assert response.json()["error"]["type"] == "invalid_request"
 
 
-async def test_coordinator_503_is_503_json(cluster):
-    cluster.routes = []
+async def test_empty_ring_is_503_json(cluster):
+    await cluster.set_ring(active=[])
     response = await cluster.gateway.post("/generate", json={"prompt": "x", "seq_id": "s4"})
     assert response.status_code == 503
-    assert response.json() == error_body("unavailable", "no live workers")
+    assert response.json() == error_body("unavailable", "no active worker")
     assert response.headers["x-seq-id"] == "s4"
 
 
-async def test_coordinator_unreachable_is_503_json(cluster):
+async def test_routes_with_its_last_ring_while_the_coordinator_is_down(cluster):
     cluster.dispatch.down.add("coordinator:8081")
-    response = await cluster.gateway.post("/generate", json={"prompt": "x"})
-    assert response.status_code == 503
-    assert response.json()["error"]["type"] == "unavailable"
-    assert "coordinator unreachable" in response.json()["error"]["message"]
+    cluster.changed.set()  # ends the pending long poll: the next one fails
+    async with asyncio.timeout(WAIT_S):
+        while (await cluster.gateway.get("/health")).json()["status"] != "degraded":
+            await asyncio.sleep(0.01)
+    health = (await cluster.gateway.get("/health")).json()
+    assert health["ring"]["coordinator"] == "unreachable" and health["ring"]["active_workers"] == 1
+    assert "coordinator unreachable" in health["ring"]["error"]
+    response = await cluster.gateway.post("/generate", json={"prompt": "a b", "seq_id": "s-down"})
+    assert response.status_code == 200
+    assert events_of(response)[-1]["type"] == "done"
+    assert (await cluster.gateway.get("/stats")).status_code == 200
+    cluster.dispatch.down.discard("coordinator:8081")
+    async with asyncio.timeout(WAIT_S):
+        while (await cluster.gateway.get("/health")).json()["status"] != "ok":
+            await asyncio.sleep(0.01)
+
+
+async def test_a_gateway_that_never_reached_the_coordinator_answers_503():
+    dispatch = HostDispatch({})
+    app = create_app(GatewaySettings(coordinator_url="http://coordinator:8081"), transport=dispatch)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=StreamingASGITransport(app), base_url="http://gateway") as client:
+            response = await client.post("/generate", json={"prompt": "x"})
+            assert response.status_code == 503
+            assert "gateway has no ring yet" in response.json()["error"]["message"]
+            assert (await client.get("/stats")).status_code == 503
+            assert (await client.get("/health")).json()["status"] == "degraded"
+
+
+async def test_a_ring_change_reaches_the_gateway_without_a_request(cluster):
+    polls = cluster.ring_polls
+    await cluster.set_ring(active=["w1", "w2"])  # waits for the gateway's view
+    assert cluster.ring_polls == polls + 1  # one long poll answered the change
+    seq_id = owned_by("w2", ["w1", "w2"])
+    response = await cluster.gateway.post("/generate", json={"prompt": "a", "seq_id": seq_id})
+    assert events_of(response)[-1]["worker_id"] == "w2"
+    assert cluster.ring_polls == polls + 1  # the request asked nothing of the coordinator
 
 
 async def test_connect_error_reroutes_and_retries_once(cluster):
-    cluster.routes = ["w1", "w2"]
+    await cluster.set_ring(active=["w1", "w2"])
     cluster.dispatch.down.add("w1:8082")
-    response = await cluster.gateway.post("/generate", json={"prompt": "a b", "seq_id": "s5"})
+    seq_id = owned_by("w1", ["w1", "w2"])
+    response = await cluster.gateway.post("/generate", json={"prompt": "a b", "seq_id": seq_id})
     assert response.status_code == 200
-    assert events_of(response)[-1]["worker_id"] == "w2"
-    assert cluster.route_calls == ["s5", "s5"]
-    assert cluster.route_excludes == ["", "w1"]  # the unreachable worker is left out
-    assert len(cluster.workers["w2"].requests) == 1
-    assert "kvcache_gateway_upstream_retries_total 1.0" in await metrics_text(cluster)
+    assert events_of(response)[-1]["worker_id"] == "w2"  # the unreachable worker is left out
+    assert sent_to(cluster) == {"w1": [], "w2": [seq_id]}
+    text = await metrics_text(cluster)
+    assert "kvcache_gateway_upstream_retries_total 1.0" in text
+    assert 'kvcache_gateway_routing_decisions_total{decision="owner"} 1.0' in text
+    assert 'kvcache_gateway_routing_decisions_total{decision="rerouted"} 1.0' in text
 
 
 async def test_connect_error_on_every_attempt_is_503_json(cluster):
@@ -373,22 +432,24 @@ async def test_connect_error_on_every_attempt_is_503_json(cluster):
     assert response.status_code == 503
     assert response.json()["error"]["type"] == "unavailable"
     assert response.headers["x-seq-id"] == "s6"
-    assert cluster.route_calls == ["s6", "s6", "s6"]
+    assert "w1 unreachable" in response.json()["error"]["message"]
 
 
 async def test_draining_worker_is_left_out_and_the_request_rerouted(cluster):
-    cluster.routes = ["w1", "w2"]
+    await cluster.set_ring(active=["w1", "w2"])
     cluster.workers["w1"].mode = "draining"
-    response = await cluster.gateway.post("/generate", json={"prompt": "a b", "seq_id": "dr"})
+    seq_id = owned_by("w1", ["w1", "w2"])
+    response = await cluster.gateway.post("/generate", json={"prompt": "a b", "seq_id": seq_id})
     assert response.status_code == 200
     assert events_of(response)[-1]["worker_id"] == "w2"
-    assert cluster.route_excludes == ["", "w1"]
+    assert sent_to(cluster) == {"w1": [seq_id], "w2": [seq_id]}
 
 
 async def test_a_broken_stream_migrates_to_the_new_owner(cluster):
-    cluster.routes = ["w1", "w2"]
+    await cluster.set_ring(active=["w1", "w2"])
     cluster.workers["w1"].mode = "break"  # dies after its first token
-    response = await cluster.gateway.post("/generate", json={"prompt": "a b c", "seq_id": "mig"})
+    seq_id = owned_by("w1", ["w1", "w2"])
+    response = await cluster.gateway.post("/generate", json={"prompt": "a b c", "seq_id": seq_id})
     events = events_of(response)
     assert [e["type"] for e in events] == ["start", "token", "token", "token", "done"]
     assert [e["index"] for e in events if e["type"] == "token"] == [0, 1, 2]
@@ -397,13 +458,16 @@ async def test_a_broken_stream_migrates_to_the_new_owner(cluster):
     resumed, = cluster.workers["w2"].requests
     assert resumed["resume"] == {"turn_id": first["request_id"], "context_tokens": 2, "generated_ids": [0]}
     assert resumed["request_id"] != first["request_id"] and resumed["prompt"] == "a b c"
-    assert cluster.route_excludes == ["", "w1"]
-    assert 'kvcache_gateway_migrations_total{outcome="ok"} 1.0' in await metrics_text(cluster)
+    text = await metrics_text(cluster)
+    assert 'kvcache_gateway_migrations_total{outcome="ok"} 1.0' in text
+    assert 'kvcache_gateway_routing_decisions_total{decision="migrated"} 1.0' in text
 
 
 @pytest.mark.parametrize("mode", ["truncate", "break"])
 async def test_stream_that_breaks_midway_ends_with_one_error_event(cluster, mode):
-    cluster.workers["w1"].mode = mode
+    await cluster.set_ring(active=["w1", "w2"])
+    for worker in cluster.workers.values():  # the migrated stream breaks too
+        worker.mode = mode
     response = await cluster.gateway.post("/generate", json={"prompt": "a b c"})
     assert response.status_code == 200
     events = events_of(response)
@@ -447,11 +511,10 @@ async def test_delete_reaches_every_worker(cluster):
 async def test_delete_with_bad_seq_id_is_422(cluster):
     response = await cluster.gateway.delete("/sequences/bad%20id")
     assert response.status_code == 422
-    assert cluster.route_calls == []
 
 
 async def test_stats_aggregates_and_lists_unreachable(cluster):
-    cluster.registered = ["w1", "w2", "w3"]
+    await cluster.set_ring(active=["w1"], registered=["w1", "w2", "w3"])
     response = await cluster.gateway.get("/stats")
     assert response.status_code == 200
     body = response.json()
@@ -464,18 +527,12 @@ async def test_stats_aggregates_and_lists_unreachable(cluster):
     assert "model_name" not in body["totals"] and "worker_id" not in body["totals"]
 
 
-async def test_stats_without_coordinator_is_503(cluster):
-    cluster.dispatch.down.add("coordinator:8081")
-    response = await cluster.gateway.get("/stats")
-    assert response.status_code == 503
-    assert response.json()["error"]["type"] == "unavailable"
-
-
 async def test_health_needs_no_dependency(cluster):
-    cluster.dispatch.down.update({"coordinator:8081", "w1:8082", "w2:8082"})
+    cluster.dispatch.down.update({"w1:8082", "w2:8082"})
     response = await cluster.gateway.get("/health")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok"}
+    assert response.json()["status"] == "ok"
+    assert response.json()["ring"]["active_workers"] == 1
 
 
 async def test_metrics_exposes_gateway_series(cluster):
