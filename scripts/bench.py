@@ -23,6 +23,10 @@ Scenarios (medians over repetitions, min/max in the JSON and the table):
      routing (throughput, prefix hit rate); 8 with one system prompt shared by all sessions,
      8b with a system prompt of each session's own (--s8-system-prompt)
 Scenarios 6 and 7 live in scripts/bench_elastic.py, 8 in scripts/bench_openai.py.
+
+    .venv/bin/python scripts/bench.py --load-run --sessions 8 --duration 60   # = scripts/load_run.py ...
+
+runs scripts/load_run.py instead (every argument after --load-run is its own; see its --help).
 """
 
 import argparse
@@ -51,6 +55,7 @@ from services.worker.model.presets import resolve_model_path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_elastic  # noqa: E402
 import bench_openai  # noqa: E402
+import load_run  # noqa: E402
 
 MODEL = "gpt2-small-random"
 # One client for the whole run: building an httpx.Client loads CA certificates (tens of ms).
@@ -308,7 +313,11 @@ def main() -> None:
                         help="workers of scenario 8 (results of another count than 2 are kept apart: s8-<n>w)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
     parser.add_argument("--model-cache-dir", type=Path, default=Path.home() / ".cache" / "kvcache" / "models")
+    parser.add_argument("--load-run", nargs=argparse.REMAINDER, metavar="ARGS",
+                        help="run scripts/load_run.py with the arguments that follow instead of the scenarios")
     args = parser.parse_args()
+    if args.load_run is not None:
+        return load_run.main(args.load_run)
     args.out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     print(f"machine: {machine()}\nscenarios: {args.scenarios}", flush=True)
