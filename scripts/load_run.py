@@ -73,10 +73,10 @@ class LoadConfig:
 
 def turn_record(r: dict, t0: float, token_times: list[float], session: int, seq_id: str) -> dict:
     """One turn from bench_elastic.turn()'s result; times in seconds since the run's start."""
-    rec = {"session": session, "seq_id": seq_id, "t": round(r["sent_s"] - t0, 4),
-           "end_s": round(r["sent_s"] - t0 + r["total_s"], 4),
-           "ttft_s": None if r["ttft_s"] is None else round(r["ttft_s"], 4),
-           "itl_s": [round(b - a, 4) for a, b in zip(token_times, token_times[1:])],
+    rec = {"session": session, "seq_id": seq_id, "t": round(r["sent_s"] - t0, 6),
+           "end_s": round(r["sent_s"] - t0 + r["total_s"], 6),
+           "ttft_s": None if r["ttft_s"] is None else round(r["ttft_s"], 6),
+           "itl_s": [round(b - a, 6) for a, b in zip(token_times, token_times[1:])],
            "tokens": len(token_times), "error": None if r["ok"] else str(r["error"])[:300],
            "worker": (r["start"] or {}).get("worker_id")}
     usage = (r["done"] or {}).get("usage") or {}
@@ -121,12 +121,12 @@ def window_stats(records: list[dict], lo: float, hi: float) -> dict:
 
 def per_second(records: list[dict], end_s: float, window_s: int) -> list[dict]:
     """One row per second: turns started/finished, errors, tokens arrived, TTFT (turns sent that
-    second) and ITL (gaps ending that second) p50/p99, the same over a trailing window, hit rate
-    and handoff tokens of the turns finished that second."""
+    second) and ITL (gaps ending that second) p50/p99, the same over a trailing window, hit rate,
+    handoff tokens and turns per worker of the turns finished that second."""
     n = max(1, math.ceil(end_s))
     at = lambda t: min(n - 1, max(0, int(t)))  # noqa: E731
     rows = [{"t": s, "turns_started": 0, "turns_done": 0, "errors": 0, "tokens": 0, "cached_tokens": 0,
-             "context_tokens": 0, "handoff_tokens": 0} for s in range(n)]
+             "context_tokens": 0, "handoff_tokens": 0, "turns_by_worker": {}} for s in range(n)]
     ttft: list[list[float]] = [[] for _ in range(n)]
     itl: list[list[float]] = [[] for _ in range(n)]
     for r in records:
@@ -142,6 +142,7 @@ def per_second(records: list[dict], end_s: float, window_s: int) -> list[dict]:
         if not r["error"]:
             for key in ("cached_tokens", "context_tokens", "handoff_tokens"):
                 done[key] += r[key] or 0
+            done["turns_by_worker"][r["worker"]] = done["turns_by_worker"].get(r["worker"], 0) + 1
     for s, row in enumerate(rows):
         recent = range(max(0, s + 1 - window_s), s + 1)
         rolling_ttft = [v for i in recent for v in ttft[i]]
@@ -155,8 +156,9 @@ def per_second(records: list[dict], end_s: float, window_s: int) -> list[dict]:
 
 
 def phases(records: list[dict], events: list[dict], end_s: float) -> list[dict]:
-    """window_stats between consecutive scale events (the whole run when there is none)."""
-    marks = sorted(events, key=lambda e: e["t"])
+    """window_stats between consecutive scale events (the whole run when there is none); events
+    after the end (a drain that outlasts the load) bound no phase."""
+    marks = sorted((e for e in events if e["t"] < end_s), key=lambda e: e["t"])
     bounds = [0.0, *(e["t"] for e in marks), end_s]
     names = ["start", *(e["label"] for e in marks), "end"]
     return [{"phase": f"{names[i]} -> {names[i + 1]}", **window_stats(records, bounds[i], bounds[i + 1])}
@@ -243,7 +245,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     records, series, cfg = result["turns"], result["series"], result["config"]
-    fig, axes = plt.subplots(4, 1, figsize=(12, 12), sharex=True)
+    fig, axes = plt.subplots(5, 1, figsize=(12, 14), sharex=True, height_ratios=[3, 3, 2, 2, 1.5])
     ax = axes[0]
     points = [(r["t"], r["ttft_s"] * 1000) for r in records if r["ttft_s"] is not None]
     if points:
@@ -270,7 +272,8 @@ def plot(result: dict, path: Path) -> None:
           "pct", c="tab:purple", marker=".", label="cached / context tokens, turns finished that second")
     axes[3].set_ylim(-2, 102)
     axes[3].set_ylabel("prefix hit rate (%)")
-    axes[3].set_xlabel("seconds since the load started")
+    _plot_workers(axes[4], series)
+    axes[4].set_xlabel("seconds since the load started")
     _mark_events(axes, result["events"])
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
@@ -282,6 +285,15 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plot_workers(ax, series: list[dict]) -> None:
+    workers = sorted({w for row in series for w in row["turns_by_worker"]}, key=str)
+    if workers:
+        ax.stackplot([row["t"] + 1 for row in series],
+                     [[row["turns_by_worker"].get(w, 0) for row in series] for w in workers],
+                     labels=[str(w) for w in workers], step="pre", alpha=0.8)
+    ax.set_ylabel("turns/s by worker")
 
 
 def _plot_throughput(ax, series: list[dict]) -> None:
@@ -453,14 +465,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
     parser.add_argument("--model-cache-dir", type=Path, default=Path.home() / ".cache" / "kvcache" / "models")
-    parser.add_argument("--replot", type=Path, metavar="JSON", help="only draw the PNG again from a load_run.json")
+    parser.add_argument("--replot", type=Path, metavar="JSON", help="draw the PNG (and print the table) again from a load_run.json")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.replot:
-        result = json.loads(args.replot.read_text())
+        saved = json.loads(args.replot.read_text())  # series and summary again, from the turns
+        result = build_result(LoadConfig(**saved["config"]), saved["turns"], saved["events"], saved["summary"]["wall_s"])
         plot(result, args.replot.with_suffix(".png"))
         print(table(result) + f"\n\nwritten: {args.replot.with_suffix('.png')}")
         return

@@ -67,6 +67,7 @@ def test_per_second_buckets_turns_tokens_latencies_and_hit_rate():
     third = rows[3]  # three regular turns, a failure and the slow turn on worker-2
     assert third["turns_started"] == 5 and third["errors"] == 1 and third["ttft_p99_ms"] == pytest.approx(500)
     assert rows[4]["handoff_tokens"] == 40  # the slow turn ends at 4.1
+    assert rows[4]["turns_by_worker"] == {"worker-0": 3, "worker-2": 1}
     assert rows[4]["ttft_rolling_p99_ms"] == pytest.approx(500)  # seconds 3 and 4
     assert rows[5]["ttft_rolling_p99_ms"] == pytest.approx(70)  # seconds 4 and 5
     assert rows[6]["turns_started"] == 0 and rows[6]["hit_rate"] is None and rows[6]["ttft_p50_ms"] is None
@@ -83,6 +84,8 @@ def test_phases_split_at_the_scale_events():
     assert got[0]["turns"] == 6 and got[0]["errors"] == 0
     assert got[2]["turns"] == 8 and got[2]["errors"] == 1 and got[2]["ttft_ms"]["max"] == pytest.approx(500)
     assert load_run.phases(records(), [], end_s=6.5)[0]["phase"] == "start -> end"
+    cut = load_run.phases(records(), EVENTS, end_s=4.8)  # the drain outlasts the load
+    assert [(p["phase"], p["to_s"]) for p in cut][-1] == ("worker-2 SIGTERM (drains) -> end", 4.8)
 
 
 def test_build_result_summary():
