@@ -1,12 +1,17 @@
 """Helpers shared by the end-to-end, stress and cache-performance suites (real HTTP)."""
 
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from services.common.sse import aparse_events, parse_events
-from services.localcluster import LocalCluster
+from services.localcluster import LocalCluster, free_port
 from services.worker.model.presets import resolve_model_path
 
 
@@ -78,3 +83,30 @@ def start_cluster(tmp_dir: Path, num_workers: int = 2, **worker_env: str) -> Loc
     store_url = f"sqlite:///{tmp_dir.resolve() / 'sessions.db'}"
     return LocalCluster(num_workers=num_workers, log_dir=tmp_dir / "logs", worker_env=env,
                         session_store_url=store_url).start()
+
+
+@contextmanager
+def extra_gateway(cluster: LocalCluster, log_dir: Path, **env: str):
+    """Another gateway process in front of the same cluster, with its own settings."""
+    port = free_port()
+    env = {**os.environ, "GATEWAY_PORT": str(port), "GATEWAY_COORDINATOR_URL": cluster.coordinator_url, **env}
+    with open(log_dir / "gateway.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "services.gateway"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not _healthy(url):
+            assert proc.poll() is None and time.monotonic() < deadline, "the gateway did not start"
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -8,9 +8,11 @@
   store and its new worker pulls the KV from the owner;
 - round_robin: the next active worker in turn (a baseline for benchmarks).
 
-Loads are estimates (LoadEstimates): a worker's last reported load, plus the change in this
-gateway's own in-flight requests to it since that report arrived. With one gateway that is exact
-whatever the report interval; with several, each sees the others' requests one report late.
+Loads are estimates (LoadEstimates): this gateway's own requests in flight at the worker (exact),
+plus the others' as of the worker's last report (its load minus this gateway's in-flight count
+when the report arrived, at least 0). With one gateway that is exact whatever the report interval
+(a report taken while requests were in transit does not lower it); with several, each sees the
+others' requests one report (a heartbeat) late.
 """
 
 import itertools
@@ -48,8 +50,8 @@ class LoadEstimates:
         self._reports = reports
 
     def load(self, worker_id: str) -> int:
-        _, reported, then = self._reports.get(worker_id, (0, 0, 0))
-        return max(0, reported + self.in_flight[worker_id] - then)
+        _, reported, ours_then = self._reports.get(worker_id, (0, 0, 0))
+        return self.in_flight[worker_id] + max(0, reported - ours_then)
 
 
 def bounded_choice(candidates: list[str], loads: dict[str, int], factor: float) -> str:

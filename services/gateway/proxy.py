@@ -216,20 +216,24 @@ class GatewayProxy:
             if attempt:
                 self.metrics.upstream_retries.inc()
             body = _for_worker(payload, route)
+            release = self._hold(route.worker_id)
             try:
                 request = self._client.build_request("POST", route.address.rstrip("/") + path, json=body)
                 response = await self._client.send(request, stream=True)
-            except _UNREACHABLE as exc:
-                failure = f"worker {route.worker_id} unreachable: {describe(exc)}"
-            except httpx.PoolTimeout as exc:
-                raise Unavailable("gateway has no free upstream connection") from exc
-            except (httpx.HTTPError, httpx.InvalidURL) as exc:
-                raise UpstreamError(f"worker {route.worker_id} failed before answering: {describe(exc)}") from exc
-            else:
                 reason = await _reroute_reason(response)
+            except BaseException as exc:
+                release()
+                if not isinstance(exc, _UNREACHABLE):
+                    error = _send_error(exc, route.worker_id)
+                    if error is None:
+                        raise
+                    raise error from exc
+                failure = f"worker {route.worker_id} unreachable: {describe(exc)}"
+            else:
                 if reason is None:
-                    self._count_open(route.worker_id, response)
+                    response.stream = _ReleasingStream(response.stream, release)
                     return Upstream(response, route, body)
+                release()
                 failure = f"worker {route.worker_id}: {reason}"
             excluded.add(route.worker_id)
             self.ring.refresh_now()
@@ -240,10 +244,20 @@ class GatewayProxy:
         self.metrics.routing_decisions.labels("migrated" if migrating else placement.decision).inc()
         return placement.route
 
-    def _count_open(self, worker_id: str, response: httpx.Response) -> None:
-        """The request counts in the worker's load (bounded loads) until its response is closed."""
-        self.placer.loads.started(worker_id)
-        response.stream = _ReleasingStream(response.stream, lambda: self.placer.loads.finished(worker_id))
+    def _hold(self, worker_id: str) -> Callable[[], None]:
+        """Counts the request in the worker's load (bounded loads) from now until the returned
+        release is called: when its response is closed, or at once if it was never answered."""
+        loads = self.placer.loads
+        loads.started(worker_id)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                loads.finished(worker_id)
+
+        return release
 
     async def _delete_at(self, address: str, path: str) -> JSONResponse | None:
         try:
@@ -266,12 +280,21 @@ class GatewayProxy:
 
 
 
+def _send_error(exc: BaseException, worker_id: str) -> ServiceError | None:
+    """What a failure to send means to the client; None for what passes through (cancellation)."""
+    if isinstance(exc, httpx.PoolTimeout):
+        return Unavailable("gateway has no free upstream connection")
+    if isinstance(exc, (httpx.HTTPError, httpx.InvalidURL)):
+        return UpstreamError(f"worker {worker_id} failed before answering: {describe(exc)}")
+    return None
+
+
 class _ReleasingStream(httpx.AsyncByteStream):
     """A response body that calls `release` once when closed (read to the end, or closed early)."""
 
     def __init__(self, stream: httpx.AsyncByteStream, release: Callable[[], None]) -> None:
         self._stream = stream
-        self._release: Callable[[], None] | None = release
+        self._release = release  # idempotent
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for chunk in self._stream:
@@ -281,9 +304,7 @@ class _ReleasingStream(httpx.AsyncByteStream):
         try:
             await self._stream.aclose()
         finally:
-            release, self._release = self._release, None
-            if release is not None:
-                release()
+            self._release()
 
 
 def _for_worker(payload: dict, route: RouteResponse) -> dict:

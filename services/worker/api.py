@@ -112,7 +112,8 @@ async def stats(request: Request):
     state = request.app.state.worker
     s = state.settings
     base = {"worker_id": s.worker_id, "model_name": s.model_name, "ready": state.engine is not None,
-            "enable_kv_reuse": s.enable_kv_reuse, "draining": state.drainer.draining}
+            "enable_kv_reuse": s.enable_kv_reuse, "draining": state.drainer.draining,
+            "in_flight": state.in_flight.count}
     return {**base, **(await asyncio.to_thread(state.engine.stats) if state.engine else {})}
 
 

@@ -1,17 +1,11 @@
 """The gateway's OpenAI-compatible API through the real `openai` package, against real processes on
 loopback (a coordinator, two tiny-gpt2 workers, gateways)."""
 
-import os
-import subprocess
-import sys
-import time
-from contextlib import contextmanager
-
 import httpx
 import openai
 import pytest
 
-from services.localcluster import free_port
+from tests.support import extra_gateway
 
 pytestmark = pytest.mark.e2e
 
@@ -28,33 +22,6 @@ def client(url: str, api_key: str = "unused") -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def api(cluster) -> openai.OpenAI:
     return client(cluster.gateway_url)
-
-
-@contextmanager
-def extra_gateway(cluster, log_dir, **env: str):
-    """Another gateway process in front of the same cluster, with its own settings."""
-    port = free_port()
-    env = {**os.environ, "GATEWAY_PORT": str(port), "GATEWAY_COORDINATOR_URL": cluster.coordinator_url, **env}
-    with open(log_dir / "gateway.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "services.gateway"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while not _healthy(url):
-            assert proc.poll() is None and time.monotonic() < deadline, "the gateway did not start"
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture(scope="module")

@@ -371,3 +371,35 @@ async def test_no_token_configured_needs_no_header(client):
     assert (await register(client, "w1")).status_code == 200
     assert (await client.post("/drain", json={"worker_id": "w1"},
                               headers={"Authorization": "Bearer anything"})).status_code == 200
+
+
+async def test_ring_snapshot_lists_workers_loads_and_retired_rings(client):
+    await register(client, "w1")
+    await register(client, "w2")
+    await client.post("/heartbeat", json={"worker_id": "w2", "load": 3})
+    await client.post("/drain", json={"worker_id": "w1"})
+    body = (await client.get("/ring")).json()
+    assert body["epoch"] == 3 and body["version"] == 4 and body["vnodes"] == 50 and body["settling"] is True
+    assert {w["worker_id"]: (w["state"], w["load"], w["load_reports"]) for w in body["workers"]} == {
+        "w1": ("draining", 0, 0), "w2": ("active", 3, 1)}
+    assert body["retired"] == [["w1", "w2"], ["w1"]]  # newest first
+
+
+async def test_ring_long_poll_answers_when_the_version_moves(client):
+    await register(client, "w1")
+    first = (await client.get("/ring")).json()
+    args = {"after": first["version"], "instance": first["instance"], "wait_s": 5}
+    poll = asyncio.create_task(client.get("/ring", params=args))
+    await asyncio.sleep(0.05)
+    assert not poll.done()  # nothing changed: it waits
+    await client.post("/heartbeat", json={"worker_id": "w1", "load": 0})  # an unchanged load
+    await asyncio.sleep(0.05)
+    assert not poll.done()
+    await register(client, "w2")
+    answer = (await asyncio.wait_for(poll, 2)).json()
+    assert answer["version"] == first["version"] + 1 and len(answer["workers"]) == 2
+    timed_out = await client.get("/ring", params=args | {"after": answer["version"], "wait_s": 0.05})
+    assert timed_out.json()["version"] == answer["version"]
+    other = await client.get("/ring", params=args | {"instance": "an-earlier-coordinator", "wait_s": 5})
+    assert other.json()["version"] == answer["version"]  # another instance's version: no wait
+    assert_error(await client.get("/ring", params={"wait_s": 61}), 422, "invalid_request")
