@@ -53,13 +53,27 @@ def test_client_leaving_an_openai_stream_stops_the_worker(cluster):
 def test_coordinator_restart_and_worker_crash(tmp_path):
     with start_cluster(tmp_path, num_workers=2) as cluster:
         url = cluster.gateway_url
-        # Coordinator restart: workers get 404 on heartbeat and register again.
-        cluster.restart("coordinator")
+        kept = generate(url, prompt="before the coordinator stops", max_tokens=4)
+        assert_well_formed(kept)
+        # Coordinator down: the gateway routes with its last ring; new and continued sequences work.
+        cluster.kill("coordinator")
+        wait_until(lambda: _gateway_health(url)["status"] == "degraded", what="the gateway to notice")
+        assert _gateway_health(url)["ring"]["active_workers"] == 2
+        continued = generate(url, prompt=" and on", seq_id=kept.seq_id, max_tokens=4)
+        assert_well_formed(continued)
+        assert continued.done["worker_id"] == kept.done["worker_id"]
+        assert continued.start["cached_tokens"] > 0
+        for i in range(4):
+            assert_well_formed(generate(url, prompt=f"while it is down {i}", max_tokens=4))
+        # It comes back (empty): workers get 404 on heartbeat and register again.
+        cluster.start_process("coordinator")
         wait_until(lambda: _num_workers(cluster) == 2, what="workers to re-register")
+        wait_until(lambda: _gateway_health(url)["status"] == "ok", what="the gateway to sync again")
         assert_well_formed(generate(url, prompt="after restart", max_tokens=4))
 
-        # Worker crash: until the TTL expires the gateway may pick the dead worker; it re-routes
-        # once and then answers 503, never hangs. After the TTL the ring has one worker left.
+        # Worker crash: until the TTL expires the ring still lists the dead worker; the gateway
+        # cannot reach it, leaves it out and re-routes (or answers 503), never hangs. After the
+        # TTL the ring has one worker left.
         seq = next(s for s in (f"crash-{i}" for i in range(100)) if _owner(cluster, s) == "worker-1")
         assert_well_formed(generate(url, prompt="before the crash ", seq_id=seq, max_tokens=4))
         cluster.kill("worker-1")
@@ -71,6 +85,10 @@ def test_coordinator_restart_and_worker_crash(tmp_path):
         assert moved.done["worker_id"] == "worker-0"
         if status == 503:  # the KV died with worker-1: worker-0 starts the sequence anew
             assert moved.start["cached_tokens"] == 0
+
+
+def _gateway_health(url: str) -> dict:
+    return httpx.get(f"{url}/health", timeout=2).json()
 
 
 def _num_workers(cluster) -> int:
