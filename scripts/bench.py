@@ -22,7 +22,12 @@ Scenarios (medians over repetitions, min/max in the JSON and the table):
   8. 32 OpenAI chat sessions x 6 turns resending their history: session-affine vs round-robin
      routing (throughput, prefix hit rate); 8 with one system prompt shared by all sessions,
      8b with a system prompt of each session's own (--s8-system-prompt)
-Scenarios 6 and 7 live in scripts/bench_elastic.py, 8 in scripts/bench_openai.py.
+  9. skewed load on 3 workers (40 of 48 conversations owned by one worker): plain ring vs bounded
+     loads (GATEWAY_LOAD_FACTOR=1.25), TTFT p99 and throughput
+ 10. routing tax: a tiny request through the gateway vs straight to its worker (p50/p99)
+Scenarios 6 and 7 live in scripts/bench_elastic.py, 8 in scripts/bench_openai.py, 9 and 10 in
+scripts/bench_routing.py. `--s3-workers 2` runs scenario 3 on the default 2-worker local cluster
+instead (results kept apart as s3-2w).
 
     .venv/bin/python scripts/bench.py --load-run --sessions 8 --duration 60   # = scripts/load_run.py ...
 
@@ -55,9 +60,11 @@ from services.worker.model.presets import resolve_model_path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_elastic  # noqa: E402
 import bench_openai  # noqa: E402
+import bench_routing  # noqa: E402
 import load_run  # noqa: E402
 
 MODEL = "gpt2-small-random"
+ALL_SCENARIOS = list(range(1, 11))
 # One client for the whole run: building an httpx.Client loads CA certificates (tens of ms).
 CLIENT = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=32))
 CACHED_CONTEXT = 990   # GPT-2's window is 1024: 990 cached + 16 new + 16 generated = 1022
@@ -260,8 +267,8 @@ def machine() -> str:
 
 def parse_scenarios(value: str) -> list[int]:
     chosen = sorted({int(x) for x in value.split(",") if x.strip()})
-    if not chosen or not set(chosen) <= set(range(1, 9)):
-        raise argparse.ArgumentTypeError("comma-separated scenario numbers, 1 to 8")
+    if not chosen or not set(chosen) <= set(ALL_SCENARIOS):
+        raise argparse.ArgumentTypeError("comma-separated scenario numbers, 1 to 10")
     return chosen
 
 
@@ -296,10 +303,29 @@ def run_classic(chosen: list[int], args: argparse.Namespace, rng: random.Random)
     return results
 
 
+def run_s3_cluster(args: argparse.Namespace, rng: random.Random) -> dict:
+    """Scenario 3 through the gateway of a local cluster of --s3-workers workers (scripts/local_dev.sh's shape)."""
+    resolve_model_path(MODEL, args.model_cache_dir)
+    env = {"WORKER_MODEL_NAME": MODEL, "WORKER_MODEL_CACHE_DIR": str(args.model_cache_dir)}
+    print(f"scenario 3 on {args.s3_workers} workers...", flush=True)
+    with LocalCluster(num_workers=args.s3_workers, log_dir=args.out / f"logs-s3-{args.s3_workers}w",
+                      worker_env=env) as cluster:
+        for i in range(2 * args.s3_workers):  # every worker's first forward, outside the measurement
+            stream(cluster.gateway_url, prompt=text(16, rng), seq_id=f"warm-{i}", max_tokens=4, temperature=0)
+        return {**scenario_batching(cluster.gateway_url, args.reps, rng), "workers": args.s3_workers}
+
+
+def table_s3_cluster(r: dict) -> str:
+    return (f"Scenario 3 on a local cluster of {r['workers']} workers (through the gateway, {r['speedup']['n']} runs): "
+            f"16 concurrent x 32 tokens {fmt(r['concurrent_tok_s'], 1, 'tok/s')} vs one at a time "
+            f"{fmt(r['sequential_tok_s'], 1, 'tok/s')}: **{r['speedup']['median']:.2f}x** "
+            f"({r['speedup']['min']:.2f}-{r['speedup']['max']:.2f}; target >= 3x).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5, help="repetitions of scenarios 1-6")
-    parser.add_argument("--scenarios", type=parse_scenarios, default=list(range(1, 9)),
+    parser.add_argument("--scenarios", type=parse_scenarios, default=ALL_SCENARIOS,
                         help="comma-separated, e.g. 6,7 (default: all); results of the others already "
                              "in <out>/results.json are kept")
     parser.add_argument("--s7-runs", type=int, default=3, help="runs of scenario 7")
@@ -311,6 +337,10 @@ def main() -> None:
                         help="scenario 8's sessions share one system prompt (8), have one each (8b), or both")
     parser.add_argument("--s8-workers", type=int, default=2,
                         help="workers of scenario 8 (results of another count than 2 are kept apart: s8-<n>w)")
+    parser.add_argument("--s9-runs", type=int, default=3, help="runs of scenario 9 per mode (plain, bounded)")
+    parser.add_argument("--s10-pairs", type=int, default=bench_routing.TAX_PAIRS, help="pairs of scenario 10")
+    parser.add_argument("--s3-workers", type=int, default=1,
+                        help="workers of scenario 3's cluster (2: the default local cluster; kept apart as s3-2w)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
     parser.add_argument("--model-cache-dir", type=Path, default=Path.home() / ".cache" / "kvcache" / "models")
     parser.add_argument("--load-run", nargs=argparse.REMAINDER, metavar="ARGS",
@@ -322,11 +352,16 @@ def main() -> None:
     rng = random.Random(0)
     print(f"machine: {machine()}\nscenarios: {args.scenarios}", flush=True)
     previous = args.out / "results.json"
-    results = json.loads(previous.read_text()) if previous.exists() and args.scenarios != list(range(1, 9)) else {}
+    results = json.loads(previous.read_text()) if previous.exists() and args.scenarios != ALL_SCENARIOS else {}
     results.setdefault("measured_at", {})
     now = datetime.datetime.now().isoformat(timespec="seconds")
-    if any(i <= 5 for i in args.scenarios):
-        measured = run_classic(args.scenarios, args, rng)
+    classic = [i for i in args.scenarios if i <= 5 and not (i == 3 and args.s3_workers > 1)]
+    if 3 in args.scenarios and args.s3_workers > 1:
+        key = f"s3-{args.s3_workers}w"
+        results[key] = run_s3_cluster(args, rng)
+        results["measured_at"][key] = now
+    if classic:
+        measured = run_classic(classic, args, rng)
         results.update(measured, model=MODEL, machine=machine(), reps=args.reps)
         results["measured_at"].update({k: now for k in measured})
     if 6 in args.scenarios:
@@ -351,13 +386,26 @@ def main() -> None:
                                                                  args.s8_workers)
                 results["measured_at"][key] = now
         print(f"scenario 8 done in {time.perf_counter() - t0:.0f} s", flush=True)
+    if 9 in args.scenarios:
+        t0 = time.perf_counter()
+        print("scenario 9: skewed load, plain ring vs bounded loads...", flush=True)
+        results["s9"] = bench_routing.scenario_skewed_load(args.out, args.model_cache_dir, args.s9_runs)
+        results["measured_at"]["s9"] = now
+        print(f"scenario 9 done in {time.perf_counter() - t0:.0f} s", flush=True)
+    if 10 in args.scenarios:
+        t0 = time.perf_counter()
+        print("scenario 10: routing tax...", flush=True)
+        results["s10"] = bench_routing.scenario_routing_tax(args.out, args.model_cache_dir, args.s10_pairs)
+        results["measured_at"]["s10"] = now
+        print(f"scenario 10 done in {time.perf_counter() - t0:.0f} s", flush=True)
     results.setdefault("machine", machine())
     md = ""
     classic = table(results)
     if classic:
         md += (f"Machine: {results['machine']}; model {results.get('model', MODEL)}; medians of "
                f"{results.get('reps', args.reps)} runs (min-max).\n\n{classic}\n")
-    for key, render in (("s6", bench_elastic.table_s6), ("s7", bench_elastic.table_s7),
+    for key, render in (("s3-2w", table_s3_cluster), ("s6", bench_elastic.table_s6), ("s7", bench_elastic.table_s7),
+                        ("s9", bench_routing.table_s9), ("s10", bench_routing.table_s10),
                         *((k, bench_openai.table_s8) for k in sorted(results) if k.startswith(("s8-", "s8b")) or k == "s8")):
         if key in results:
             md += f"\n{render(results[key])}\n"

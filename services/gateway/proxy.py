@@ -30,6 +30,7 @@ from services.gateway.routing import describe, error_message, json_or_none
 
 NUM_ATTEMPTS = 3  # the first try, then re-routes past workers that are unreachable or draining
 STATS_TIMEOUT_S = 2.0
+DRAIN_AFTER_DONE_S = 0.5  # a worker's body ends right after its terminal event
 _UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout)
 # A worker's 503s that mean "not here, ask again": it is leaving, or (re)starting.
 _REROUTE_ERRORS = frozenset({Draining.error_type, NotReady.error_type})
@@ -56,17 +57,31 @@ def upstream_error_event(message: str, error_type: str = UpstreamError.error_typ
 
 async def raw_worker_events(upstream: httpx.Response) -> AsyncIterator[RawEvent]:
     """The worker's events in order, up to its terminal event; StreamBroken if there is none."""
+    lines = upstream.aiter_lines()
     try:
-        async for data in adata(upstream.aiter_lines()):
+        async for data in adata(lines):
             kind = event_type(data)
             if kind is None:
                 raise ValueError("event without a type")
-            yield RawEvent(kind, data)
             if kind in TERMINAL_TYPES:
+                await _read_to_end(lines)
+                yield RawEvent(kind, data)
                 return
+            yield RawEvent(kind, data)
     except (httpx.HTTPError, ValueError) as exc:
         raise StreamBroken(f"worker stream broke: {describe(exc)}") from exc
     raise StreamBroken("worker stream ended without a done or error event")
+
+
+async def _read_to_end(lines: AsyncIterator[str]) -> None:
+    """The rest of a finished stream (its end of body), so that its connection goes back to the
+    pool: a response closed before its end costs a new connection to the worker next time."""
+    async def consume() -> None:
+        async for _ in lines:
+            pass
+
+    with suppress(TimeoutError, httpx.HTTPError):
+        await asyncio.wait_for(consume(), DRAIN_AFTER_DONE_S)
 
 
 async def worker_events(upstream: httpx.Response) -> AsyncIterator[dict]:
