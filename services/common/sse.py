@@ -42,14 +42,8 @@ def parse_events(lines: Iterable[str]) -> Iterator[dict]:
             yield json.loads(data)
 
 
-async def adata(lines: AsyncIterable[str]) -> AsyncIterator[str]:
-    """Each event's JSON text, unparsed."""
+async def aparse_events(lines: AsyncIterable[str]) -> AsyncIterator[dict]:
     async for line in lines:
         data = data_of(line)
         if data is not None:
-            yield data
-
-
-async def aparse_events(lines: AsyncIterable[str]) -> AsyncIterator[dict]:
-    async for data in adata(lines):
-        yield json.loads(data)
+            yield json.loads(data)

@@ -3,6 +3,7 @@ JSON or SSE, and migrate a stream whose worker died to the sequence's new owner.
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
@@ -21,7 +22,7 @@ from services.common.errors import (Draining, HTTPStatusError, NotReady, Service
                                    error_body)
 from services.common.http import path_segment
 from services.common.schemas import RouteResponse
-from services.common.sse import TERMINAL_TYPES, adata, encode_data, event_type
+from services.common.sse import TERMINAL_TYPES, data_of, encode_data, event_type
 from services.coordinator.ring import EmptyRingError
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.placement import Placer
@@ -31,6 +32,7 @@ from services.gateway.routing import describe, error_message, json_or_none
 NUM_ATTEMPTS = 3  # the first try, then re-routes past workers that are unreachable or draining
 STATS_TIMEOUT_S = 2.0
 DRAIN_AFTER_DONE_S = 0.5  # a worker's body ends right after its terminal event
+_EVENT_END = re.compile(r"\r?\n\r?\n")  # SSE events end with a blank line
 _UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout)
 # A worker's 503s that mean "not here, ask again": it is leaving, or (re)starting.
 _REROUTE_ERRORS = frozenset({Draining.error_type, NotReady.error_type})
@@ -55,29 +57,40 @@ def upstream_error_event(message: str, error_type: str = UpstreamError.error_typ
     return RawEvent("error", json.dumps(error, separators=(",", ":")))
 
 
-async def raw_worker_events(upstream: httpx.Response) -> AsyncIterator[RawEvent]:
-    """The worker's events in order, up to its terminal event; StreamBroken if there is none."""
-    lines = upstream.aiter_lines()
+async def worker_event_batches(upstream: httpx.Response) -> AsyncIterator[list[RawEvent]]:
+    """The worker's events in order, up to its terminal event, in batches: the events of each read
+    from the worker, so that a relay writes them to its client at once (a socket write per event
+    costs more than the event). Pings are dropped. StreamBroken if there is no terminal event."""
+    buffer = ""
+    chunks = upstream.aiter_text()
     try:
-        async for data in adata(lines):
-            kind = event_type(data)
-            if kind is None:
-                raise ValueError("event without a type")
-            if kind in TERMINAL_TYPES:
-                await _read_to_end(lines)
-                yield RawEvent(kind, data)
-                return
-            yield RawEvent(kind, data)
+        async for chunk in chunks:
+            *blocks, buffer = _EVENT_END.split(buffer + chunk)
+            batch = []
+            for block in blocks:
+                data = data_of(block)
+                if data is None:
+                    continue  # a ping or a field this relay does not use
+                kind = event_type(data)
+                if kind is None:
+                    raise ValueError("event without a type")
+                batch.append(RawEvent(kind, data))
+                if kind in TERMINAL_TYPES:
+                    await _read_to_end(chunks)
+                    yield batch
+                    return
+            if batch:
+                yield batch
     except (httpx.HTTPError, ValueError) as exc:
         raise StreamBroken(f"worker stream broke: {describe(exc)}") from exc
     raise StreamBroken("worker stream ended without a done or error event")
 
 
-async def _read_to_end(lines: AsyncIterator[str]) -> None:
+async def _read_to_end(chunks: AsyncIterator[str]) -> None:
     """The rest of a finished stream (its end of body), so that its connection goes back to the
     pool: a response closed before its end costs a new connection to the worker next time."""
     async def consume() -> None:
-        async for _ in lines:
+        async for _ in chunks:
             pass
 
     with suppress(TimeoutError, httpx.HTTPError):
@@ -85,9 +98,10 @@ async def _read_to_end(lines: AsyncIterator[str]) -> None:
 
 
 async def worker_events(upstream: httpx.Response) -> AsyncIterator[dict]:
-    """The worker's events parsed (for relays that rewrite them)."""
-    async for raw in raw_worker_events(upstream):
-        yield _parsed_or_broken(raw)
+    """The worker's events parsed, one by one (for relays that rewrite them)."""
+    async for batch in worker_event_batches(upstream):
+        for raw in batch:
+            yield _parsed_or_broken(raw)
 
 
 def stream_outcome(terminal: RawEvent) -> str:
@@ -364,43 +378,47 @@ class StreamRelay:
         outcome, last = "client_disconnect", None
         self.metrics.active_streams.inc()
         try:
-            async with aclosing(self.events()) as events:
-                async for event in events:
+            async with aclosing(self.batches()) as batches:
+                async for batch in batches:
                     if last is None:
                         self.metrics.ttfb_s.observe(time.perf_counter() - self.started_s)
-                    last = event
-                    yield encode_data(event.data)
+                    last = batch[-1]
+                    yield b"".join(encode_data(event.data) for event in batch)
             outcome = stream_outcome(last)
         finally:
             self.metrics.active_streams.dec()
             self.metrics.streams.labels(outcome).inc()
 
-    async def events(self) -> AsyncIterator[RawEvent]:
+    async def batches(self) -> AsyncIterator[list[RawEvent]]:
         migrations = 0
         while True:
             try:
-                async for event in self._relay_one():
-                    yield event
+                async for batch in self._relay_one():
+                    yield batch
                 return
             except StreamBroken as exc:
                 if migrations >= self.proxy.migration_limit:
-                    yield upstream_error_event(str(exc))
+                    yield [upstream_error_event(str(exc))]
                     return
                 migrations += 1
                 failure = await self._migrate()
                 if failure is not None:
-                    yield failure
+                    yield [failure]
                     return
 
-    async def _relay_one(self) -> AsyncIterator[RawEvent]:
-        async for event in raw_worker_events(self.upstream.response):
-            if event.type == "token":
-                self.tokens.append(event.data)
-            elif event.type == "start":
-                if self.start is not None:
-                    continue  # a migrated turn's second start: the client has one already
-                self.start = _parsed_or_broken(event)
-            yield event
+    async def _relay_one(self) -> AsyncIterator[list[RawEvent]]:
+        async for batch in worker_event_batches(self.upstream.response):
+            kept = []
+            for event in batch:
+                if event.type == "token":
+                    self.tokens.append(event.data)
+                elif event.type == "start":
+                    if self.start is not None:
+                        continue  # a migrated turn's second start: the client has one already
+                    self.start = _parsed_or_broken(event)
+                kept.append(event)
+            if kept:
+                yield kept
 
     async def _migrate(self) -> RawEvent | None:
         """Continue on the new owner; an error event if that is not possible."""
