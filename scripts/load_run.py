@@ -36,6 +36,7 @@ from bench_elastic import fresh_dir, percentile, summary, text, turn  # noqa: E4
 from services.localcluster import LocalCluster  # noqa: E402
 
 DEFAULT_MODEL = "tiny-gpt2"  # scenario 7's: a new worker starts in seconds on 2 cores
+MIN_PHASE_S = 0.05            # shorter: two events at once (a worker drained as soon as it joined)
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ def phases(records: list[dict], events: list[dict], end_s: float) -> list[dict]:
     bounds = [0.0, *(e["t"] for e in marks), end_s]
     names = ["start", *(e["label"] for e in marks), "end"]
     return [{"phase": f"{names[i]} -> {names[i + 1]}", **window_stats(records, bounds[i], bounds[i + 1])}
-            for i in range(len(bounds) - 1) if bounds[i + 1] > bounds[i]]
+            for i in range(len(bounds) - 1) if bounds[i + 1] - bounds[i] >= MIN_PHASE_S]
 
 
 def summarize(records: list[dict], events: list[dict], wall_s: float) -> dict:
@@ -381,6 +382,8 @@ class Scaler(threading.Thread):
                 self._added = self.cluster.add_worker()
                 self._event("scale_out_spawn", self._added, "spawned", spawned_s)
                 self._event("scale_out_ready", self._added, "on the ring")
+                if self.config.scale_in_at_s is not None and self.clock() > self.config.scale_in_at_s:
+                    self.log(f"{self._added} joined after --scale-in-at: it is drained at once")
             if self.config.scale_in_at_s is not None and self._wait_until(self.config.scale_in_at_s):
                 name = self._added or self.cluster.worker_names[-1]
                 self._event("scale_in_sigterm", name, "SIGTERM (drains)")

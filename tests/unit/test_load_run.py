@@ -84,6 +84,9 @@ def test_phases_split_at_the_scale_events():
     assert got[0]["turns"] == 6 and got[0]["errors"] == 0
     assert got[2]["turns"] == 8 and got[2]["errors"] == 1 and got[2]["ttft_ms"]["max"] == pytest.approx(500)
     assert load_run.phases(records(), [], end_s=6.5)[0]["phase"] == "start -> end"
+    at_once = [*EVENTS[:2], {**EVENTS[2], "t": 3.001}]  # joined after the scale-in time: drained at once
+    assert "worker-2 on the ring -> worker-2 SIGTERM (drains)" not in [p["phase"] for p in
+                                                                      load_run.phases(records(), at_once, 6.5)]
     cut = load_run.phases(records(), EVENTS, end_s=4.8)  # the drain outlasts the load
     assert [(p["phase"], p["to_s"]) for p in cut][-1] == ("worker-2 SIGTERM (drains) -> end", 4.8)
 
