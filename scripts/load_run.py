@@ -227,12 +227,15 @@ def _mark_events(axes, events: list[dict]) -> None:
         if e["kind"] == "scale_out_ready" and e["worker"] in spawned:
             for ax in axes:
                 ax.axvspan(spawned[e["worker"]], e["t"], color="tab:green", alpha=0.12)
-    for e in events:
+    ordered = sorted(events, key=lambda e: e["t"])
+    for e, after in zip(ordered, [*ordered[1:], None]):
         color, style = EVENT_STYLE.get(e["kind"], ("tab:gray", ":"))
         for ax in axes:
             ax.axvline(e["t"], color=color, ls=style, lw=1.2)
-        axes[0].annotate(e["label"], (e["t"], 1.0), xycoords=("data", "axes fraction"), xytext=(2, -2),
-                         textcoords="offset points", rotation=90, va="top", fontsize=7, color=color)
+        left = after is not None and after["t"] - e["t"] < 1.0  # two at once: the first label on the left
+        axes[0].annotate(e["label"], (e["t"], 1.0), xycoords=("data", "axes fraction"), xytext=(-2 if left else 2, -2),
+                         textcoords="offset points", rotation=90, va="top", ha="right" if left else "left",
+                         fontsize=7, color=color)
 
 
 def _line(ax, series: list[dict], key: str, **kw) -> None:
