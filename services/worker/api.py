@@ -34,7 +34,7 @@ async def generate(body: WorkerGenerateRequest, request: Request):
     handle, start = await counted(state.metrics.http_requests, _start_turn(state, engine, turn, body))
     headers = {"X-Seq-Id": seq_id}
     if not body.stream:
-        result = await collect_result(handle, state.metrics.ttft, partial(_finish, state, turn, handle),
+        result = await collect_result(handle, partial(_finish, state, turn, handle),
                                       partial(_close, state, turn, handle))
         return JSONResponse(result, headers=headers)
     return EventSourceResponse(_stream(state, turn, handle, start), headers=headers, ping=15)
@@ -89,7 +89,7 @@ async def _close(state, turn: Turn, handle: RequestHandle) -> None:
 
 def _stream(state, turn: Turn, handle: RequestHandle, start: dict):
     """The turn's SSE body; a client that goes away mid-stream aborts it in the engine."""
-    return stream_events(handle, start, state.metrics.ttft, partial(_finish, state, turn, handle),
+    return stream_events(handle, start, partial(_finish, state, turn, handle),
                          partial(_close, state, turn, handle))
 
 

@@ -16,7 +16,7 @@ from services.common.http import make_client
 from services.worker import completions_api, internal_api
 from services.worker.api import router
 from services.worker.drain import Drainer
-from services.worker.engine.engine import Engine, EngineConfig
+from services.worker.engine.engine import Engine, EngineConfig, EngineObserver
 from services.worker.handoff import KVPuller
 from services.worker.kv_store import KVStore
 from services.worker.kv_transfer import fingerprint
@@ -72,7 +72,7 @@ def kv_budget_bytes(settings: WorkerSettings, loaded: LoadedModel) -> int:
     return int(ram * settings.kv_cache_memory_fraction)
 
 
-def build_engine(settings: WorkerSettings) -> Engine:
+def build_engine(settings: WorkerSettings, observer: EngineObserver | None = None) -> Engine:
     """Blocking: loads the model. Runs in a worker thread, never on the event loop."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -82,7 +82,7 @@ def build_engine(settings: WorkerSettings) -> Engine:
                           max_batch_tokens=settings.max_batch_tokens,
                           max_waiting_requests=settings.max_waiting_requests,
                           enable_kv_reuse=settings.enable_kv_reuse)
-    engine = Engine(loaded, store, config)
+    engine = Engine(loaded, store, config, observer)
     engine.start()
     logger.info("engine ready: KV budget %.1f MiB (%d bytes/token)", store.budget_bytes / 2**20,
                 loaded.layout.bytes_per_token)
@@ -91,14 +91,15 @@ def build_engine(settings: WorkerSettings) -> Engine:
 
 async def _start(state: WorkerState, registration: Registration | None, client) -> None:
     try:
-        engine = await asyncio.to_thread(build_engine, state.settings)
+        engine = await asyncio.to_thread(build_engine, state.settings, state.metrics)
     except Exception as exc:  # noqa: BLE001 - reported by /health and /ready
         logger.exception("model load failed")
         state.load_error = f"{type(exc).__name__}: {exc}"
         return
     s = state.settings
     state.fingerprint = fingerprint(s.model_name, engine.store.layout)
-    state.puller = KVPuller(client, engine, s.worker_id, state.fingerprint, bearer_headers(s.internal_token))
+    state.puller = KVPuller(client, engine, s.worker_id, state.fingerprint, bearer_headers(s.internal_token),
+                            state.metrics.handoff_duration.observe)
     state.engine = engine
     if registration is not None and not state.drainer.draining:
         await registration.run()
@@ -120,7 +121,7 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
         s = settings
         client = make_client(connect_timeout_s=2.0, read_timeout_s=5.0)
         store = await asyncio.to_thread(open_store, s)
-        state.turns = Turns(store, s.turn_lease_s)
+        state.turns = Turns(store, s.turn_lease_s, state.metrics.observe_store_call)
         registration = Registration(client, s.coordinator_url, s.worker_id, s.advertise_address,
                                     s.model_name, s.heartbeat_interval_s, bearer_headers(s.internal_token),
                                     load=lambda: state.in_flight.count) \

@@ -33,11 +33,10 @@ async def completions(body: WorkerCompletionRequest, request: Request):
     params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                             seed=body.seed, stop=tuple(body.stop))
     handle = RequestHandle.stateless(engine, body.request_id or uuid.uuid4().hex, prompt_ids, params)
-    metrics = state.metrics
-    start = await counted(metrics.completion_requests, start_request(handle))
+    start = await counted(state.metrics.completion_requests, start_request(handle))
     if not body.stream:
-        return JSONResponse(await collect_result(handle, metrics.ttft))
-    return EventSourceResponse(stream_events(handle, start, metrics.ttft), ping=15)
+        return JSONResponse(await collect_result(handle))
+    return EventSourceResponse(stream_events(handle, start), ping=15)
 
 
 def prompt_token_ids(engine: Engine, body: WorkerCompletionRequest) -> list[int]:

@@ -9,6 +9,7 @@ engine recomputes, with identical output.
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -30,12 +31,13 @@ class HandoffSkipped(Exception):
 
 class KVPuller:
     def __init__(self, client: httpx.AsyncClient, engine: Engine, self_id: str, fingerprint: dict,
-                 headers: dict[str, str]):
+                 headers: dict[str, str], on_pulled: Callable[[float], None] = lambda seconds: None):
         self.client = client
         self.engine = engine
         self.self_id = self_id
         self.fingerprint = fingerprint
         self.headers = headers
+        self.on_pulled = on_pulled  # the duration of each successful pull, in seconds
         self._frees: set[asyncio.Task] = set()
 
     async def pull(self, turn: Turn, sources: list[WorkerRef], reserve_tokens: int) -> int:
@@ -53,8 +55,10 @@ class KVPuller:
                 logger.info("no KV handoff for %s from %s: %s", turn.seq_id, source.worker_id, exc)
                 continue
             if n:
+                elapsed_s = time.perf_counter() - started
+                self.on_pulled(elapsed_s)
                 logger.info("pulled %d positions of %s from %s in %.0f ms", n, turn.seq_id,
-                            source.worker_id, (time.perf_counter() - started) * 1000)
+                            source.worker_id, elapsed_s * 1000)
                 self._free_at(source, turn.seq_id)
                 return n
         return 0

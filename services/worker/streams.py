@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter
 
 from services.common.errors import ServiceError
 from services.common.sse import TERMINAL_TYPES, encode_event
@@ -102,7 +102,7 @@ async def _nothing() -> None:
     return None
 
 
-async def stream_events(handle: RequestHandle, start: dict, ttft: Histogram, on_done: OnDone = _unchanged,
+async def stream_events(handle: RequestHandle, start: dict, on_done: OnDone = _unchanged,
                         on_close: OnClose = _nothing) -> AsyncIterator[bytes]:
     """The SSE body. However it ends (done, error, the client went away and the generator is
     closed), the request is aborted in the engine, then `on_close` runs."""
@@ -110,7 +110,6 @@ async def stream_events(handle: RequestHandle, start: dict, ttft: Histogram, on_
         yield encode_event(start)
         async for event in handle.events():
             if event["type"] == "done":
-                ttft.observe(event["timings"]["ttft_ms"] / 1000)
                 event = await on_done(event)
             yield encode_event(event)
     finally:
@@ -118,13 +117,11 @@ async def stream_events(handle: RequestHandle, start: dict, ttft: Histogram, on_
         await on_close()
 
 
-async def collect_result(handle: RequestHandle, ttft: Histogram, on_done: OnDone = _unchanged,
-                         on_close: OnClose = _nothing) -> dict:
+async def collect_result(handle: RequestHandle, on_done: OnDone = _unchanged, on_close: OnClose = _nothing) -> dict:
     """The `done` event's fields (a `stream: false` body); an error event raises instead."""
     try:
         async for event in handle.events():
             if event["type"] == "done":
-                ttft.observe(event["timings"]["ttft_ms"] / 1000)
                 event = await on_done(event)
             if event["type"] == "error":
                 raise ServiceError(event["error"]["message"])

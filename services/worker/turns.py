@@ -10,7 +10,9 @@ worker's turn is released after `turn_lease_s`. Store calls run in threads, off 
 import asyncio
 import contextlib
 import logging
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.common.errors import ContextTooLong, SequenceConflict, ServiceError, StoreUnavailable
@@ -42,9 +44,11 @@ def store_error(exc: ss.SessionStoreError) -> ServiceError:
 
 
 class Turns:
-    def __init__(self, store: ss.SessionStore, lease_s: float):
+    def __init__(self, store: ss.SessionStore, lease_s: float,
+                 on_store_call: Callable[[str, float], None] = lambda op, seconds: None):
         self.store = store
         self.lease_s = lease_s
+        self.on_store_call = on_store_call  # (op, seconds) of every store call; called in threads
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._open: dict[str, Turn] = {}  # turn_id -> turn
 
@@ -66,30 +70,31 @@ class Turns:
         """Appends this turn's newly generated ids and closes it (also for an aborted request)."""
         new = generated[len(turn.resumed):]
         try:
-            await asyncio.to_thread(self._call, self.store.end_turn, turn.seq_id, turn.turn_id,
-                                    len(turn.token_ids), new)
+            await asyncio.to_thread(self._call, "end_turn", self.store.end_turn, turn.seq_id,
+                                    turn.turn_id, len(turn.token_ids), new)
         finally:
             self._forget(turn)
 
     async def cancel(self, turn: Turn) -> None:
         """The request never started: take its prompt back out of the history."""
         try:
-            await asyncio.to_thread(self._call, self.store.end_turn, turn.seq_id, turn.turn_id,
-                                    len(turn.token_ids), [], keep_len=turn.rollback_len)
+            await asyncio.to_thread(self._call, "end_turn", self.store.end_turn, turn.seq_id,
+                                    turn.turn_id, len(turn.token_ids), [], keep_len=turn.rollback_len)
         except ServiceError as exc:
             logger.warning("could not roll back turn %s of %s: %s", turn.turn_id, turn.seq_id, exc)
         finally:
             self._forget(turn)
 
     async def delete(self, seq_id: str) -> bool:
-        return await asyncio.to_thread(self._call, self.store.delete, seq_id)
+        return await asyncio.to_thread(self._call, "delete", self.store.delete, seq_id)
 
     async def renew_forever(self) -> None:
         while True:
             await asyncio.sleep(self.lease_s / 3)
             for turn in list(self._open.values()):
                 try:
-                    await asyncio.to_thread(self.store.renew_turn, turn.seq_id, turn.turn_id)
+                    await asyncio.to_thread(self._timed, "renew", self.store.renew_turn, turn.seq_id,
+                                            turn.turn_id)
                 except ss.SessionStoreError as exc:
                     logger.warning("could not renew turn of %s: %s", turn.seq_id, exc)
 
@@ -103,7 +108,7 @@ class Turns:
     # --- in a thread ----------------------------------------------------------------------
     def _begin(self, seq_id: str, turn_id: str, prompt_ids: list[int], max_tokens: int, window: int,
                resume: Resume | None) -> Turn:
-        session = self._call(self.store.load, seq_id)
+        session = self._call("load", self.store.load, seq_id)
         earlier = session.token_ids if session else []
         if resume is not None:
             taken = self._take_over(seq_id, turn_id, session, resume, len(prompt_ids))
@@ -114,7 +119,8 @@ class Turns:
             raise ContextTooLong(
                 f"context of {context} tokens ({len(earlier)} earlier + {len(prompt_ids)} new) plus "
                 f"max_tokens {max_tokens} exceeds the model window of {window}")
-        token_ids = self._call(self.store.begin_turn, seq_id, turn_id, len(earlier), prompt_ids)
+        token_ids = self._call("begin_turn", self.store.begin_turn, seq_id, turn_id, len(earlier),
+                               prompt_ids)
         return Turn(seq_id, turn_id, token_ids, len(prompt_ids), rollback_len=len(earlier))
 
     def _take_over(self, seq_id: str, turn_id: str, session: ss.Session | None, resume: Resume,
@@ -124,27 +130,33 @@ class Turns:
         done, ctx = resume.generated_ids, resume.context_tokens
         if session is not None and session.turn_id == resume.turn_id:  # still open: it died
             keep = ctx if ctx is not None else len(session.token_ids)
-            token_ids = self._call(self.store.begin_turn, seq_id, turn_id, len(session.token_ids),
-                                   done, take_over=resume.turn_id, keep_len=keep)
+            token_ids = self._call("begin_turn", self.store.begin_turn, seq_id, turn_id,
+                                   len(session.token_ids), done, take_over=resume.turn_id, keep_len=keep)
         elif ctx is None:
             return None
         elif session is not None and session.turn_id is None and \
                 session.token_ids[ctx:ctx + len(done)] == done and len(session.token_ids) >= ctx + len(done):
             # The broken attempt closed its turn (it was aborted, not killed): keep what the client saw.
-            token_ids = self._call(self.store.begin_turn, seq_id, turn_id, len(session.token_ids), [],
-                                   keep_len=ctx + len(done))
+            token_ids = self._call("begin_turn", self.store.begin_turn, seq_id, turn_id,
+                                   len(session.token_ids), [], keep_len=ctx + len(done))
         else:
             raise SequenceConflict("the interrupted turn was changed by another request meanwhile")
         # The client saw this turn's start: if it cannot go on, it keeps what it has (as an abort).
         return Turn(seq_id, turn_id, token_ids, prompt_tokens, resumed=list(done),
                     rollback_len=len(token_ids))
 
-    @staticmethod
-    def _call(fn, *args, **kwargs):
+    def _call(self, op: str, fn, *args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            return self._timed(op, fn, *args, **kwargs)
         except ss.SessionStoreError as exc:
             raise store_error(exc) from exc
+
+    def _timed(self, op: str, fn, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.on_store_call(op, time.perf_counter() - started)
 
     def _forget(self, turn: Turn) -> None:
         if self._open.pop(turn.turn_id, None) is not None:

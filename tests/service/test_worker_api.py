@@ -250,12 +250,51 @@ async def test_metrics(client):
     response = await client.get("/metrics")
     assert response.status_code == 200
     text = response.text
-    for name in ("kvcache_worker_generate_requests_total", "kvcache_worker_ttft_seconds_bucket",
+    for name in ("kvcache_worker_generate_requests_total", "kvcache_worker_time_to_first_token_seconds_bucket",
                  "kvcache_worker_kv_bytes_used", "kvcache_worker_kv_bytes_limit",
                  "kvcache_worker_requests_total", "kvcache_worker_prefill_tokens_total",
-                 "kvcache_worker_evictions_total", "kvcache_worker_running"):
+                 "kvcache_worker_evictions_total", "kvcache_worker_num_requests_running",
+                 "kvcache_worker_num_requests_waiting", "kvcache_worker_kv_cache_usage_perc"):
         assert name in text, name
     assert 'kvcache_worker_generate_requests_total{outcome="accepted"}' in text
+    assert 'kvcache_worker_generate_requests_total{outcome="overloaded"} 0.0' in text  # exported before any
+    assert 'kvcache_worker_session_store_latency_seconds_count{op="renew"}' in text
+
+
+async def test_a_request_is_timed_and_its_tokens_counted(worker, engine):
+    """One request: one sample in each request histogram (equal to the done event's timings), one
+    inter-token latency per gap, the token counters move by its usage, and each session-store call
+    is timed."""
+    app, client = worker
+    registry = app.state.worker.metrics.registry
+    await wait_for(lambda: engine.stats()["running"] == 0, "an idle engine")
+
+    def value(name: str, **labels: str) -> float:
+        return registry.get_sample_value(f"kvcache_worker_{name}", labels) or 0.0
+
+    names = [f"{h}_{s}" for h in ("time_to_first_token_seconds", "e2e_request_latency_seconds",
+                                  "request_queue_time_seconds", "request_prefill_time_seconds",
+                                  "request_decode_time_seconds", "inter_token_latency_seconds")
+             for s in ("count", "sum")] + ["prompt_tokens_total", "generation_tokens_total"]
+    ops = ("load", "begin_turn", "end_turn")
+    before = {n: value(n) for n in names} | {op: value("session_store_latency_seconds_count", op=op) for op in ops}
+    _, events = await stream(client, prompt="time me", seq_id="api-timed", max_tokens=5, temperature=0)
+    after = {n: value(n) for n in names} | {op: value("session_store_latency_seconds_count", op=op) for op in ops}
+    delta = {n: after[n] - before[n] for n in after}
+    done = events[-1]
+    usage, timings = done["usage"], done["timings"]
+    for histogram in names[:10:2]:
+        assert delta[histogram] == 1, histogram
+    assert delta["inter_token_latency_seconds_count"] == usage["completion_tokens"] - 1
+    assert delta["time_to_first_token_seconds_sum"] == pytest.approx(timings["ttft_ms"] / 1000)
+    assert delta["request_prefill_time_seconds_sum"] == pytest.approx(timings["prefill_ms"] / 1000)
+    assert delta["request_decode_time_seconds_sum"] == pytest.approx(timings["decode_ms"] / 1000)
+    assert delta["request_decode_time_seconds_sum"] == pytest.approx(delta["inter_token_latency_seconds_sum"])
+    assert delta["e2e_request_latency_seconds_sum"] == pytest.approx(
+        delta["time_to_first_token_seconds_sum"] + delta["request_decode_time_seconds_sum"])
+    assert delta["prompt_tokens_total"] == usage["context_tokens"]
+    assert delta["generation_tokens_total"] == usage["completion_tokens"]
+    assert all(delta[op] == 1 for op in ops), delta
 
 
 # --- client disconnect -------------------------------------------------------------------------

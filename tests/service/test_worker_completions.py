@@ -151,6 +151,29 @@ async def test_stats_and_metrics_count_prefix_cache_tokens(client):
     assert "kvcache_worker_stateless_sequences " in text
 
 
+async def test_completions_are_timed_and_their_tokens_counted(worker):
+    """Streamed or not, each request is one sample of the request histograms; its prompt is all
+    looked up in the prefix cache (prompt_tokens moves with prefix_cache_queries)."""
+    app, client = worker
+    registry = app.state.worker.metrics.registry
+    names = ("time_to_first_token_seconds_count", "e2e_request_latency_seconds_count",
+             "request_queue_time_seconds_count", "prompt_tokens_total", "prefix_cache_queries_total",
+             "generation_tokens_total")
+
+    def values() -> dict[str, float]:
+        return {n: registry.get_sample_value(f"kvcache_worker_{n}") or 0.0 for n in names}
+
+    before = values()
+    results = [await complete(client, prompt="Timed completion", max_tokens=3, stream=stream)
+               for stream in (True, False)]
+    delta = {n: v - before[n] for n, v in values().items()}
+    assert delta["time_to_first_token_seconds_count"] == delta["e2e_request_latency_seconds_count"] == 2
+    assert delta["request_queue_time_seconds_count"] == 2
+    assert delta["prompt_tokens_total"] == delta["prefix_cache_queries_total"] == \
+        sum(r["usage"]["prompt_tokens"] for r in results)
+    assert delta["generation_tokens_total"] == sum(r["usage"]["completion_tokens"] for r in results)
+
+
 async def test_closing_the_stream_aborts_the_request(worker):
     """A client disconnect closes the SSE generator, which aborts the request in the engine."""
     app, client = worker
@@ -159,7 +182,7 @@ async def test_closing_the_stream_aborts_the_request(worker):
     with Gate(engine, hold_at=3) as gate:  # in its 3rd forward, the request is surely running
         handle = RequestHandle.stateless(engine, "disc", engine.encode("disconnect me " * 4),
                                          SamplingParams(max_tokens=500, temperature=0))
-        events = stream_events(handle, await start_request(handle), app.state.worker.metrics.ttft)
+        events = stream_events(handle, await start_request(handle))
         assert b'"start"' in await events.__anext__()
         assert b'"token"' in await events.__anext__()
         await asyncio.to_thread(gate.wait_reached)

@@ -16,7 +16,7 @@ from services.common.errors import ContextTooLong, Overloaded, ServiceError, Una
 from services.worker.engine.detokenizer import DetokState, next_text
 from services.worker.engine.sampling import make_generator, sample_token
 from services.worker.engine.scheduler import Admission, ScheduledItem, Scheduler
-from services.worker.engine.sequence import Request, Status
+from services.worker.engine.sequence import Request, RequestTimings, Status
 from services.worker.engine.stop import StopMatcher
 from services.worker.kv_store import KVCapacityError, KVStore, SequenceEntry
 from services.worker.model.loader import LoadedModel
@@ -34,12 +34,25 @@ class EngineConfig:
     enable_kv_reuse: bool = True
 
 
+class EngineObserver:
+    """Told each request's timings on the engine thread, before the client sees the event (so
+    an implementation must be thread-safe; prometheus_client's metrics are). Does nothing here."""
+
+    def on_token_gap(self, gap_s: float) -> None:
+        """Between two consecutive tokens of one request."""
+
+    def on_finished(self, timings: RequestTimings) -> None:
+        """A request about to send `done`."""
+
+
 class Engine:
-    def __init__(self, loaded: LoadedModel, store: KVStore, config: EngineConfig):
+    def __init__(self, loaded: LoadedModel, store: KVStore, config: EngineConfig,
+                 observer: EngineObserver | None = None):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.store = store
         self.config = config
+        self.observer = observer or EngineObserver()
         self.runner = ModelRunner(loaded)
         self.scheduler = Scheduler(self._admit, config.max_batch_size, config.max_batch_tokens)
         self.lock = threading.Lock()  # guards scheduler + store against readers (stats, delete)
@@ -49,9 +62,9 @@ class Engine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.counters = dict.fromkeys(
-            ("requests", "hits", "misses", "new_sequences", "stateless_requests", "prefill_tokens",
-             "reused_tokens", "handoff_tokens", "generated_tokens", "steps", "aborted", "rejected",
-             "prefix_cache_queries", "prefix_cache_hits"), 0)
+            ("requests", "hits", "misses", "new_sequences", "stateless_requests", "prompt_tokens",
+             "prefill_tokens", "reused_tokens", "handoff_tokens", "generated_tokens", "steps", "aborted",
+             "rejected", "prefix_cache_queries", "prefix_cache_hits"), 0)
 
     # --- called from other threads -------------------------------------------------------
     def start(self) -> None:
@@ -311,6 +324,7 @@ class Engine:
             self.counters["new_sequences" if not known else ("hits" if req.cached_tokens else "misses")] += 1
         self.counters["reused_tokens"] += req.cached_tokens
         self.counters["handoff_tokens"] += req.handoff_tokens
+        self.counters["prompt_tokens"] += len(req.token_ids)  # vLLM's: the whole context it was given
         self.counters["prefill_tokens"] += len(req.token_ids) - req.cached_tokens
         if self.config.enable_kv_reuse:  # vLLM's semantics: positions looked up, and found
             self.counters["prefix_cache_queries"] += len(req.token_ids)
@@ -328,6 +342,8 @@ class Engine:
         p = req.params
         token = sample_token(logits, p.temperature, p.top_p, req.sampler)
         now = time.perf_counter()
+        if req.last_token_s:
+            self.observer.on_token_gap(now - req.last_token_s)
         req.first_token_s = req.first_token_s or now
         req.last_token_s = now
         req.generated.append(token)
@@ -350,7 +366,9 @@ class Engine:
         return text, stopped
 
     def _done(self, req: Request, reason: str) -> None:
-        req.sink({"type": "done", **self._result(req, reason)})
+        timings = req.timings()
+        self.observer.on_finished(timings)
+        req.sink({"type": "done", **self._result(req, reason, timings)})
         if self.config.enable_kv_reuse and not req.stateless:
             req.status = Status.COMPLETING  # one more step writes the last token's KV
         else:
@@ -358,7 +376,7 @@ class Engine:
             # so the conversation's next request finds it; that request computes the last token.
             self._finish(req)
 
-    def _result(self, req: Request, reason: str) -> dict:
+    def _result(self, req: Request, reason: str, timings: RequestTimings) -> dict:
         ms = 1000.0
         return {
             "seq_id": req.seq_id, "worker_id": self.config.worker_id,
@@ -368,9 +386,8 @@ class Engine:
             "usage": {"prompt_tokens": req.prompt_tokens, "cached_tokens": req.cached_tokens,
                       "handoff_tokens": req.handoff_tokens, "completion_tokens": len(req.generated),
                       "context_tokens": req.context_tokens},
-            "timings": {"ttft_ms": (req.first_token_s - req.arrival_s) * ms,
-                        "prefill_ms": (req.first_token_s - req.admitted_s) * ms,
-                        "decode_ms": (req.last_token_s - req.first_token_s) * ms},
+            "timings": {"ttft_ms": timings.ttft_s * ms, "prefill_ms": timings.prefill_s * ms,
+                        "decode_ms": timings.decode_s * ms},
         }
 
     def _finish(self, req: Request) -> None:

@@ -21,6 +21,16 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # strings that end generation; they are not part of the text
 
 
+@dataclass(frozen=True)
+class RequestTimings:
+    """A finished request's phases, in seconds (vLLM's definitions, from the engine's clock)."""
+    queue_s: float    # arrival (submitted to the engine) to admission (its first scheduled step)
+    prefill_s: float  # admission to the first token
+    decode_s: float   # first token to last token
+    ttft_s: float     # arrival to the first token
+    e2e_s: float      # arrival to the last token
+
+
 class Status(Enum):
     WAITING = auto()
     RUNNING = auto()     # prefilling or decoding
@@ -57,6 +67,13 @@ class Request:
     admitted_s: float = 0.0
     first_token_s: float = 0.0
     last_token_s: float = 0.0
+
+    def timings(self) -> RequestTimings:
+        return RequestTimings(queue_s=self.admitted_s - self.arrival_s,
+                              prefill_s=self.first_token_s - self.admitted_s,
+                              decode_s=self.last_token_s - self.first_token_s,
+                              ttft_s=self.first_token_s - self.arrival_s,
+                              e2e_s=self.last_token_s - self.arrival_s)
 
     @property
     def num_pending(self) -> int:
