@@ -55,6 +55,8 @@ def test_scale_out_hands_off_kv_and_loses_no_history(tmp_path):
                 fresh = fresh_equivalent(url, follow, " Next.", 6, history)
                 assert fresh.start["cached_tokens"] == 0
                 assert fresh.token_ids == follow.token_ids
+        metrics = httpx.get(f"{cluster.worker_urls[-1]}/metrics", timeout=5).text
+        assert f"kvcache_worker_handoff_duration_seconds_count {float(len(moved))}" in metrics
 
 
 class Load:
