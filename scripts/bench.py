@@ -364,18 +364,18 @@ def main() -> None:
         measured = run_classic(classic, args, rng)
         results.update(measured, model=MODEL, machine=machine(), reps=args.reps)
         results["measured_at"].update({k: now for k in measured})
-    if 6 in args.scenarios:
-        t0 = time.perf_counter()
-        print("scenario 6: handoff vs recompute after the owner leaves...", flush=True)
-        results["s6"] = bench_elastic.scenario_handoff(args.out, args.model_cache_dir, args.reps, rng)
-        results["measured_at"]["s6"] = now
-        print(f"scenario 6 done in {time.perf_counter() - t0:.0f} s", flush=True)
-    if 7 in args.scenarios:
-        t0 = time.perf_counter()
-        print("scenario 7: scale-out and scale-in under load...", flush=True)
-        results["s7"] = bench_elastic.scenario_scaling(args.out, args.model_cache_dir, args.s7_runs, args.s7_seconds)
-        results["measured_at"]["s7"] = now
-        print(f"scenario 7 done in {time.perf_counter() - t0:.0f} s", flush=True)
+    def measure(number: int, title: str, run) -> None:
+        if number in args.scenarios:
+            t0 = time.perf_counter()
+            print(f"scenario {number}: {title}...", flush=True)
+            results[f"s{number}"] = run()
+            results["measured_at"][f"s{number}"] = now
+            print(f"scenario {number} done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    measure(6, "handoff vs recompute after the owner leaves",
+            lambda: bench_elastic.scenario_handoff(args.out, args.model_cache_dir, args.reps, rng))
+    measure(7, "scale-out and scale-in under load",
+            lambda: bench_elastic.scenario_scaling(args.out, args.model_cache_dir, args.s7_runs, args.s7_seconds))
     if 8 in args.scenarios:
         t0 = time.perf_counter()
         print("scenario 8: OpenAI chat sessions, affinity vs round-robin...", flush=True)
@@ -386,18 +386,9 @@ def main() -> None:
                                                                  args.s8_workers)
                 results["measured_at"][key] = now
         print(f"scenario 8 done in {time.perf_counter() - t0:.0f} s", flush=True)
-    if 9 in args.scenarios:
-        t0 = time.perf_counter()
-        print("scenario 9: skewed load, plain ring vs bounded loads...", flush=True)
-        results["s9"] = bench_routing.scenario_skewed_load(args.out, args.model_cache_dir, args.s9_runs)
-        results["measured_at"]["s9"] = now
-        print(f"scenario 9 done in {time.perf_counter() - t0:.0f} s", flush=True)
-    if 10 in args.scenarios:
-        t0 = time.perf_counter()
-        print("scenario 10: routing tax...", flush=True)
-        results["s10"] = bench_routing.scenario_routing_tax(args.out, args.model_cache_dir, args.s10_pairs)
-        results["measured_at"]["s10"] = now
-        print(f"scenario 10 done in {time.perf_counter() - t0:.0f} s", flush=True)
+    measure(9, "skewed load, plain ring vs bounded loads",
+            lambda: bench_routing.scenario_skewed_load(args.out, args.model_cache_dir, args.s9_runs))
+    measure(10, "routing tax", lambda: bench_routing.scenario_routing_tax(args.out, args.model_cache_dir, args.s10_pairs))
     results.setdefault("machine", machine())
     md = ""
     classic = table(results)
