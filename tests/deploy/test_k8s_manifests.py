@@ -1,10 +1,12 @@
 """The Kubernetes manifests agree with the code: settings, ports, routes, worker DNS."""
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import time
+from pathlib import Path
 from unittest import mock
 from urllib.parse import urlsplit
 
@@ -19,6 +21,7 @@ from tests.deploy.manifests import (
 )
 
 SETS = manifest_sets()
+DASHBOARD_CONFIGMAP = "kvcache-grafana-dashboard"
 WORKER_DNS = re.compile(r"^http://worker-\d+\.worker\.[a-z0-9-]+\.svc\.cluster\.local:8082$")
 UVICORN_GRACEFUL_SHUTDOWN_S = 10
 
@@ -89,6 +92,45 @@ def test_probes_hit_real_routes_on_the_service_port(docs):
             assert container_port(container, probe["httpGet"]["port"]) == default_port(service)
         assert probes["livenessProbe"]["httpGet"]["path"] == "/health"
         assert probes["readinessProbe"]["httpGet"]["path"] == readiness[service]
+
+
+def test_pods_are_annotated_for_prometheus_on_their_metrics_route(docs):
+    for workload in workloads(docs):
+        service = workload["metadata"]["name"]
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true", service
+        assert annotations["prometheus.io/port"] == str(default_port(service)), service
+        assert serves(service, annotations["prometheus.io/path"]), service
+
+
+def test_grafana_dashboard_is_a_configmap_for_the_sidecar():
+    """The configMapGenerator ships k8s/base/dashboards/kvcache.json, labelled for Grafana's
+    sidecar, under a fixed name; rendered, the ConfigMap holds the file as it is."""
+    kustomization = load_docs(K8S_DIR / "base" / "kustomization.yaml")[0]
+    [generator] = [g for g in kustomization["configMapGenerator"] if g["name"] == DASHBOARD_CONFIGMAP]
+    assert generator["options"]["labels"]["grafana_dashboard"] == "1"
+    assert generator["options"]["disableNameSuffixHash"] is True
+    [path] = generator["files"]
+    text = (K8S_DIR / "base" / path).read_text()
+    assert json.loads(text)["uid"] == "kvcache-overview"
+    for docs in (rendered_overlays() or {}).values():
+        configmap = find(docs, "ConfigMap", DASHBOARD_CONFIGMAP)
+        assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert configmap["data"] == {Path(path).name: text}
+
+
+def test_prometheus_scrape_component_admits_only_the_monitoring_namespace_to_metrics_ports():
+    component = K8S_DIR / "components" / "prometheus-scrape"
+    assert load_docs(component / "kustomization.yaml")[0]["kind"] == "Component"
+    policies = load_docs(component / "networkpolicies.yaml")
+    assert {p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in policies} == \
+        {"coordinator", "worker"}  # the gateway is open to all already
+    for policy in policies:
+        service = policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+        assert policy["metadata"]["namespace"] == NAMESPACE
+        assert policy["spec"]["ingress"] == [{
+            "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+            "ports": [{"protocol": "TCP", "port": default_port(service)}]}]
 
 
 def test_route_matching_tells_routes_apart():
