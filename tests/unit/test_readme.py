@@ -1,10 +1,14 @@
-"""The README's configuration table names every setting of every service, and nothing else."""
+"""The README's configuration table names every setting of every service, and its metrics tables
+every metric of every service, and nothing else."""
 
 import re
 from pathlib import Path
 
+from services.coordinator.metrics import CoordinatorMetrics
 from services.coordinator.settings import CoordinatorSettings
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
+from services.worker.metrics import COUNTERS, GAUGES, WorkerMetrics
 from services.worker.settings import WorkerSettings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -24,3 +28,19 @@ def test_configuration_table_matches_settings():
     table = text[text.index("## Configuration"):text.index("## Tests")]
     documented = set(re.findall(r"`((?:GATEWAY|COORDINATOR|WORKER)_[A-Z_]+)`", table))
     assert documented == env_names()
+
+
+def exported_metrics() -> set[str]:
+    """Every metric family of the three services, as a query names it (counters with `_total`);
+    the worker's engine metrics as exported once the model is loaded."""
+    engine_stats = dict.fromkeys([*GAUGES, *COUNTERS], 0) | {"kv_bytes_limit": 1}
+    registries = (GatewayMetrics().registry, CoordinatorMetrics().registry,
+                  WorkerMetrics(lambda: engine_stats).registry)
+    return {f.name + ("_total" if f.type == "counter" else "") for r in registries for f in r.collect()}
+
+
+def test_metrics_tables_list_every_metric():
+    text = README.read_text()
+    section = text[text.index("## Metrics"):text.index("## Configuration")]
+    documented = set(re.findall(r"^\| `(kvcache_[a-z0-9_]+)` \|", section, flags=re.MULTILINE))
+    assert documented == exported_metrics()
