@@ -7,6 +7,7 @@ from services.common.metrics import PREFIX
 
 _NAME = f"{PREFIX}_gateway"
 _TTFB_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+STREAM_OUTCOMES = ("done", "error", "upstream_error", "client_disconnect")
 ROUTING_DECISIONS = ("owner", "spilled", "rerouted", "migrated", "round_robin")
 _ENDPOINTS = {"/generate": "generate", "/stats": "stats", "/health": "health", "/metrics": "metrics",
               "/v1/chat/completions": "chat_completions", "/v1/completions": "completions", "/v1/models": "models"}
@@ -21,6 +22,8 @@ class GatewayMetrics:
         self.streams = Counter(
             f"{_NAME}_streams_total", "Relayed token streams by how they ended.",
             ["outcome"], registry=self.registry)
+        for outcome in STREAM_OUTCOMES:
+            self.streams.labels(outcome)
         self.upstream_retries = Counter(
             f"{_NAME}_upstream_retries_total",
             "Requests re-routed and retried after a worker could not be reached.",

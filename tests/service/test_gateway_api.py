@@ -542,6 +542,7 @@ async def test_metrics_exposes_gateway_series(cluster):
     assert 'kvcache_gateway_requests_total{code_class="2xx",endpoint="generate"} 1.0' in text
     assert 'kvcache_gateway_requests_total{code_class="4xx",endpoint="generate"} 1.0' in text
     assert 'kvcache_gateway_streams_total{outcome="done"} 1.0' in text
+    assert 'kvcache_gateway_streams_total{outcome="upstream_error"} 0.0' in text  # exported before any
     assert "kvcache_gateway_time_to_first_byte_seconds_count 1.0" in text
     assert "kvcache_gateway_active_streams 0.0" in text
 
