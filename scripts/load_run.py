@@ -217,7 +217,8 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-EVENT_STYLE = {"scale_out_spawn": ("tab:green", ":"), "scale_out_ready": ("tab:green", "-"), "scale_in_sigterm": ("tab:red", "-"),
+EVENT_STYLE = {"scale_out_spawn": ("tab:green", ":"), "scale_out_ready": ("tab:green", "-"),
+               "scale_in_sigterm": ("tab:red", "-"),
                "scale_in_exit": ("tab:red", "--")}
 
 
@@ -471,7 +472,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
     parser.add_argument("--model-cache-dir", type=Path, default=Path.home() / ".cache" / "kvcache" / "models")
-    parser.add_argument("--replot", type=Path, metavar="JSON", help="draw the PNG (and print the table) again from a load_run.json")
+    parser.add_argument("--replot", type=Path, metavar="JSON",
+                        help="draw the PNG (and print the table) again from a load_run.json")
     return parser.parse_args(argv)
 
 
@@ -479,7 +481,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.replot:
         saved = json.loads(args.replot.read_text())  # series and summary again, from the turns
-        result = build_result(LoadConfig(**saved["config"]), saved["turns"], saved["events"], saved["summary"]["wall_s"])
+        result = build_result(LoadConfig(**saved["config"]), saved["turns"], saved["events"],
+                              saved["summary"]["wall_s"])
         plot(result, args.replot.with_suffix(".png"))
         print(table(result) + f"\n\nwritten: {args.replot.with_suffix('.png')}")
         return
@@ -487,7 +490,8 @@ def main(argv: list[str] | None = None) -> None:
         config = LoadConfig(sessions=args.sessions, duration_s=args.duration, prompt_tokens=args.prompt_tokens,
                             max_tokens=args.max_tokens, max_context=args.max_context, window_s=args.window,
                             scale_out_at_s=args.scale_out_at, scale_in_at_s=args.scale_in_at, workers=args.workers,
-                            model=None if args.gateway_url else args.model, gateway_url=args.gateway_url, seed=args.seed)
+                            model=None if args.gateway_url else args.model, gateway_url=args.gateway_url,
+                            seed=args.seed)
     except ValueError as exc:
         sys.exit(f"load_run.py: {exc}")
     args.out.mkdir(parents=True, exist_ok=True)
