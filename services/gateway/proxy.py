@@ -33,7 +33,11 @@ NUM_ATTEMPTS = 3  # the first try, then re-routes past workers that are unreacha
 STATS_TIMEOUT_S = 2.0
 DRAIN_AFTER_DONE_S = 0.5  # a worker's body ends right after its terminal event
 _EVENT_END = re.compile(r"\r?\n\r?\n")  # SSE events end with a blank line
-_UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout)
+# Failures before the worker's response head: nothing of the turn ran to completion there, so
+# the key is placed again. A read or write error here is most often a kept-alive connection
+# to a worker that was just killed; a read timeout is not (the worker may still be working).
+_UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError,
+                httpx.RemoteProtocolError)
 # A worker's 503s that mean "not here, ask again": it is leaving, or (re)starting.
 _REROUTE_ERRORS = frozenset({Draining.error_type, NotReady.error_type})
 

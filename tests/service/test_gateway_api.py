@@ -98,16 +98,21 @@ def _scope(request: httpx.Request) -> dict:
 
 
 class HostDispatch(httpx.AsyncBaseTransport):
-    """Sends each request to the transport of its host:port; unknown or `down` hosts refuse to connect."""
+    """Sends each request to the transport of its host:port; unknown or `down` hosts refuse to
+    connect; `reset` hosts reset the connection before answering (what a kept-alive connection
+    to a killed worker does)."""
 
     def __init__(self, transports: dict[str, httpx.AsyncBaseTransport]) -> None:
         self.transports = transports
         self.down: set[str] = set()
+        self.reset: set[str] = set()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         host = request.url.netloc.decode()
         if host in self.down or host not in self.transports:
             raise httpx.ConnectError(f"connection refused: {host}", request=request)
+        if host in self.reset:
+            raise httpx.ReadError("[Errno 104] Connection reset by peer", request=request)
         return await self.transports[host].handle_async_request(request)
 
     async def aclose(self) -> None:
@@ -412,9 +417,10 @@ async def test_a_ring_change_reaches_the_gateway_without_a_request(cluster):
     assert len(cluster.ring_answers) == answered  # the request asked nothing of the coordinator
 
 
-async def test_connect_error_reroutes_and_retries_once(cluster):
+@pytest.mark.parametrize("failure", ["down", "reset"])
+async def test_a_failure_before_the_answer_reroutes_and_retries_once(cluster, failure):
     await cluster.set_ring(active=["w1", "w2"])
-    cluster.dispatch.down.add("w1:8082")
+    getattr(cluster.dispatch, failure).add("w1:8082")
     seq_id = owned_by("w1", ["w1", "w2"])
     response = await cluster.gateway.post("/generate", json={"prompt": "a b", "seq_id": seq_id})
     assert response.status_code == 200
