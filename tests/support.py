@@ -95,14 +95,20 @@ def extra_gateway(cluster: LocalCluster, log_dir: Path, **env: str):
                                 stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while not _healthy(url):
-            assert proc.poll() is None and time.monotonic() < deadline, "the gateway did not start"
-            time.sleep(0.1)
+        wait_until_healthy(url, proc)
         yield url
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def wait_until_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """Until the service process at `url` answers /health (it must not exit meanwhile)."""
+    deadline = time.monotonic() + timeout_s
+    while not _healthy(url):
+        assert proc.poll() is None, f"the process exited with {proc.returncode}"
+        assert time.monotonic() < deadline, f"{url} did not become healthy in {timeout_s} s"
+        time.sleep(0.1)
 
 
 def _healthy(url: str) -> bool:

@@ -1,6 +1,7 @@
 """Start a service's app under uvicorn (used by each `python -m services.<name>`)."""
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -22,7 +23,21 @@ class Drainable(Protocol):
     def start_drain(self) -> None: ...
 
 
-class DrainingServer(uvicorn.Server):
+class Server(uvicorn.Server):
+    """uvicorn that runs `on_shutdown` (if given) on the event loop as its shutdown begins, before
+    it waits for the requests in progress: a long poll can answer then instead of holding the exit."""
+
+    def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[], None] | None = None):
+        super().__init__(config)
+        self._on_shutdown = on_shutdown
+
+    async def shutdown(self, sockets=None) -> None:
+        if self._on_shutdown is not None:
+            self._on_shutdown()
+        await super().shutdown(sockets)
+
+
+class DrainingServer(Server):
     """uvicorn, except that SIGTERM starts the app's drain instead of stopping at once; however
     the drain was started, the server exits when it is done. SIGINT (Ctrl-C) stops at once."""
 
@@ -47,9 +62,15 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(app: FastAPI, settings: ServiceSettings, drainable: Drainable | None = None) -> None:
+def serve(app: FastAPI, settings: ServiceSettings, drainable: Drainable | None = None,
+          on_shutdown: Callable[[], None] | None = None) -> None:
     configure_logging(settings.log_level)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=10)
-    server = DrainingServer(config, drainable) if drainable else uvicorn.Server(config)
-    server.run()
+    server = DrainingServer(config, drainable) if drainable else Server(config, on_shutdown)
+    try:
+        server.run()
+    finally:
+        # The interpreter's last garbage collection walks every object of torch and transformers
+        # (~2 s on 2 cores); frozen objects are skipped (exit measured at 0.3 s).
+        gc.freeze()

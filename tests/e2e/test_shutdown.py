@@ -1,0 +1,45 @@
+"""A stopping coordinator answers the long polls of its routers at once (they then see it gone
+and keep their last ring) instead of holding its exit until the polls' wait_s ends."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from services.localcluster import free_port
+from tests.support import wait_until_healthy
+
+pytestmark = pytest.mark.e2e
+
+
+def test_sigterm_answers_a_waiting_long_poll_and_the_coordinator_exits(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "coordinator.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "services.coordinator"], stdout=log,
+                                stderr=subprocess.STDOUT, env={**os.environ, "COORDINATOR_PORT": str(port)})
+    try:
+        wait_until_healthy(url, proc)
+        first = httpx.get(f"{url}/ring", timeout=5).json()
+        answers: list[httpx.Response] = []
+        poll = threading.Thread(target=lambda: answers.append(httpx.get(
+            f"{url}/ring", params={"after": first["version"], "instance": first["instance"], "wait_s": 60},
+            timeout=90)))
+        poll.start()
+        time.sleep(0.5)  # the poll is waiting: nothing changes in an empty cluster
+        assert answers == []
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        poll.join(timeout=30)
+        assert answers and answers[0].status_code == 200
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+        assert time.monotonic() - sent < 10  # 10 s: uvicorn's grace for requests in progress
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
