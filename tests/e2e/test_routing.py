@@ -87,7 +87,10 @@ class InFlightSampler:
     async def run(self, client: httpx.AsyncClient) -> None:
         while not self.stop:
             finished = self.finished
-            answers = await asyncio.gather(*(client.get(f"{url}/stats") for url in self.worker_urls))
+            try:
+                answers = await asyncio.gather(*(client.get(f"{url}/stats") for url in self.worker_urls))
+            except httpx.TransportError:  # a kept-alive connection the worker closed meanwhile
+                continue  # a missed sample; the next one is 20 ms away
             if self.finished == finished:  # no request ended while sampling
                 self.samples.append((finished, [a.json()["in_flight"] for a in answers]))
             await asyncio.sleep(0.02)
