@@ -4,14 +4,17 @@ from urllib.parse import quote
 
 import httpx
 
+from services.common.http_transport import LeanTransport
+
 
 def make_client(*, connect_timeout_s: float = 2.0, read_timeout_s: float = 30.0,
                 max_connections: int = 200,
                 transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
-    """`transport` lets tests route the client to in-process apps (httpx.ASGITransport)."""
+    """HTTP/1.1 on the lean transport (see http_transport); `transport` lets tests route the client
+    to in-process apps (httpx.ASGITransport)."""
     timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=10.0, pool=10.0)
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=50)
-    return httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
+    transport = transport or LeanTransport(max_connections=max_connections, max_keepalive=50)
+    return httpx.AsyncClient(timeout=timeout, transport=transport)
 
 
 def path_segment(value: str) -> str:

@@ -15,6 +15,10 @@ from services.common.settings import ServiceSettings
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().level > logging.DEBUG:
+        # httpx logs every call at INFO: a second line per relayed request besides the access
+        # log, on the gateway's hot path (and a long-poll line each second)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class Drainable(Protocol):
