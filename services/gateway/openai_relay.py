@@ -12,11 +12,12 @@ from functools import partial
 from starlette.responses import JSONResponse, Response
 
 from services.common.errors import HTTPStatusError, ModelNotFound, UpstreamError
+from services.common.event_stream import EventStream, FinalChunk
 from services.common.schemas import WorkerCompletionRequest
 from services.common.sse import encode_event
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_format import DONE_LINE, Reply, openai_error_body
-from services.gateway.proxy import (ClosingEventStream, GatewayProxy, StreamBroken, Upstream, close_upstream,
+from services.gateway.proxy import (GatewayProxy, StreamBroken, Upstream, close_upstream,
                                     read_result, worker_events)
 from services.gateway.session_key import SESSION_HEADER
 
@@ -38,7 +39,7 @@ async def complete(proxy: GatewayProxy, reply: Reply, request: WorkerCompletionR
         proxy.metrics.ttfb_s.observe(time.perf_counter() - started_s)
         return JSONResponse(reply.result(result), headers=headers)
     chunks = ChunkRelay(upstream, reply, proxy.metrics, started_s)
-    return ClosingEventStream(chunks.encoded(), partial(close_upstream, upstream.response), headers=headers)
+    return EventStream(chunks.encoded(), headers=headers, close=partial(close_upstream, upstream.response))
 
 
 class ChunkRelay:
@@ -55,9 +56,13 @@ class ChunkRelay:
         outcome = "client_disconnect"
         self.metrics.active_streams.inc()
         try:
+            ending = []  # the terminal event's chunks go out with [DONE], in the response's last write
             async for chunk, outcome in self._chunks():
-                yield encode_event(chunk)
-            yield DONE_LINE
+                if outcome == "client_disconnect":  # not the stream's end yet
+                    yield encode_event(chunk)
+                else:
+                    ending.append(encode_event(chunk))
+            yield FinalChunk(b"".join(ending) + DONE_LINE)
         finally:
             self.metrics.active_streams.dec()
             self.metrics.streams.labels(outcome).inc()

@@ -6,7 +6,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import aclosing, suppress
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -14,12 +14,11 @@ from typing import Any, NamedTuple
 import anyio
 import httpx
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
 from services.common.errors import (Draining, HTTPStatusError, NotReady, ServiceError, Unavailable, UpstreamError,
                                    error_body)
+from services.common.event_stream import EventStream, FinalChunk
 from services.common.http import path_segment
 from services.common.schemas import RouteResponse
 from services.common.sse import TERMINAL_TYPES, data_of, encode_data, event_type
@@ -32,7 +31,7 @@ from services.gateway.routing import describe, error_message, json_or_none
 NUM_ATTEMPTS = 3  # the first try, then re-routes past workers that are unreachable or draining
 STATS_TIMEOUT_S = 2.0
 DRAIN_AFTER_DONE_S = 0.5  # a worker's body ends right after its terminal event
-_EVENT_END = re.compile(r"\r?\n\r?\n")  # SSE events end with a blank line
+_EVENT_END = re.compile(rb"\r?\n\r?\n")  # SSE events end with a blank line
 # Failures before the worker's response head: nothing of the turn ran to completion there, so
 # the key is placed again. A read or write error here is most often a kept-alive connection
 # to a worker that was just killed; a read timeout is not (the worker may still be working).
@@ -65,14 +64,14 @@ async def worker_event_batches(upstream: httpx.Response) -> AsyncIterator[list[R
     """The worker's events in order, up to its terminal event, in batches: the events of each read
     from the worker, so that a relay writes them to its client at once (a socket write per event
     costs more than the event). Pings are dropped. StreamBroken if there is no terminal event."""
-    buffer = ""
-    chunks = upstream.aiter_text()
+    buffer = b""
+    chunks = upstream.aiter_raw()  # bytes: UTF-8 never has a newline inside a character
     try:
         async for chunk in chunks:
             *blocks, buffer = _EVENT_END.split(buffer + chunk)
             batch = []
             for block in blocks:
-                data = data_of(block)
+                data = data_of(block.decode())
                 if data is None:
                     continue  # a ping or a field this relay does not use
                 kind = event_type(data)
@@ -90,15 +89,13 @@ async def worker_event_batches(upstream: httpx.Response) -> AsyncIterator[list[R
     raise StreamBroken("worker stream ended without a done or error event")
 
 
-async def _read_to_end(chunks: AsyncIterator[str]) -> None:
+async def _read_to_end(chunks: AsyncIterator[bytes]) -> None:
     """The rest of a finished stream (its end of body), so that its connection goes back to the
     pool: a response closed before its end costs a new connection to the worker next time."""
-    async def consume() -> None:
-        async for _ in chunks:
-            pass
-
     with suppress(TimeoutError, httpx.HTTPError):
-        await asyncio.wait_for(consume(), DRAIN_AFTER_DONE_S)
+        async with asyncio.timeout(DRAIN_AFTER_DONE_S):
+            async for _ in chunks:
+                pass
 
 
 async def worker_events(upstream: httpx.Response) -> AsyncIterator[dict]:
@@ -184,7 +181,7 @@ class GatewayProxy:
         upstream = await self.open_generate(payload)
         if stream and upstream.response.status_code == 200:
             relay = StreamRelay(self, upstream, self.metrics, started_s)
-            return ClosingEventStream(relay.encoded(), relay.aclose)
+            return EventStream(relay.encoded(), close=relay.aclose)
         response = await relay_json(upstream.response)
         if response.status_code == 200:
             self.metrics.ttfb_s.observe(time.perf_counter() - started_s)
@@ -387,8 +384,11 @@ class StreamRelay:
                     if last is None:
                         self.metrics.ttfb_s.observe(time.perf_counter() - self.started_s)
                     last = batch[-1]
-                    yield b"".join(encode_data(event.data) for event in batch)
-            outcome = stream_outcome(last)
+                    data = b"".join(encode_data(event.data) for event in batch)
+                    if last.type in TERMINAL_TYPES:  # batches() ends here
+                        outcome = stream_outcome(last)
+                        data = FinalChunk(data)
+                    yield data
         finally:
             self.metrics.active_streams.dec()
             self.metrics.streams.labels(outcome).inc()
@@ -470,19 +470,3 @@ async def close_upstream(response: httpx.Response) -> None:
     the worker sees the disconnect and stops generating."""
     with anyio.CancelScope(shield=True), suppress(httpx.HTTPError):
         await response.aclose()
-
-
-class ClosingEventStream(EventSourceResponse):
-    """SSE to the client that runs `close` (closing the worker's stream) however it ends (done,
-    broken, client gone, cancelled), so a client disconnect reaches the worker and it stops."""
-
-    def __init__(self, body: AsyncIterator[bytes], close: Callable[[], Awaitable[None]],
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(body, sep="\n", headers=headers)
-        self._close = close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._close()

@@ -7,9 +7,9 @@ from functools import partial
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse
 
 from services.common.errors import Conflict, InvalidRequest, ModelNotFound, NotFound, ServiceError, Unavailable
+from services.common.event_stream import EventStream
 from services.common.metrics import metrics_response
 from services.common.schemas import WorkerGenerateRequest, check_seq_id
 from services.worker.engine.sequence import SamplingParams
@@ -37,7 +37,7 @@ async def generate(body: WorkerGenerateRequest, request: Request):
         result = await collect_result(handle, partial(_finish, state, turn, handle),
                                       partial(_close, state, turn, handle))
         return JSONResponse(result, headers=headers)
-    return EventSourceResponse(_stream(state, turn, handle, start), headers=headers, ping=15)
+    return EventStream(_stream(state, turn, handle, start), headers=headers)
 
 
 def _check_resume(body: WorkerGenerateRequest) -> None:

@@ -11,9 +11,9 @@ import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse
 
 from services.common.errors import InvalidRequest
+from services.common.event_stream import EventStream
 from services.common.schemas import WorkerCompletionRequest
 from services.worker.chat_template import chat_prompt_ids
 from services.worker.engine.engine import Engine
@@ -36,7 +36,7 @@ async def completions(body: WorkerCompletionRequest, request: Request):
     start = await counted(state.metrics.completion_requests, start_request(handle))
     if not body.stream:
         return JSONResponse(await collect_result(handle))
-    return EventSourceResponse(stream_events(handle, start), ping=15)
+    return EventStream(stream_events(handle, start))
 
 
 def prompt_token_ids(engine: Engine, body: WorkerCompletionRequest) -> list[int]:

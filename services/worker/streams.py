@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from prometheus_client import Counter
 
 from services.common.errors import ServiceError
+from services.common.event_stream import FinalChunk
 from services.common.sse import TERMINAL_TYPES, encode_event
 from services.worker.engine.engine import Engine
 from services.worker.engine.sequence import EventSink, Request, SamplingParams
@@ -106,15 +107,21 @@ async def stream_events(handle: RequestHandle, start: dict, on_done: OnDone = _u
                         on_close: OnClose = _nothing) -> AsyncIterator[bytes]:
     """The SSE body. However it ends (done, error, the client went away and the generator is
     closed), the request is aborted in the engine, then `on_close` runs."""
+    final = None
     try:
         yield encode_event(start)
         async for event in handle.events():
             if event["type"] == "done":
                 event = await on_done(event)
-            yield encode_event(event)
+            if event["type"] in TERMINAL_TYPES:
+                final = event  # sent after the clean-up, so the client's next turn finds it done
+            else:
+                yield encode_event(event)
     finally:
         handle.abort()
         await on_close()
+    if final is not None:
+        yield FinalChunk(encode_event(final))
 
 
 async def collect_result(handle: RequestHandle, on_done: OnDone = _unchanged, on_close: OnClose = _nothing) -> dict:

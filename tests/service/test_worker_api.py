@@ -299,7 +299,7 @@ async def test_a_request_is_timed_and_its_tokens_counted(worker, engine):
 
 # --- client disconnect -------------------------------------------------------------------------
 async def test_closing_the_stream_aborts_the_request(worker, engine):
-    """What a client disconnect does: sse-starlette closes the event generator, whose `finally`
+    """What a client disconnect does: the event stream closes the event generator, whose `finally`
     aborts the request; the engine drops it at its next step."""
     app, client = worker
     # Earlier tests' last step (writing the final token's KV) may still be due: let it run first.
