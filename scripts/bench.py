@@ -338,7 +338,7 @@ def main() -> None:
     parser.add_argument("--s8-workers", type=int, default=2,
                         help="workers of scenario 8 (results of another count than 2 are kept apart: s8-<n>w)")
     parser.add_argument("--s9-runs", type=int, default=3, help="runs of scenario 9 per mode (plain, bounded)")
-    parser.add_argument("--s10-pairs", type=int, default=bench_routing.TAX_PAIRS, help="pairs of scenario 10")
+    parser.add_argument("--s10-pairs", type=int, default=bench_routing.TAX_PAIRS, help="rounds of scenario 10")
     parser.add_argument("--s3-workers", type=int, default=1,
                         help="workers of scenario 3's cluster (2: the default local cluster; kept apart as s3-2w)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results")

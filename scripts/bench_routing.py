@@ -7,7 +7,9 @@
      client-side TTFT p50/p99 and throughput.
  10. routing tax: one tiny request (a few prompt tokens, max_tokens 1, streamed, tiny-gpt2 so
      that the model's time does not drown the gateway's) through the gateway vs straight to the
-     worker that owns it, in alternating pairs: the per-pair difference's p50/p99.
+     worker that owns it, in rounds of three (gateway, direct, direct again; each first in turn):
+     the per-round difference gateway - direct, p50/p99; direct - direct is the noise floor that
+     the same statistic has on this machine.
 
 Each run starts its own cluster (LocalCluster: real processes on loopback).
 """
@@ -136,30 +138,32 @@ def _timed(client: httpx.Client, url: str, seq: str) -> float:
 
 
 def scenario_routing_tax(out: Path, model_cache_dir: Path, pairs: int = TAX_PAIRS) -> dict:
-    """Gateway minus direct, per alternating pair, on the default 2-worker cluster."""
+    """Gateway minus direct, per alternating pair, on the default 2-worker cluster; and, as the
+    measurement's noise floor, direct minus direct (a second direct request in each round)."""
     resolve_model_path(TAX_MODEL, model_cache_dir)
     env = _env(model_cache_dir, TAX_MODEL)
     with LocalCluster(num_workers=2, log_dir=out / "s10-tax" / "logs", worker_env=env) as cluster:
         ring = ring_of(cluster)
         workers = dict(zip(cluster.worker_names, cluster.worker_urls))
         client = httpx.Client(timeout=60)
-        gateway, direct, diffs = [], [], []
+        times: dict[str, list[float]] = {"gw": [], "direct": [], "direct2": []}
         for i in range(TAX_WARMUP + pairs):
             seq = f"tax-{uuid.uuid4().hex[:12]}"
             owner_url = workers[ring.owner(seq)]
-            order = (("gw", cluster.gateway_url), ("direct", owner_url))
-            times = {}
-            for name, url in (order if i % 2 == 0 else order[::-1]):
-                times[name] = _timed(client, url, f"{seq}-{name}")
-            if i >= TAX_WARMUP:
-                gateway.append(times["gw"])
-                direct.append(times["direct"])
-                diffs.append(times["gw"] - times["direct"])
+            order = [("gw", cluster.gateway_url), ("direct", owner_url), ("direct2", owner_url)]
+            for name, url in order[i % 3:] + order[:i % 3]:  # each one first in turn
+                elapsed = _timed(client, url, f"{seq}-{name}")
+                if i >= TAX_WARMUP:
+                    times[name].append(elapsed)
         client.close()
-    return {"pairs": pairs, "gateway_p50_s": statistics.median(gateway), "direct_p50_s": statistics.median(direct),
+    diffs = [g - d for g, d in zip(times["gw"], times["direct"])]
+    noise = [d2 - d for d2, d in zip(times["direct2"], times["direct"])]
+    return {"pairs": pairs, "gateway_p50_s": statistics.median(times["gw"]),
+            "direct_p50_s": statistics.median(times["direct"]),
             "tax_p50_s": percentile(diffs, 50), "tax_p99_s": percentile(diffs, 99),
-            "tax_mean_s": statistics.fmean(diffs), "gateway_p99_s": percentile(gateway, 99),
-            "direct_p99_s": percentile(direct, 99)}
+            "tax_mean_s": statistics.fmean(diffs), "gateway_p99_s": percentile(times["gw"], 99),
+            "direct_p99_s": percentile(times["direct"], 99),
+            "noise_p50_s": percentile(noise, 50), "noise_p99_s": percentile(noise, 99)}
 
 
 def table_s9(r: dict) -> str:
@@ -179,7 +183,8 @@ def table_s9(r: dict) -> str:
 
 def table_s10(r: dict) -> str:
     ms = 1000
-    return (f"Scenario 10 (routing tax, {r['pairs']} alternating pairs, {TAX_MODEL}, prompt 'hi there', max_tokens 1, streamed): "
+    return (f"Scenario 10 (routing tax, {r['pairs']} rounds, {TAX_MODEL}, prompt 'hi there', max_tokens 1, streamed): "
             f"gateway minus direct p50 **{r['tax_p50_s'] * ms:.2f} ms**, p99 **{r['tax_p99_s'] * ms:.2f} ms** "
-            f"(mean {r['tax_mean_s'] * ms:.2f}); request p50 through the gateway {r['gateway_p50_s'] * ms:.1f} ms, "
-            f"direct {r['direct_p50_s'] * ms:.1f} ms.")
+            f"(mean {r['tax_mean_s'] * ms:.2f}); noise floor (direct minus direct) p50 {r['noise_p50_s'] * ms:.2f} ms, "
+            f"p99 {r['noise_p99_s'] * ms:.2f} ms; request p50 through the gateway {r['gateway_p50_s'] * ms:.1f} ms, "
+            f"direct {r['direct_p50_s'] * ms:.1f} ms; p99 {r['gateway_p99_s'] * ms:.1f} vs {r['direct_p99_s'] * ms:.1f} ms.")
