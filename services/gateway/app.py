@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from services.common.errors import ServiceError, error_response, install_error_handlers
 from services.common.http import make_client
+from services.common.http_transport import LeanTransport
 from services.gateway.api import router
 from services.gateway.api_keys import ApiKeyMiddleware, load_api_keys
 from services.gateway.openai_api import router as openai_router
@@ -42,12 +43,13 @@ def create_app(settings: GatewaySettings, transport: httpx.AsyncBaseTransport | 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        upstream = transport or LeanTransport()
         client = make_client(connect_timeout_s=settings.connect_timeout_s,
-                             read_timeout_s=settings.read_timeout_s, transport=transport)
+                             read_timeout_s=settings.read_timeout_s, transport=upstream)
         app.state.client = client
         placer = Placer(settings.routing, settings.load_factor)
         ring = RingSync(CoordinatorClient(client, settings.coordinator_url), placer.loads)
-        app.state.proxy = GatewayProxy(client, ring, placer, metrics, migration_limit=settings.migration_limit)
+        app.state.proxy = GatewayProxy(client, upstream, ring, placer, metrics, migration_limit=settings.migration_limit)
         sync = asyncio.create_task(ring.run())
         await ring.wait_first()
         try:

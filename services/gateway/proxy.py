@@ -19,7 +19,7 @@ from starlette.responses import Response
 from services.common.errors import (Draining, HTTPStatusError, NotReady, ServiceError, Unavailable, UpstreamError,
                                    error_body)
 from services.common.event_stream import EventStream, FinalChunk
-from services.common.http import path_segment
+from services.common.http import path_segment, post_json_streamed
 from services.common.schemas import RouteResponse
 from services.common.sse import TERMINAL_TYPES, data_of, encode_data, event_type
 from services.coordinator.ring import EmptyRingError
@@ -168,9 +168,10 @@ class Upstream:
 
 
 class GatewayProxy:
-    def __init__(self, client: httpx.AsyncClient, ring: RingSync, placer: Placer,
-                 metrics: GatewayMetrics, migration_limit: int = 1) -> None:
+    def __init__(self, client: httpx.AsyncClient, transport: httpx.AsyncBaseTransport, ring: RingSync,
+                 placer: Placer, metrics: GatewayMetrics, migration_limit: int = 1) -> None:
         self._client = client
+        self._transport = transport  # the client's: the hot path's requests go to it directly
         self.ring = ring
         self.placer = placer
         self.metrics = metrics
@@ -248,8 +249,8 @@ class GatewayProxy:
             body = _for_worker(payload, route)
             release = self._hold(route.worker_id)
             try:
-                request = self._client.build_request("POST", route.address.rstrip("/") + path, json=body)
-                response = await self._client.send(request, stream=True)
+                response = await post_json_streamed(self._client, self._transport,
+                                                    route.address.rstrip("/") + path, body)
                 reason = await _reroute_reason(response)
             except BaseException as exc:
                 release()
