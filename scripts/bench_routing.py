@@ -7,7 +7,8 @@
      client-side TTFT p50/p99 and throughput.
  10. routing tax: one tiny request (a few prompt tokens, max_tokens 1, streamed, tiny-gpt2 so
      that the model's time does not drown the gateway's) through the gateway vs straight to the
-     worker that owns it, in rounds of three (gateway, direct, direct again; each first in turn):
+     worker that owns it, in rounds of three (gateway, direct, direct again; each first in turn;
+     25 ms idle before each request, so that none pays for the previous one's work after `done`):
      the per-round difference gateway - direct, p50/p99; direct - direct is the noise floor that
      the same statistic has on this machine.
 
@@ -43,6 +44,8 @@ S9_FACTOR = "1.25"
 TAX_MODEL = "tiny-gpt2"
 TAX_PAIRS = 300
 TAX_WARMUP = 20
+TAX_GAP_S = 0.025  # idle before each request: the worker's work after a turn's `done` (the last
+# token's KV step, the session store) otherwise lands on whichever request comes next
 
 
 def _env(model_cache_dir: Path, model: str = MODEL) -> dict[str, str]:
@@ -152,6 +155,7 @@ def scenario_routing_tax(out: Path, model_cache_dir: Path, pairs: int = TAX_PAIR
             owner_url = workers[ring.owner(seq)]
             order = [("gw", cluster.gateway_url), ("direct", owner_url), ("direct2", owner_url)]
             for name, url in order[i % 3:] + order[:i % 3]:  # each one first in turn
+                time.sleep(TAX_GAP_S)
                 elapsed = _timed(client, url, f"{seq}-{name}")
                 if i >= TAX_WARMUP:
                     times[name].append(elapsed)

@@ -44,10 +44,11 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: dict[tuple[str, int], deque[_Connection]] = defaultdict(deque)
         self._max_keepalive = max_keepalive
-        self._fallback = httpx.AsyncHTTPTransport()
+        self._fallback: httpx.AsyncHTTPTransport | None = None  # made on first use (an SSL context)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if request.url.scheme != "http":
+            self._fallback = self._fallback or httpx.AsyncHTTPTransport()
             return await self._fallback.handle_async_request(request)
         timeouts = request.extensions.get("timeout", {})
         body = await _body_of(request)
@@ -66,7 +67,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
             for connection in connections:
                 connection.close()
         self._idle.clear()
-        await self._fallback.aclose()
+        if self._fallback is not None:
+            await self._fallback.aclose()
 
     async def _acquire_slot(self, request: httpx.Request, timeout_s: float | None) -> None:
         try:
