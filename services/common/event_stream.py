@@ -16,12 +16,12 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 PING = b": ping\n\n"
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class FinalChunk(bytes):
     """The body's last chunk (its terminal event): sent with the end of the response, in one write
     under uvicorn's httptools protocol instead of two."""
-HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class EventStream(StreamingResponse):

@@ -145,17 +145,20 @@ async def test_a_kept_alive_connection_that_dies_under_a_request_is_retried_once
     assert server.connections == 2
 
 
-async def test_a_response_without_length_ends_with_the_connection():
+def answer_and_close(raw: bytes) -> Handler:
     async def handler(_reader, writer, _n) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\n\r\nall of it")
+        writer.write(raw)
         await writer.drain()
         return False
+    return handler
 
-    async with Server(handler) as url, client() as http:
+
+async def test_a_response_without_length_ends_with_the_connection():
+    async with Server(answer_and_close(b"HTTP/1.1 200 OK\r\n\r\nall of it")) as url, client() as http:
         assert (await http.get(url)).content == b"all of it"
 
 
-async def test_failures_raise_httpx_exceptions():
+async def test_timeouts_and_refused_connections_raise_httpx_exceptions():
     async with client(connect=1.0) as http:
         with pytest.raises(httpx.ConnectError):
             await http.get(f"http://127.0.0.1:{free_port()}/")
@@ -168,21 +171,11 @@ async def test_failures_raise_httpx_exceptions():
         with pytest.raises(httpx.ReadTimeout):
             await http.get(url)
 
-    async def cut(_reader, writer, _n) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nonly")
-        await writer.drain()
-        return False
 
-    async with Server(cut) as url, client() as http:
-        with pytest.raises(httpx.RemoteProtocolError):
-            await http.get(url)
-
-    async def garbage(_reader, writer, _n) -> bool:
-        writer.write(b"SMTP ready\r\n\r\n")
-        await writer.drain()
-        return False
-
-    async with Server(garbage) as url, client() as http:
+@pytest.mark.parametrize("raw", [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nonly",  # cut short
+                                 b"SMTP ready\r\n\r\n"])  # not HTTP
+async def test_a_broken_response_is_a_protocol_error(raw: bytes):
+    async with Server(answer_and_close(raw)) as url, client() as http:
         with pytest.raises(httpx.RemoteProtocolError):
             await http.get(url)
 
