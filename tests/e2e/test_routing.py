@@ -133,14 +133,15 @@ def test_bounded_loads_cap_a_hot_worker_and_keep_every_history(cluster, tmp_path
         assert b.start["context_tokens"] == earlier + b.done["usage"]["prompt_tokens"]
     spilled = sum(g.done["worker_id"] != owner for g in first)
     assert spilled >= NUM_SESSIONS * (1 - LOAD_FACTOR / 2) - 2, spilled  # the owner kept at most ~62.5%
-    # Until the first request finished, no worker held more than factor x the burst's average + 1
-    # at any sample; at least two samples were taken with >= 90% of the burst in flight. (Asking
-    # for all 200 at once is a race: on a slow machine the first may finish before the last one
-    # reaches its worker.) The plain ring would put all 200 on the owner.
-    arriving = [loads for finished, loads in first_samples + sampler.samples if finished == 0]
-    assert len([loads for loads in arriving if sum(loads) >= 0.9 * NUM_SESSIONS]) >= 2, first_samples[-5:]
+    # No worker held more than factor x the burst's average + 1 at any sample (a request is placed
+    # against the load of the moment, never above the burst's: finished requests only lower it),
+    # and at least two samples saw >= 90% of the burst in flight. (Asking for all 200 at once is a
+    # race: the first may finish before the last one reaches its worker.) The plain ring would put
+    # all 200 on the owner.
+    samples = [loads for _, loads in first_samples + sampler.samples]
+    assert len([loads for loads in samples if sum(loads) >= 0.9 * NUM_SESSIONS]) >= 2, first_samples[-5:]
     bound = LOAD_FACTOR * NUM_SESSIONS / len(cluster.worker_urls) + 1
-    for loads in arriving:
+    for loads in samples:
         assert max(loads) <= bound, loads
     assert 'kvcache_gateway_routing_decisions_total{decision="spilled"}' in metrics
     spilled_count = next(line for line in metrics.splitlines()
