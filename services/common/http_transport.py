@@ -1,15 +1,16 @@
 """A lean HTTP/1.1 transport for httpx: plain `http://` on asyncio streams, with a keep-alive pool.
 
 Why: on the gateway's hot path (one small POST per turn, then a relayed SSE body) httpcore's
-connection machinery cost about 1.5 ms per request on loopback, more than everything else the
-gateway does. This transport does only what the services' internal calls need: HTTP/1.1, bodies
+connection machinery cost about 1.2 ms of CPU per relayed request on the 2-core test VM, a sixth
+of the gateway's whole cost then (README, scenario 10). This transport does only what the services' internal calls need: HTTP/1.1, bodies
 framed by Content-Length, chunked or end of connection, and httpx's timeouts and exception types,
 so the callers (retries, re-routes) see what httpx would raise. Anything else (`https://`) goes to
 httpx's own transport.
 
 A pooled connection the peer has closed (uvicorn drops idle ones after 5 s) is noticed before
-reuse; one that fails before any byte of its response is retried once on a new connection, since
-the peer never saw the request (the race between its close and our write).
+reuse. One that fails before any byte of its response is retried once on a new connection: most
+likely the peer closed it while idle as the request went out, and never saw it; a peer that died
+instead refuses the new connection, which is the error the caller gets.
 """
 
 import asyncio
@@ -36,7 +37,7 @@ class _Connection:
 
 
 class _Stale(Exception):
-    """A reused connection failed before its response began: the peer never saw the request."""
+    """A reused connection failed before its response began (see the module's docstring)."""
 
 
 class LeanTransport(httpx.AsyncBaseTransport):
