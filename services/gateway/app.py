@@ -49,7 +49,8 @@ def create_app(settings: GatewaySettings, transport: httpx.AsyncBaseTransport | 
         app.state.client = client
         placer = Placer(settings.routing, settings.load_factor)
         ring = RingSync(CoordinatorClient(client, settings.coordinator_url), placer.loads)
-        app.state.proxy = GatewayProxy(client, upstream, ring, placer, metrics, migration_limit=settings.migration_limit)
+        app.state.proxy = GatewayProxy(client, upstream, ring, placer, metrics,
+                                       migration_limit=settings.migration_limit)
         sync = asyncio.create_task(ring.run())
         await ring.wait_first()
         try:
