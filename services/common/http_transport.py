@@ -2,10 +2,10 @@
 
 Why: on the gateway's hot path (one small POST per turn, then a relayed SSE body) httpcore's
 connection machinery cost about 1.2 ms of CPU per relayed request on the 2-core test VM, a sixth
-of the gateway's whole cost then (README, scenario 10). This transport does only what the services' internal calls need: HTTP/1.1, bodies
-framed by Content-Length, chunked or end of connection, and httpx's timeouts and exception types,
-so the callers (retries, re-routes) see what httpx would raise. Anything else (`https://`) goes to
-httpx's own transport.
+of the gateway's whole cost then (README, scenario 10). This transport does only what the
+services' internal calls need: HTTP/1.1, bodies framed by Content-Length, chunked or end of
+connection, and httpx's timeouts and exception types, so the callers (retries, re-routes) see
+what httpx would raise. Anything else (`https://`) goes to httpx's own transport.
 
 A pooled connection the peer has closed (uvicorn drops idle ones after 5 s) is noticed before
 reuse. One that fails before any byte of its response is retried once on a new connection: most
