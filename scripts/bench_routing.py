@@ -141,7 +141,7 @@ def _timed(client: httpx.Client, url: str, seq: str) -> float:
 
 
 def scenario_routing_tax(out: Path, model_cache_dir: Path, pairs: int = TAX_PAIRS) -> dict:
-    """Gateway minus direct, per alternating pair, on the default 2-worker cluster; and, as the
+    """Gateway minus direct, per round, on the default 2-worker cluster; and, as the
     measurement's noise floor, direct minus direct (a second direct request in each round)."""
     resolve_model_path(TAX_MODEL, model_cache_dir)
     env = _env(model_cache_dir, TAX_MODEL)

@@ -88,9 +88,10 @@ class LeanTransport(httpx.AsyncBaseTransport):
             connection.close()
         return None
 
-    def _give_back(self, url: httpx.URL, connection: _Connection) -> None:
+    def _finished(self, url: httpx.URL, connection: _Connection, reusable: bool) -> None:
+        """A response is done with its connection: pooled again if it can be, and its slot freed."""
         idle = self._idle[(url.host, url.port or 80)]
-        if connection.usable() and len(idle) < self._max_keepalive:
+        if reusable and connection.usable() and len(idle) < self._max_keepalive:
             idle.append(connection)
         else:
             connection.close()
@@ -243,10 +244,7 @@ class _Body(httpx.AsyncByteStream):
     async def _sized(self) -> AsyncIterator[bytes]:
         left = self._length
         while left:
-            part = await self._read(self._connection.reader.read(min(left, 65536)))
-            if not part:
-                raise httpx.RemoteProtocolError("peer closed the connection before the body's end",
-                                                request=self._request)
+            part = await self._more(min(left, 65536))
             left -= len(part)
             yield part
 
@@ -264,8 +262,8 @@ class _Body(httpx.AsyncByteStream):
                 return
             buffer += await self._more()
 
-    async def _more(self) -> bytes:
-        part = await self._read(self._connection.reader.read(65536))
+    async def _more(self, limit: int = 65536) -> bytes:
+        part = await self._read(self._connection.reader.read(limit))
         if not part:
             raise httpx.RemoteProtocolError("peer closed the connection before the body's end",
                                             request=self._request)
@@ -282,8 +280,5 @@ class _Body(httpx.AsyncByteStream):
         if self._closed:
             return
         self._closed = True
-        if self._complete and self._keep_alive:
-            self._transport._give_back(self._request.url, self._connection)  # noqa: SLF001
-        else:
-            self._connection.close()
-            self._transport._slots.release()  # noqa: SLF001
+        reusable = self._complete and self._keep_alive
+        self._transport._finished(self._request.url, self._connection, reusable)  # noqa: SLF001
