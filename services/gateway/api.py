@@ -24,10 +24,16 @@ def _proxy(request: Request) -> GatewayProxy:
 
 @router.post("/generate", response_model=None, responses=GENERATE_RESPONSES)
 async def generate(body: GenerateRequest, request: Request) -> Response:
+    """Documents /generate and answers what fast_generate passes on (an invalid body: its 422)."""
+    return await generate_response(_proxy(request), body)
+
+
+async def generate_response(proxy: GatewayProxy, body: GenerateRequest) -> Response:
+    """A turn's response, whichever path validated its body (this route, or fast_generate)."""
     seq_id = body.seq_id or uuid.uuid4().hex
     payload = body.model_dump(exclude_unset=True) | {"seq_id": seq_id, "stream": body.stream}
     try:
-        response = await _proxy(request).generate(payload, stream=body.stream)
+        response = await proxy.generate(payload, stream=body.stream)
     except ServiceError as exc:
         response = error_response(exc)
     response.headers["X-Seq-Id"] = seq_id

@@ -15,6 +15,7 @@ from services.common.http import make_client
 from services.common.http_transport import LeanTransport
 from services.gateway.api import router
 from services.gateway.api_keys import ApiKeyMiddleware, load_api_keys
+from services.gateway.fast_generate import FastGenerate
 from services.gateway.openai_api import router as openai_router
 from services.gateway.openai_format import is_openai_path, openai_error_body, openai_status
 from services.gateway.metrics import GatewayMetrics, RequestMetricsMiddleware
@@ -66,6 +67,7 @@ def create_app(settings: GatewaySettings, transport: httpx.AsyncBaseTransport | 
     app.state.settings = settings
     app.state.metrics = metrics
     install_error_handlers(app, render_error)
+    app.add_middleware(FastGenerate)  # innermost: behind the key check and the request count
     app.add_middleware(ApiKeyMiddleware, keys=load_api_keys(settings.api_keys.get_secret_value()))
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: counts the 401s too
     app.include_router(router)

@@ -1,0 +1,68 @@
+"""POST /generate without FastAPI's per-request work (route matching, dependency solving, the body
+decoded to a dict and then validated): the gateway's hot path, about 0.2 ms of CPU per turn.
+
+Only a JSON body that validates takes it. Anything else (another route, another content type, a
+body that does not validate, a client gone mid-body) goes on to the FastAPI app with its body
+replayed, so the FastAPI route stays the one that documents /generate and answers its errors. Both
+paths build the response with api.generate_response.
+"""
+
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.common.schemas import GenerateRequest
+from services.gateway.api import generate_response
+
+
+
+class FastGenerate:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not _is_generate(scope):
+            await self.app(scope, receive, send)
+            return
+        body, complete = await _read_body(receive)
+        replay = _replaying(body, complete, receive)
+        if not complete:
+            await self.app(scope, replay, send)
+            return
+        try:
+            request = GenerateRequest.model_validate_json(body)
+        except ValidationError:
+            await self.app(scope, replay, send)
+            return
+        response = await generate_response(scope["app"].state.proxy, request)
+        await response(scope, receive, send)
+
+
+def _is_generate(scope: Scope) -> bool:
+    if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/generate":
+        return False
+    # What FastAPI decodes as JSON (it also takes +json types; those go to it)
+    content_type = dict(scope["headers"]).get(b"content-type", b"").lower()
+    return content_type in (b"", b"application/json") or content_type.startswith(b"application/json;")
+
+
+async def _read_body(receive: Receive) -> tuple[bytes, bool]:
+    """The whole body, and whether it ended (False: the client left first)."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks), False
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks), True
+
+
+def _replaying(body: bytes, complete: bool, receive: Receive) -> Receive:
+    """`receive` as if the body had not been read: the body first, then the client's messages."""
+    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False} if complete
+                              else {"type": "http.disconnect"}]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay

@@ -1,0 +1,89 @@
+"""The gateway's fast path for POST /generate: which requests it answers, and that it hands every
+other one on to the app with the body it read replayed."""
+
+import json
+from types import SimpleNamespace
+
+from starlette.responses import JSONResponse
+
+from services.gateway.fast_generate import FastGenerate
+
+
+class RecordingProxy:
+    def __init__(self) -> None:
+        self.payloads: list[dict] = []
+
+    async def generate(self, payload: dict, *, stream: bool) -> JSONResponse:
+        self.payloads.append(payload)
+        return JSONResponse({"stream": stream, "seq_id": payload["seq_id"]})
+
+
+class InnerApp:
+    """Stands for the FastAPI app: records what reaches it and answers 418."""
+
+    def __init__(self) -> None:
+        self.received: list[dict] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        self.received.append(await receive())
+        await send({"type": "http.response.start", "status": 418, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def call(messages: list[dict], *, method: str = "POST", path: str = "/generate",
+               content_type: bytes | None = b"application/json"):
+    inner, proxy = InnerApp(), RecordingProxy()
+    headers = [(b"content-type", content_type)] if content_type is not None else []
+    scope = {"type": "http", "method": method, "path": path, "headers": headers,
+             "app": SimpleNamespace(state=SimpleNamespace(proxy=proxy))}
+    pending, sent = list(messages), []
+
+    async def receive() -> dict:
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await FastGenerate(inner)(scope, receive, send)
+    return inner, proxy, sent
+
+
+def body(data: bytes, more: bool = False) -> dict:
+    return {"type": "http.request", "body": data, "more_body": more}
+
+
+async def test_a_valid_body_is_answered_without_the_app():
+    inner, proxy, sent = await call([body(b'{"prompt": "hi", "seq_id": "s-1", "stream": false}')])
+    assert inner.received == []
+    assert proxy.payloads == [{"prompt": "hi", "seq_id": "s-1", "stream": False}]
+    assert sent[0]["status"] == 200 and (b"x-seq-id", b"s-1") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"]) == {"stream": False, "seq_id": "s-1"}
+
+
+async def test_a_body_in_several_messages_and_json_with_a_charset_take_the_fast_path():
+    inner, proxy, _ = await call([body(b'{"prompt": ', more=True), body(b'"hi"}')],
+                                 content_type=b"application/json; charset=utf-8")
+    assert inner.received == [] and proxy.payloads[0]["prompt"] == "hi"
+
+
+async def test_a_missing_content_type_is_json_as_for_fastapi():
+    inner, proxy, _ = await call([body(b'{"prompt": "hi"}')], content_type=None)
+    assert inner.received == [] and len(proxy.payloads) == 1
+
+
+async def test_an_invalid_body_goes_to_the_app_with_the_same_bytes():
+    for bad in (b'{"prompt": ""}', b'{"prompt": "hi", "seed": false}', b'{"prompt": "hi", "x": 1}', b"{not json"):
+        inner, proxy, sent = await call([body(bad)])
+        assert inner.received == [body(bad)] and proxy.payloads == [] and sent[0]["status"] == 418
+
+
+async def test_other_requests_go_to_the_app_untouched():
+    for kwargs in ({"method": "GET"}, {"path": "/generate/x"}, {"content_type": b"text/plain"},
+                   {"content_type": b"application/merge-patch+json"}):
+        inner, proxy, _ = await call([body(b'{"prompt": "hi"}')], **kwargs)
+        assert inner.received == [body(b'{"prompt": "hi"}')] and proxy.payloads == []
+
+
+async def test_a_client_gone_mid_body_reaches_the_app_as_a_disconnect():
+    inner, proxy, _ = await call([body(b'{"prompt": ', more=True), {"type": "http.disconnect"}])
+    assert inner.received == [{"type": "http.disconnect"}] and proxy.payloads == []
