@@ -21,7 +21,9 @@ Scenarios (medians over repetitions, min/max in the JSON and the table):
      histories, handoff tokens, TTFT p50/p99 around each change
   8. 32 OpenAI chat sessions x 6 turns resending their history: session-affine vs round-robin
      routing (throughput, prefix hit rate); 8 with one system prompt shared by all sessions,
-     8b with a system prompt of each session's own (--s8-system-prompt)
+     8b with a system prompt of each session's own (--s8-system-prompt); --s8-system-tokens sets
+     its length (default 128; another length is kept apart as s8-<n>sys, s8b-<n>sys), --s8-kv-mib
+     the workers' KV budget (default 4096 MiB: no eviction; another is kept apart as s8-<n>mib)
   9. skewed load on 3 workers (40 of 48 conversations owned by one worker): plain ring vs bounded
      loads (GATEWAY_LOAD_FACTOR=1.25), TTFT p99 and throughput
  10. routing tax: a tiny request through the gateway vs straight to its worker (p50/p99)
@@ -337,6 +339,10 @@ def main() -> None:
                         help="scenario 8's sessions share one system prompt (8), have one each (8b), or both")
     parser.add_argument("--s8-workers", type=int, default=2,
                         help="workers of scenario 8 (results of another count than 2 are kept apart: s8-<n>w)")
+    parser.add_argument("--s8-system-tokens", type=int, default=bench_openai.SYSTEM_CHARS,
+                        help="scenario 8's system prompt length in tokens (at most ~520: 6 turns fit 1024 positions)")
+    parser.add_argument("--s8-kv-mib", type=int, default=bench_openai.KV_MIB,
+                        help="scenario 8's KV budget per worker (another than the default is kept apart as s8-<n>mib)")
     parser.add_argument("--s9-runs", type=int, default=3, help="runs of scenario 9 per mode (plain, bounded)")
     parser.add_argument("--s10-pairs", type=int, default=bench_routing.TAX_PAIRS, help="rounds of scenario 10")
     parser.add_argument("--s3-workers", type=int, default=1,
@@ -379,11 +385,13 @@ def main() -> None:
     if 8 in args.scenarios:
         t0 = time.perf_counter()
         print("scenario 8: OpenAI chat sessions, affinity vs round-robin...", flush=True)
-        suffix = "" if args.s8_workers == 2 else f"-{args.s8_workers}w"
+        suffix = ("" if args.s8_workers == 2 else f"-{args.s8_workers}w") + (
+            "" if args.s8_system_tokens == bench_openai.SYSTEM_CHARS else f"-{args.s8_system_tokens}sys") + (
+            "" if args.s8_kv_mib == bench_openai.KV_MIB else f"-{args.s8_kv_mib}mib")
         for key, shared in ((f"s8{suffix}", True), (f"s8b{suffix}", False)):
             if args.s8_system_prompt in ("both", "shared" if shared else "own"):
                 results[key] = bench_openai.scenario_openai_chat(args.out, args.model_cache_dir, args.s8_runs, shared,
-                                                                 args.s8_workers)
+                                                                 args.s8_workers, args.s8_system_tokens, args.s8_kv_mib)
                 results["measured_at"][key] = now
         print(f"scenario 8 done in {time.perf_counter() - t0:.0f} s", flush=True)
     measure(9, "skewed load, plain ring vs bounded loads",

@@ -33,10 +33,10 @@ from services.worker.model.presets import resolve_model_path
 MODEL = "gpt2-small-random"
 SESSIONS = 32
 TURNS = 6
-SYSTEM_CHARS = 128   # characters = tokens with the presets' byte-level tokenizer
+SYSTEM_CHARS = 128   # characters = tokens with the presets' byte-level tokenizer (--s8-system-tokens)
 USER_CHARS = 32
 MAX_TOKENS = 8
-KV_BYTES = str(2 << 30)
+KV_MIB = 4096  # per worker: every conversation's KV fits twice at --s8-system-tokens 512, so no routing evicts
 
 
 def text(n: int, rng: random.Random) -> str:
@@ -58,10 +58,10 @@ def environ(**values: str):
                 os.environ[k] = v
 
 
-def chat_session(client: openai.OpenAI, system: str | None, rng: random.Random) -> list[dict]:
-    """One conversation: every turn sends the whole history; returns each turn's usage. Its own
-    system prompt when `system` is None."""
-    messages = [{"role": "system", "content": system or text(SYSTEM_CHARS, rng)}]
+def chat_session(client: openai.OpenAI, system: str | int, rng: random.Random) -> list[dict]:
+    """One conversation: every turn sends the whole history; returns each turn's usage. `system`
+    is the shared system prompt, or the length of one of its own."""
+    messages = [{"role": "system", "content": system if isinstance(system, str) else text(system, rng)}]
     turns = []
     for _ in range(TURNS):
         messages.append({"role": "user", "content": text(USER_CHARS, rng)})
@@ -75,16 +75,18 @@ def chat_session(client: openai.OpenAI, system: str | None, rng: random.Random) 
     return turns
 
 
-def one_run(out: Path, model_cache_dir: Path, routing: str, run: int, shared_system: bool, workers: int) -> dict:
+def one_run(out: Path, model_cache_dir: Path, routing: str, run: int, shared_system: bool, workers: int,
+            system_tokens: int, kv_mib: int) -> dict:
     env = {"WORKER_MODEL_NAME": MODEL, "WORKER_MODEL_CACHE_DIR": str(model_cache_dir),
-           "WORKER_KV_CACHE_BYTES": KV_BYTES}
-    log_dir = out / f"s8-{'shared' if shared_system else 'own'}-{workers}w-{routing}-run{run}" / "logs"
+           "WORKER_KV_CACHE_BYTES": str(kv_mib << 20)}
+    name = f"s8-{'shared' if shared_system else 'own'}-{workers}w-{system_tokens}sys-{kv_mib}mib-{routing}-run{run}"
+    log_dir = out / name / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     with environ(GATEWAY_ROUTING=routing), LocalCluster(num_workers=workers, log_dir=log_dir, worker_env=env) as cluster:
         client = openai.OpenAI(base_url=f"{cluster.gateway_url}/v1", api_key="unused", max_retries=0,
                                timeout=600)
         rng = random.Random(run)
-        system = text(SYSTEM_CHARS, rng) if shared_system else None  # shared by every session, or one each
+        system = text(system_tokens, rng) if shared_system else system_tokens  # shared by every session, or one each
         for i in range(3 * workers):  # the workers' first forwards, outside the measurement (likely both)
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"warm {i}"}],
                                            max_tokens=2, temperature=0, extra_headers={"X-Session-Id": f"warm-{i}"})
@@ -108,19 +110,19 @@ def summary(values: list[float]) -> dict:
 
 
 def scenario_openai_chat(out: Path, model_cache_dir: Path, runs: int, shared_system: bool = True,
-                         workers: int = 2) -> dict:
+                         workers: int = 2, system_tokens: int = SYSTEM_CHARS, kv_mib: int = KV_MIB) -> dict:
     resolve_model_path(MODEL, model_cache_dir)  # build the preset once, before workers start
     rows: dict[str, list[dict]] = {"affinity": [], "round_robin": []}
     for run in range(runs):
         for routing in (("affinity", "round_robin") if run % 2 == 0 else ("round_robin", "affinity")):
-            row = one_run(out, model_cache_dir, routing, run, shared_system, workers)
+            row = one_run(out, model_cache_dir, routing, run, shared_system, workers, system_tokens, kv_mib)
             rows[routing].append(row)
             print(f"  s8 run {run + 1} {routing}: {row['seconds']:.1f} s, {row['turns_per_s']:.2f} turns/s, "
                   f"hit rate turns 2-6 {row['hit_rate_turns_2_6'] * 100:.1f}%", flush=True)
     a, r = rows["affinity"], rows["round_robin"]
     return {
-        "model": MODEL, "runs": runs, "shared_system": shared_system, "workers": workers, "sessions": SESSIONS, "turns": TURNS, "system_tokens": SYSTEM_CHARS,
-        "user_tokens": USER_CHARS, "max_tokens": MAX_TOKENS,
+        "model": MODEL, "runs": runs, "shared_system": shared_system, "workers": workers, "sessions": SESSIONS, "turns": TURNS, "system_tokens": system_tokens,
+        "kv_mib": kv_mib, "user_tokens": USER_CHARS, "max_tokens": MAX_TOKENS,
         "affinity_turns_per_s": summary([x["turns_per_s"] for x in a]),
         "round_robin_turns_per_s": summary([x["turns_per_s"] for x in r]),
         "speedup": summary([x["turns_per_s"] / y["turns_per_s"] for x, y in zip(a, r)]),
@@ -144,7 +146,8 @@ def table_s8(r: dict) -> str:
         f"{r['sessions']} sessions x {r['turns']} turns at once through the `openai` client ({r['system_tokens']}-token "
         f"{'system prompt shared by all sessions' if r.get('shared_system', True) else 'system prompt of its own per session'}, "
         f"{r['user_tokens']}-token "
-        f"user messages, {r['max_tokens']} greedy tokens), {r['model']}, {r['runs']} runs per routing mode.", "",
+        f"user messages, {r['max_tokens']} greedy tokens), {r['model']}, KV budget {r.get('kv_mib', 2048)} MiB per worker, "
+        f"{r['runs']} runs per routing mode.", "",
         "| figure | min | median | max | target |", "|---|---|---|---|---|",
         _row("affinity, turns/s", r["affinity_turns_per_s"]),
         _row("round-robin, turns/s", r["round_robin_turns_per_s"]),

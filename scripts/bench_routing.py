@@ -191,4 +191,5 @@ def table_s10(r: dict) -> str:
             f"gateway minus direct p50 **{r['tax_p50_s'] * ms:.2f} ms**, p99 **{r['tax_p99_s'] * ms:.2f} ms** "
             f"(mean {r['tax_mean_s'] * ms:.2f}); noise floor (direct minus direct) p50 {r['noise_p50_s'] * ms:.2f} ms, "
             f"p99 {r['noise_p99_s'] * ms:.2f} ms; request p50 through the gateway {r['gateway_p50_s'] * ms:.1f} ms, "
-            f"direct {r['direct_p50_s'] * ms:.1f} ms; p99 {r['gateway_p99_s'] * ms:.1f} vs {r['direct_p99_s'] * ms:.1f} ms.")
+            f"direct {r['direct_p50_s'] * ms:.1f} ms; p99 {r['gateway_p99_s'] * ms:.1f} vs {r['direct_p99_s'] * ms:.1f} ms "
+            f"(p99 gateway - p99 direct **{(r['gateway_p99_s'] - r['direct_p99_s']) * ms:.2f} ms**).")
