@@ -200,6 +200,28 @@ def test_two_sqlite_stores_on_one_file_share_sessions(tmp_path):
     assert b.load("x").token_ids == [1, 2, 3]
 
 
+def test_stores_opened_at_once_on_a_new_file_all_open(tmp_path):
+    """Workers that start together create the file together (failed 1 round in 10 before the
+    retry: SQLite's busy timeout does not cover the switch to WAL)."""
+    for round_ in range(100):
+        path, failures = tmp_path / f"new-{round_}.db", []
+        start = threading.Barrier(3)
+
+        def open_store() -> None:
+            start.wait()
+            try:
+                SqliteSessionStore(path, 3600, 30)
+            except StoreUnavailable as exc:
+                failures.append(str(exc))
+
+        threads = [threading.Thread(target=open_store) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert failures == [], f"round {round_}"
+
+
 def test_racing_sqlite_connections_one_wins(tmp_path):
     """Separate connections on one file lock each other as separate processes do."""
     stores = [SqliteSessionStore(tmp_path / "shared.db", 3600, 30) for _ in range(4)]
