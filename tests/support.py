@@ -102,6 +102,21 @@ def extra_gateway(cluster: LocalCluster, log_dir: Path, **env: str):
         proc.wait(timeout=30)
 
 
+def wait_until(predicate, what: str, timeout_s: float = 30.0, interval_s: float = 0.2, ignoring=()):
+    """The predicate's first truthy value, asked every `interval_s`; fails the test after
+    `timeout_s`. Exceptions of the types in `ignoring` count as not yet (a service still starting)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            value = predicate()
+        except ignoring:
+            value = None
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(interval_s)
+
+
 def wait_until_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
     """Until the service process at `url` answers /health (it must not exit meanwhile)."""
     deadline = time.monotonic() + timeout_s

@@ -1,20 +1,12 @@
 """Failure paths with real processes: a client that goes away, a coordinator restart, a worker
 crash. Each test that breaks something runs on a cluster of its own."""
 
-import time
 import uuid
 
 import httpx
 
 from services.common.sse import parse_events
-from tests.support import assert_well_formed, generate, start_cluster
-
-
-def wait_until(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+from tests.support import assert_well_formed, generate, start_cluster, wait_until
 
 
 def test_client_disconnect_stops_the_worker(cluster):

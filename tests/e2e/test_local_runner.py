@@ -3,6 +3,7 @@ crashed worker with the same id and port, like a StatefulSet, while the rest kee
 SIGHUP it scales to the count in its scale file; on SIGTERM every process goes. And the
 LocalCluster methods the tests and the runner use: add_worker, drain, kill, start_process."""
 
+import functools
 import json
 import os
 import signal
@@ -17,22 +18,14 @@ import pytest
 
 from services.localcluster import LocalCluster, free_port
 from services.worker.model.presets import resolve_model_path
+from tests import support
 from tests.support import assert_well_formed, generate, start_cluster
 
 pytestmark = pytest.mark.e2e
 
 
-def wait_until(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except (httpx.HTTPError, OSError, ValueError, KeyError):
-            pass
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(0.2)
+# processes come and go here: a refused connection or a half-written state file is "not yet"
+wait_until = functools.partial(support.wait_until, ignoring=(httpx.HTTPError, OSError, ValueError, KeyError))
 
 
 def alive(pid: int) -> bool:
@@ -89,7 +82,7 @@ class Runner:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=30)
         self._reader.join(timeout=5)
-        wait_until(lambda: not any(alive(pid) for pid in self.seen_pids), 5, "every process to be gone")
+        wait_until(lambda: not any(alive(pid) for pid in self.seen_pids), "every process to be gone", timeout_s=5)
         for port in (self.gateway, self.coordinator):
             with pytest.raises(httpx.HTTPError):
                 httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
@@ -101,7 +94,7 @@ def runner(tmp_path_factory):
     try:
         # "ready." is printed once the runner's own start-up checks are over and it supervises:
         # a worker killed before then fails the start-up, as it should.
-        wait_until(lambda: "ready. Ctrl-C" in runner.output, 120, f"the cluster; output so far:\n{runner.output}")
+        wait_until(lambda: "ready. Ctrl-C" in runner.output, f"the cluster; output so far:\n{runner.output}", timeout_s=120)
         assert httpx.get(f"{runner.url}/health").status_code == 200
         assert set(active_workers(runner.coordinator_url)) == {"worker-0", "worker-1"}
         yield runner
@@ -126,7 +119,7 @@ def test_runner_restarts_a_killed_worker_and_keeps_serving(runner):
         return (new_pid != old_pid and httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200
                 and active_workers(runner.coordinator_url)["worker-0"]["last_heartbeat_age_s"] < 2)
 
-    wait_until(back, 30, f"worker-0 to come back; output:\n{runner.output}")
+    wait_until(back, f"worker-0 to come back; output:\n{runner.output}", timeout_s=30)
     print(f"worker-0 back in {time.monotonic() - killed_at:.1f} s; {served} requests served meanwhile")
     assert served >= 2 and "worker-0 restarted" in runner.output
     assert runner.state()["workers"]["worker-0"]["port"] == port
@@ -137,15 +130,15 @@ def test_runner_scales_out_and_drains_on_sighup(runner):
     started = time.monotonic()
     runner.scale(3)
     wait_until(lambda: set(active_workers(runner.coordinator_url)) == {"worker-0", "worker-1", "worker-2"},
-               60, f"a third worker; output:\n{runner.output}")
+               f"a third worker; output:\n{runner.output}", timeout_s=60)
     added_pid = runner.state()["pids"]["worker-2"]
     print(f"scale 2 -> 3: {time.monotonic() - started:.1f} s")
     assert_well_formed(generate(runner.url, prompt="three", max_tokens=2))
 
     started = time.monotonic()
     runner.scale(2)
-    wait_until(lambda: "worker-2" not in runner.state()["workers"] and not alive(added_pid), 60,
-               f"worker-2 to drain; output:\n{runner.output}")
+    wait_until(lambda: "worker-2" not in runner.state()["workers"] and not alive(added_pid),
+               f"worker-2 to drain; output:\n{runner.output}", timeout_s=60)
     print(f"scale 3 -> 2: {time.monotonic() - started:.1f} s")
     assert "scale: worker-2 drained and exited (0)" in runner.output
     assert set(active_workers(runner.coordinator_url)) == {"worker-0", "worker-1"}

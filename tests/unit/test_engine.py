@@ -10,9 +10,9 @@ Reference outputs come from two places:
 """
 
 import dataclasses
+import functools
 import itertools
 import threading
-import time
 from contextlib import contextmanager
 
 import pytest
@@ -24,6 +24,7 @@ from services.worker.engine.engine import Engine, EngineConfig
 from services.worker.engine.sequence import Request, SamplingParams, Status
 from services.worker.kv_store import KVStore
 from services.worker.model.presets import resolve_model_path
+from tests import support
 from tests.support import EventsView
 
 WAIT_S = 30.0
@@ -97,11 +98,7 @@ def generate(engine: Engine, seq_id: str, prompt: str, **kwargs) -> Collector:
     return submit(engine, seq_id, prompt, **kwargs)[1].wait()
 
 
-def wait_until(predicate, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
+wait_until = functools.partial(support.wait_until, timeout_s=WAIT_S, interval_s=0.005)
 
 
 def wait_idle(engine: Engine) -> None:
