@@ -207,7 +207,7 @@ class LocalCluster:
         pending = {name: self._ready_url(name) for name in names}
         while pending:
             self._check_alive(names)
-            pending = {n: u for n, u in pending.items() if not _ok(u)}
+            pending = {n: u for n, u in pending.items() if not answers_200(u)}
             if time.monotonic() > deadline:
                 raise TimeoutError(f"not ready after {timeout_s}s: {sorted(pending)}; logs in {self.log_dir}")
             time.sleep(0.2)
@@ -273,7 +273,8 @@ class LocalCluster:
         self.stop()
 
 
-def _ok(url: str) -> bool:
+def answers_200(url: str) -> bool:
+    """GET `url` answers 200 within a second (a service's /health or /ready)."""
     try:
         return httpx.get(url, timeout=1.0).status_code == 200
     except httpx.HTTPError:

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from services.common.sse import aparse_events, parse_events
-from services.localcluster import LocalCluster, free_port
+from services.localcluster import LocalCluster, answers_200, free_port
 from services.worker.model.presets import resolve_model_path
 
 
@@ -120,14 +120,7 @@ def wait_until(predicate, what: str, timeout_s: float = 30.0, interval_s: float 
 def wait_until_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
     """Until the service process at `url` answers /health (it must not exit meanwhile)."""
     deadline = time.monotonic() + timeout_s
-    while not _healthy(url):
+    while not answers_200(f"{url}/health"):
         assert proc.poll() is None, f"the process exited with {proc.returncode}"
         assert time.monotonic() < deadline, f"{url} did not become healthy in {timeout_s} s"
         time.sleep(0.1)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
