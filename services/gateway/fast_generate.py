@@ -1,6 +1,6 @@
 """POST /generate without FastAPI's per-request work (route matching, dependency solving, the body
-decoded to a dict and then validated): the gateway's hot path, 0.1-0.4 ms off each turn in
-scenario 10.
+decoded to a dict and then validated): the gateway's hot path, 0.1-0.2 ms off the p50 of
+scenario 10's routing tax (README).
 
 Only a JSON body that validates takes it. Anything else (another route, another content type, a
 body that does not validate, a client gone mid-body) goes on to the FastAPI app with its body
