@@ -119,8 +119,8 @@ def wait_until(predicate, what: str, timeout_s: float = 30.0, interval_s: float 
 
 def wait_until_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
     """Until the service process at `url` answers /health (it must not exit meanwhile)."""
-    deadline = time.monotonic() + timeout_s
-    while not answers_200(f"{url}/health"):
+    def healthy() -> bool:
         assert proc.poll() is None, f"the process exited with {proc.returncode}"
-        assert time.monotonic() < deadline, f"{url} did not become healthy in {timeout_s} s"
-        time.sleep(0.1)
+        return answers_200(f"{url}/health")
+
+    wait_until(healthy, f"{url} to become healthy", timeout_s=timeout_s, interval_s=0.1)
