@@ -102,7 +102,9 @@ async def burst(gateway_url: str, sampler: InFlightSampler, sessions: list[str],
         sampler.finished, sampler.stop = 0, False
 
         async def one(seq_id: str):
-            gen = await agenerate(client, gateway_url, prompt=prompt, seq_id=seq_id, max_tokens=24,
+            # 64 tokens: the burst stays whole for long enough that the sampler sees it (at 24,
+            # runs on 2 busy cores caught only 0-2 samples with >= 90% in flight)
+            gen = await agenerate(client, gateway_url, prompt=prompt, seq_id=seq_id, max_tokens=64,
                                   temperature=0)
             sampler.finished += 1
             return gen
