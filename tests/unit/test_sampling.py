@@ -53,6 +53,12 @@ def test_small_top_p_keeps_only_the_top_token():
     assert set(draws(LOGITS, 2.0, 1e-6, 5, 200)) == {1}
 
 
+def test_a_top_p_below_float32s_range_keeps_the_top_token():
+    """9.7e-241 (found by the fuzzer) rounds to 0 in float32: not an empty distribution."""
+    assert set(draws(LOGITS, 1.8, 9.705186085237176e-241, 3, 50)) == {1}
+    assert set(draws(LOGITS, 1.0, 5e-324, 3, 50)) == {1}
+
+
 def test_top_p_keeps_the_smallest_prefix_reaching_the_mass():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     # Mass before each token: 0, 0.5, 0.8, 0.95. top_p 0.6 keeps tokens 0 and 1 only.

@@ -22,8 +22,10 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
     probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        # Keep the smallest prefix whose mass reaches top_p, and always the top token: a top_p
+        # below float32's range (1e-240, found by the fuzzer) compares as 0 and would drop them all.
         drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p
+        drop[0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return int(order[choice])
