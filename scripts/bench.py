@@ -22,8 +22,9 @@ Scenarios (medians over repetitions, min/max in the JSON and the table):
   8. 32 OpenAI chat sessions x 6 turns resending their history: session-affine vs round-robin
      routing (throughput, prefix hit rate); 8 with one system prompt shared by all sessions,
      8b with a system prompt of each session's own (--s8-system-prompt); --s8-system-tokens sets
-     its length (default 128; another length is kept apart as s8-<n>sys, s8b-<n>sys), --s8-kv-mib
-     the workers' KV budget (default 4096 MiB: no eviction; another is kept apart as s8-<n>mib)
+     its length (default 512; another length is kept apart as s8-<n>sys, s8b-<n>sys), --s8-kv-mib
+     the workers' KV budget (default 1536 MiB: affinity's conversations fit, round-robin's copies
+     of them do not; 4096 MiB: no eviction; another is kept apart as s8-<n>mib)
   9. skewed load on 3 workers (40 of 48 conversations owned by one worker): plain ring vs bounded
      loads (GATEWAY_LOAD_FACTOR=1.25), TTFT p99 and throughput
  10. routing tax: a tiny request through the gateway vs straight to its worker (p50/p99)
