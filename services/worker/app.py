@@ -23,6 +23,7 @@ from services.worker.kv_transfer import fingerprint
 from services.worker.load import InFlight, InFlightMiddleware
 from services.worker.metrics import WorkerMetrics
 from services.worker.model.loader import LoadedModel, load_model
+from services.worker.model.model_support import UnsupportedModel
 from services.worker.registration import Registration
 from services.worker.session_store import SessionStore, describe_store, open_session_store
 from services.worker.settings import WorkerSettings
@@ -92,6 +93,10 @@ def build_engine(settings: WorkerSettings, observer: EngineObserver | None = Non
 async def _start(state: WorkerState, registration: Registration | None, client) -> None:
     try:
         engine = await asyncio.to_thread(build_engine, state.settings, state.metrics)
+    except UnsupportedModel as exc:  # refused, never served wrong: one line, no traceback
+        logger.error("model refused: %s", exc)
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        return
     except Exception as exc:  # noqa: BLE001 - reported by /health and /ready
         logger.exception("model load failed")
         state.load_error = f"{type(exc).__name__}: {exc}"

@@ -67,12 +67,17 @@ class SequenceKV:
         return self.data.numel() * self.data.element_size()
 
     def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
-        """Write `[n, kv_heads, head_dim]` at positions start..start+n; return the layer's K and V
-        views over positions 0..start+n, each `[start+n, kv_heads, head_dim]` (no copy)."""
+        """Write keys `[n, kv_heads, head_dim]` and values `[n, kv_heads, v_dim]` at positions
+        start..start+n; return the layer's K and V views over positions 0..start+n,
+        `[start+n, kv_heads, head_dim]` and `[start+n, kv_heads, v_dim]` (no copy). Values
+        narrower than keys (MLA) fill the first v_dim columns of their rows."""
         end = start + keys.shape[0]
         self.data[layer, 0, :, start:end] = keys.transpose(0, 1)
-        self.data[layer, 1, :, start:end] = values.transpose(0, 1)
-        return self.data[layer, 0, :, :end].transpose(0, 1), self.data[layer, 1, :, :end].transpose(0, 1)
+        v_rows = self.data[layer, 1, :, :end]
+        if values.shape[-1] != v_rows.shape[-1]:
+            v_rows = v_rows[..., :values.shape[-1]]
+        v_rows[:, start:end] = values.transpose(0, 1)
+        return self.data[layer, 0, :, :end].transpose(0, 1), v_rows.transpose(0, 1)
 
     def copy_from(self, other: "SequenceKV") -> None:
         n = other.num_tokens

@@ -19,6 +19,7 @@ from services.worker.app import create_app
 from services.worker.engine.sequence import SamplingParams, Status
 from services.worker.settings import WorkerSettings
 from services.worker.streams import RequestHandle
+from tests.conformance.architectures import REFUSED, build
 from tests.unit.test_engine import Gate
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -356,6 +357,19 @@ async def test_failed_model_load(tmp_path, monkeypatch):
         ready = await client.get("/ready")
         assert_error(ready, 503, "worker_not_ready")
         assert "retry-after" not in ready.headers  # it will not get better by waiting
+
+
+async def test_a_model_the_engine_cannot_honour_keeps_the_worker_not_ready(tmp_path):
+    arch = next(a for a in REFUSED if a.name == "bloom")
+    settings = worker_settings(tmp_path, model_name=str(build(arch, tmp_path / "bloom")))
+    async with running_app(settings, ready=False) as (app, client):
+        await wait_for(lambda: app.state.worker.load_error is not None, "the model to be refused")
+        ready = await client.get("/ready")
+        error = assert_error(ready, 503, "worker_not_ready")
+        assert "model type 'bloom' is not supported: the attention of layer(s) [0, 1] never reaches" \
+            in error["message"]
+        response = await client.post("/generate", json={"prompt": "hi"})
+        assert_error(response, 503, "worker_not_ready")
 
 
 async def test_overloaded_is_429_and_too_large_is_503(tiny_model_cache_dir):

@@ -214,7 +214,8 @@ class Engine:
                 self._drop(request)
 
     def _run_step(self, batch: list[ScheduledItem]) -> None:
-        inputs = [StepInput(item.request.entry.kv, self._feed_ids(item), item.samples) for item in batch]
+        inputs = [StepInput(item.request.entry.kv, self._feed_ids(item), item.samples,
+                            len(item.request.entry.token_ids)) for item in batch]
         try:
             logits = self.runner.forward(inputs)
         except Exception as exc:  # noqa: BLE001 - a failed step must not kill the engine
@@ -249,6 +250,8 @@ class Engine:
         entry = self._claim(req)
         if entry is None:  # its KV is being exported or imported: wait a step
             return Admission.NO_ROOM
+        if not self._kv_reusable(entry, len(req.token_ids)):
+            self.store.drop_kv(entry)
         entry.reconcile(req.token_ids)
         if not self.config.enable_kv_reuse:
             self.store.drop_kv(entry)
@@ -294,12 +297,27 @@ class Engine:
         if match is None:
             return self.store.new_stateless()
         source, length = match
+        if not self._kv_reusable(source, len(req.token_ids)):
+            return self.store.new_stateless()
         if source.stateless and length == source.num_cached:
             self.store.touch(source)
             return source
         entry = self.store.new_stateless(protect=source)
         self.store.copy_prefix(source, entry, length, len(req.token_ids) + req.params.max_tokens)
         return entry
+
+    def _kv_reusable(self, entry: SequenceEntry, sequence_tokens: int) -> bool:
+        """Whether an entry's KV was computed as a sequence of `sequence_tokens` needs it
+        (LongRoPE: with the same factors)."""
+        regime = self.loaded.rope_regime
+        return regime is None or entry.kv is None \
+            or not regime.must_recompute(entry.kv.num_tokens, sequence_tokens)
+
+    def _keep_reusable_kv(self, entry: SequenceEntry) -> None:
+        """Forget KV the sequence outgrew (LongRoPE: the whole sequence is then recomputed with the
+        long factors, as transformers' generate does at that step)."""
+        if not self._kv_reusable(entry, len(entry.token_ids)):
+            entry.kv.num_tokens = 0
 
     def _start(self, req: Request, context: int) -> None:
         self._count_start(req, context)
@@ -348,6 +366,7 @@ class Engine:
         req.last_token_s = now
         req.generated.append(token)
         req.entry.token_ids.append(token)
+        self._keep_reusable_kv(req.entry)
         self.counters["generated_tokens"] += 1
         finish = ("stop" if token == self.loaded.eos_token_id
                   else "length" if len(req.generated) >= p.max_tokens else None)
@@ -396,6 +415,7 @@ class Engine:
         req.status = Status.FINISHED
         self.scheduler.remove(req)
         if req.entry is not None:
+            self._keep_reusable_kv(req.entry)
             if not self.config.enable_kv_reuse:
                 self.store.drop_kv(req.entry)
             self.store.release(req.entry)

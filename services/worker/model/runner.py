@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from services.worker.kv_store import SequenceKV
-from services.worker.model.attention import Segment
+from services.worker.model.attention import Segment, Step, run_step
 from services.worker.model.loader import LoadedModel
 
 
@@ -14,12 +14,17 @@ class StepInput:
     kv: SequenceKV
     token_ids: list[int]   # new tokens, at positions kv.num_tokens ...
     sample: bool           # return logits at the last new token
+    sequence_tokens: int = 0  # all the sequence's known tokens (LongRoPE picks its factors by it)
 
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel):
         self.model = loaded.model
         self.device = loaded.layout.device
+        self.chunk_sizes = loaded.spec.chunk_sizes if loaded.spec else {}
+        self.rope_regime = loaded.rope_regime
+        self.suppressed = torch.tensor(loaded.suppressed_ids, dtype=torch.long, device=self.device) \
+            if loaded.suppressed_ids else None
 
     @torch.inference_mode()
     def forward(self, inputs: list[StepInput]) -> torch.Tensor:
@@ -39,7 +44,16 @@ class ModelRunner:
         position_ids = torch.tensor([positions], device=self.device)  # [1, T]
         # Only the sampled positions go through the LM head (it is the largest matmul).
         logits_to_keep = torch.tensor(keep or [offset - 1], device=self.device)
-        out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                         logits_to_keep=logits_to_keep, kv_segments=segments)
+        step = Step(segments, self.chunk_sizes, self._long_rope(inputs))
+        out = run_step(step, self.model, input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                       logits_to_keep=logits_to_keep)
         logits = out.logits[0].float()  # [len(keep), vocab]
+        if self.suppressed is not None:  # never sampled, at any temperature (as in transformers' generate)
+            logits.index_fill_(-1, self.suppressed, float("-inf"))
         return logits if keep else logits[:0]
+
+    def _long_rope(self, inputs: list[StepInput]) -> torch.Tensor | None:
+        if self.rope_regime is None:
+            return None
+        return self.rope_regime.token_flags([item.sequence_tokens for item in inputs for _ in item.token_ids],
+                                            self.device)
