@@ -17,7 +17,7 @@ from services.worker.chat_template import DEFAULT_CHAT_TEMPLATE
 logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
-PRESET_VERSION = 4  # bump when a preset's recipe changes, so cached copies are rebuilt
+PRESET_VERSION = 5  # bump when a preset's recipe changes, so cached copies are rebuilt
 
 
 @dataclass(frozen=True)
@@ -29,12 +29,10 @@ class Preset:
     n_positions: int = 1024
     seed: int = 0
     initializer_range: float = 0.02
-    # Greedy output stays ASCII (every token id past 127 silenced), so generated text re-encodes
-    # to the same ids: a client that resends its history finds the reply's KV cached.
+    # Output stays ASCII at any temperature (every token id past 127 suppressed), so generated
+    # text re-encodes to the same ids: a client that resends its history finds the reply's KV cached.
     ascii_output: bool = False
-    # GPT-2 ties its output head to the input embeddings. Tied, a silenced output row also zeroes
-    # that token's input embedding (harmless for a random model: the input still decodes).
-    tied: bool = True
+    tied: bool = True  # GPT-2 ties its output head to the input embeddings
 
 
 PRESETS = {
@@ -99,18 +97,21 @@ def build_preset(name: str, path: Path) -> None:
     config.tie_word_embeddings = spec.tied
     torch.manual_seed(spec.seed)
     model = GPT2LMHeadModel(config)
-    # A random model would emit EOS at random and end generations early. A zero output row
-    # gives that token a logit of exactly 0, well below the usual maximum, so greedy decoding
-    # does not pick it (sampling still can). With ascii_output every id >= 128 (bytes >= 128,
-    # and gpt2-small-random's unused fillers, which decode to literal "<|unused_N|>" text) is
-    # silenced too, so greedy output is ASCII and decoded text re-encodes to the same tokens.
-    silenced = [config.eos_token_id] + (list(range(128, spec.vocab_size - 1)) if spec.ascii_output else [])
-    with torch.no_grad():
-        model.get_output_embeddings().weight[silenced] = 0.0
+    # A random model would emit EOS at random and end generations early, so EOS is suppressed.
+    # With ascii_output every id >= 128 is too (bytes >= 128, and gpt2-small-random's unused
+    # fillers, which decode to literal "<|unused_N|>" text), so decoded text re-encodes to the
+    # same tokens. `suppress_tokens` is the standard field: its logits are -inf, in the engine
+    # and in transformers' generate, so no temperature or top_p can sample them.
+    model.generation_config.suppress_tokens = suppressed_ids(spec)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     build_byte_tokenizer(spec.vocab_size).save_pretrained(path)
     (path / "kvcache_preset.json").write_text(json.dumps({"name": name, "version": PRESET_VERSION}))
+
+
+def suppressed_ids(spec: Preset) -> list[int]:
+    eos = spec.vocab_size - 1
+    return (list(range(128, eos)) if spec.ascii_output else []) + [eos]
 
 
 def resolve_model_path(model_name: str, cache_dir: Path) -> str:
