@@ -82,21 +82,19 @@ ARCHITECTURES = [
     Arch("cohere", "CohereConfig", dict(_LLAMA_LIKE)),
     Arch("granite", "GraniteConfig", dict(_LLAMA_LIKE)),
     Arch("smollm3", "SmolLM3Config", dict(_LLAMA_LIKE, pad_token_id=0)),
-    # Llama-4's chunked attention layers, without the temperature tuning that is refused below
-    Arch("llama4_chunked", "Llama4TextConfig", dict(_LLAMA_LIKE, head_dim=16, attention_chunk_size=WINDOW,
-                                                    num_local_experts=2, intermediate_size_mlp=96,
-                                                    interleave_moe_layer_step=1, no_rope_layers=[1, 0],
-                                                    attn_temperature_tuning=False)),
+    # Llama-4: chunked attention on the RoPE layers; temperature tuning on the NoPE layers, with a
+    # floor_scale small enough that the tests' positions change the scale (released: 8192)
     Arch("llama4", "Llama4TextConfig", dict(_LLAMA_LIKE, head_dim=16, attention_chunk_size=WINDOW,
                                             num_local_experts=2, intermediate_size_mlp=96, interleave_moe_layer_step=1,
-                                            no_rope_layers=[1, 0]),
-         refused="attention temperature tuning"),
+                                            no_rope_layers=[1, 0], floor_scale=16, attn_scale=0.5)),
     Arch("qwen3_next", "Qwen3NextConfig", dict(_LLAMA_LIKE, head_dim=16, num_experts=4, num_experts_per_tok=2,
                                                moe_intermediate_size=32, shared_expert_intermediate_size=32,
                                                linear_num_value_heads=4, linear_num_key_heads=2,
                                                linear_key_head_dim=16, linear_value_head_dim=16,
                                                layer_types=["linear_attention", "full_attention"]),
          refused="linear_attention"),
+    Arch("llama_dynamic_rope", "LlamaConfig", dict(_LLAMA_LIKE, rope_parameters={
+        "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}), refused="dynamic RoPE"),
     Arch("bloom", "BloomConfig", dict(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4),
          refused="never reaches the engine's KV path"),
     Arch("mpt", "MptConfig", dict(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, max_seq_len=MAX_POSITIONS),

@@ -153,3 +153,15 @@ def test_a_turn_after_a_prefix_copy(subject):
         result = submit(engine, "b", prompt, len(prompt), stateless=True).wait()
         assert result.start["cached_tokens"] >= 64  # copied from the first request's entry
         assert result.token_ids == subject.expected(prompt)
+
+
+def test_llama4_steps_pack_fewer_tokens_than_its_floor_scale(tmp_path):
+    """Its temperature tuning is right only while a packed step is shorter than floor_scale."""
+    arch = next(a for a in SERVED if a.name == "llama4")
+    loaded = load_model(str(build(arch, tmp_path / "llama4")), tmp_path, device="cpu", dtype="float32")
+    floor_scale = arch.kwargs["floor_scale"]
+    assert loaded.spec.max_step_tokens == floor_scale - 1
+    with make_engine(loaded, start=False, max_batch_tokens=512) as engine:
+        assert engine.scheduler.max_batch_tokens == floor_scale - 1
+    with pytest.raises(ValueError, match="exceeds"):
+        loaded.spec.check_step(floor_scale)

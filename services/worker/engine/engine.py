@@ -4,6 +4,7 @@ The event loop never runs a forward pass: requests arrive through an inbox queue
 back through each request's thread-safe sink.
 """
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -45,6 +46,15 @@ class EngineObserver:
         """A request about to send `done`."""
 
 
+def _within_model_limits(config: EngineConfig, loaded: LoadedModel) -> EngineConfig:
+    limit = loaded.spec.max_step_tokens if loaded.spec else None
+    if limit is None or config.max_batch_tokens <= limit:
+        return config
+    logger.warning("max_batch_tokens %d lowered to %d: a larger step of %s would be computed wrong",
+                   config.max_batch_tokens, limit, loaded.name)
+    return dataclasses.replace(config, max_batch_tokens=limit)
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel, store: KVStore, config: EngineConfig,
                  observer: EngineObserver | None = None):
@@ -54,6 +64,7 @@ class Engine:
         self.config = config
         self.observer = observer or EngineObserver()
         self.runner = ModelRunner(loaded)
+        config = _within_model_limits(config, loaded)
         self.scheduler = Scheduler(self._admit, config.max_batch_size, config.max_batch_tokens)
         self.lock = threading.Lock()  # guards scheduler + store against readers (stats, delete)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()

@@ -39,6 +39,7 @@ class Step:
     segments: list[Segment]
     chunk_sizes: dict[int, int] = field(default_factory=dict)  # layer -> chunked-attention size
     long_rope: torch.Tensor | None = None  # [T] bool: token takes LongRoPE's long factors
+    temperature_tuning: dict[int, tuple[int, float]] = field(default_factory=dict)  # layer -> (floor, scale)
 
 
 _STEP: ContextVar[Step | None] = ContextVar("kvcache_step", default=None)
@@ -96,6 +97,8 @@ def packed_kv_attention(module, query, key, value, attention_mask, scaling=None,
         v = values[first:].permute(1, 0, 2).unsqueeze(0)  # [1, H_kv, L', Dv]
         mask = _mask(seg, first, window, query.device)
         q = query[:, :, rows]
+        if layer in step.temperature_tuning:
+            q = _tuned(q, seg, *step.temperature_tuning[layer])
         if exact:
             out[:, :, rows] = _eager(q, k, v, mask, scaling, softcap, s_aux)
         else:
@@ -122,6 +125,14 @@ def _mask(seg: Segment, first: int, window: Window, device: torch.device) -> tor
     if window.chunk is not None:
         allowed &= key_pos // window.chunk == query_pos // window.chunk
     return allowed
+
+
+def _tuned(q: torch.Tensor, seg: Segment, floor_scale: int, attn_scale: float) -> torch.Tensor:
+    """Llama-4's attention temperature tuning at the segment's real positions, computed as
+    transformers does. q: [1, H, n, D]."""
+    positions = torch.arange(seg.start, seg.start + seg.num_new, device=q.device, dtype=torch.float32)
+    scales = torch.log1p(torch.floor((positions + 1.0) / floor_scale)) * attn_scale + 1.0  # [n]
+    return (q * scales[None, None, :, None]).to(q.dtype)
 
 
 def _eager(q, k, v, mask, scaling, softcap, sinks) -> torch.Tensor:

@@ -34,6 +34,13 @@ class AttentionSpec:
     max_positions: int
     chunk_sizes: dict[int, int] = field(default_factory=dict)  # layer -> chunked-attention size
     longrope_original: int | None = None  # LongRoPE's original window, where its factors switch
+    # Llama-4's attention temperature tuning on NoPE layers: layer -> (floor_scale, attn_scale).
+    temperature_tuning: dict[int, tuple[int, float]] = field(default_factory=dict)
+    max_step_tokens: int | None = None  # a packed step of more tokens would be computed wrong
+
+    def check_step(self, num_tokens: int) -> None:
+        if self.max_step_tokens is not None and num_tokens > self.max_step_tokens:
+            raise ValueError(f"a step of {num_tokens} tokens exceeds this model's {self.max_step_tokens}")
 
 
 @dataclass
@@ -62,9 +69,11 @@ def inspect_model(model: PreTrainedModel) -> AttentionSpec:
     for layer, call in sorted(calls.items()):
         _check_call(call, layer, model_type)
     (kv_heads, k_dim, v_dim), = shapes
+    tuning = _temperature_tuning(cfg)
     return AttentionSpec(num_layers=num_layers, num_kv_heads=kv_heads, head_dim=max(k_dim, v_dim),
                          max_positions=_max_positions(cfg, model_type), chunk_sizes=_chunk_sizes(cfg),
-                         longrope_original=_longrope_original(cfg, model_type))
+                         longrope_original=_longrope_original(cfg, model_type), temperature_tuning=tuning,
+                         max_step_tokens=min((f - 1 for f, _ in tuning.values()), default=None))
 
 
 def _check_config(cfg, model_type: str) -> None:
@@ -73,9 +82,6 @@ def _check_config(cfg, model_type: str) -> None:
         raise UnsupportedModel(model_type, f"layer types {unknown} keep state outside the KV cache")
     if getattr(cfg, "alibi", False) or getattr(getattr(cfg, "attn_config", None), "alibi", False):
         raise UnsupportedModel(model_type, "ALiBi position bias")
-    if getattr(cfg, "attn_temperature_tuning", False) and 0 in (getattr(cfg, "no_rope_layers", None) or []):
-        raise UnsupportedModel(model_type, "attention temperature tuning on NoPE layers (transformers derives "
-                                           "its positions from the cache length, not position_ids)")
     for params in _rope_parameter_sets(cfg):
         if "dynamic" in str(params.get("rope_type", "")):
             raise UnsupportedModel(model_type, "dynamic RoPE scaling (frequencies follow the batch's longest "
@@ -129,6 +135,18 @@ def _max_positions(cfg, model_type: str) -> int:
 def _chunk_sizes(cfg) -> dict[int, int]:
     layer_types = getattr(cfg, "layer_types", None) or []
     return {i: cfg.attention_chunk_size for i, t in enumerate(layer_types) if t == "chunked_attention"}
+
+
+def _temperature_tuning(cfg) -> dict[int, tuple[int, float]]:
+    """Llama-4 scales the queries of its NoPE layers by a function of each token's position, but
+    transformers takes that position from the cache length plus the index in the forward's row
+    (no cache here: the index in the packed row). While a step packs fewer than `floor_scale`
+    tokens that scale is exactly 1, and the attention applies the right one per position; the
+    runner refuses larger steps (AttentionSpec.max_step_tokens)."""
+    if not getattr(cfg, "attn_temperature_tuning", False):
+        return {}
+    return {i: (cfg.floor_scale, cfg.attn_scale) for i, rope in enumerate(getattr(cfg, "no_rope_layers", None) or [])
+            if not rope}
 
 
 def _rope_parameter_sets(cfg) -> list[dict]:

@@ -7,6 +7,7 @@ import torch
 from services.worker.kv_store import SequenceKV
 from services.worker.model.attention import Segment, Step, run_step
 from services.worker.model.loader import LoadedModel
+from services.worker.model.model_support import AttentionSpec
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class ModelRunner:
     def __init__(self, loaded: LoadedModel):
         self.model = loaded.model
         self.device = loaded.layout.device
-        self.chunk_sizes = loaded.spec.chunk_sizes if loaded.spec else {}
+        self.spec = loaded.spec or AttentionSpec(0, 0, 0, 0)
         self.rope_regime = loaded.rope_regime
         self.suppressed = torch.tensor(loaded.suppressed_ids, dtype=torch.long, device=self.device) \
             if loaded.suppressed_ids else None
@@ -44,7 +45,8 @@ class ModelRunner:
         position_ids = torch.tensor([positions], device=self.device)  # [1, T]
         # Only the sampled positions go through the LM head (it is the largest matmul).
         logits_to_keep = torch.tensor(keep or [offset - 1], device=self.device)
-        step = Step(segments, self.chunk_sizes, self._long_rope(inputs))
+        self.spec.check_step(offset)
+        step = Step(segments, self.spec.chunk_sizes, self._long_rope(inputs), self.spec.temperature_tuning)
         out = run_step(step, self.model, input_ids=input_ids, position_ids=position_ids, use_cache=False,
                        logits_to_keep=logits_to_keep)
         logits = out.logits[0].float()  # [len(keep), vocab]
