@@ -92,9 +92,11 @@ def packed_kv_attention(module, query, key, value, attention_mask, scaling=None,
         rows = slice(seg.offset, seg.offset + seg.num_new)
         keys, values = seg.kv.write(layer, seg.start, key[0, :, rows].transpose(0, 1),
                                     value[0, :, rows].transpose(0, 1))  # [L, H_kv, D], [L, H_kv, Dv]
-        first = window.first_key(seg.start)
-        k = keys[first:].permute(1, 0, 2).unsqueeze(0)    # [1, H_kv, L', D]
-        v = values[first:].permute(1, 0, 2).unsqueeze(0)  # [1, H_kv, L', Dv]
+        first = window.first_key(seg.start) if window.limited else 0
+        if first:
+            keys, values = keys[first:], values[first:]
+        k = keys.permute(1, 0, 2).unsqueeze(0)    # [1, H_kv, L', D]
+        v = values.permute(1, 0, 2).unsqueeze(0)  # [1, H_kv, L', Dv]
         mask = _mask(seg, first, window, query.device)
         q = query[:, :, rows]
         if layer in step.temperature_tuning:
