@@ -10,6 +10,7 @@ Run it on an otherwise idle machine:
 
     .venv/bin/python scripts/bench_compare.py --baseline a477e49            # scenarios 1,3,4, 5 reps, 2 rounds
     .venv/bin/python scripts/bench_compare.py --baseline HEAD~3 --scenarios 4 --reps 3 --rounds 3
+    .venv/bin/python scripts/bench_compare.py --baseline a477e49 --current HEAD   # both from worktrees
 
 Headline metrics (the value of a tree is the median of its per-round medians; the per-round
 values follow in brackets): 1 cached continuation TTFT (ms) and the recompute/cached ratio,
@@ -67,22 +68,29 @@ def git(*args: str, cwd: Path = ROOT) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def describe_trees(baseline: str) -> dict:
-    """The baseline's commit, the current HEAD and whether the working tree differs from it."""
+def commit_of(rev: str) -> str:
     try:
-        commit = git("rev-parse", "--verify", f"{baseline}^{{commit}}")
+        return git("rev-parse", "--verify", f"{rev}^{{commit}}")
     except subprocess.CalledProcessError:
-        sys.exit(f"not a git revision: {baseline}")
+        sys.exit(f"not a git revision: {rev}")
+
+
+def describe_trees(baseline: str, current: str | None) -> dict:
+    """The baseline's commit, the current one (--current, or HEAD) and whether the measured
+    current tree differs from it (never, for --current: a worktree of the commit)."""
+    info = {"baseline_rev": baseline, "baseline_commit": commit_of(baseline)}
+    if current is not None:
+        return {**info, "head_commit": commit_of(current), "dirty": False, "changed_files": 0, "untracked_files": 0}
     status = git("status", "--porcelain").splitlines()
     untracked = sum(line.startswith("??") for line in status)
-    return {"baseline_rev": baseline, "baseline_commit": commit, "head_commit": git("rev-parse", "HEAD"),
-            "dirty": bool(status), "changed_files": len(status) - untracked, "untracked_files": untracked}
+    return {**info, "head_commit": git("rev-parse", "HEAD"), "dirty": bool(status),
+            "changed_files": len(status) - untracked, "untracked_files": untracked}
 
 
-def add_worktree(commit: str) -> tuple[Path, Path]:
-    """(temporary directory, the baseline's detached worktree inside it)."""
+def add_worktree(commit: str, label: str) -> tuple[Path, Path]:
+    """(temporary directory, the commit's detached worktree inside it)."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-compare-"))
-    tree = tmp / "baseline"
+    tree = tmp / label
     git("worktree", "add", "--detach", str(tree), commit)
     return tmp, tree
 
@@ -207,6 +215,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scenarios", type=parse_scenarios, default=[1, 3, 4],
                         help="comma-separated classic scenarios of bench.py, 1 to 5 (default 1,3,4)")
     parser.add_argument("--reps", type=int, default=5, help="bench.py's --reps (default 5)")
+    parser.add_argument("--current", default=None,
+                        help="measure this revision (a worktree) instead of the working tree, which can then change")
     parser.add_argument("--rounds", type=int, default=2, help="rounds, each running both trees (default 2)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "compare")
     parser.add_argument("--model-cache-dir", type=Path, default=Path.home() / ".cache" / "kvcache" / "models")
@@ -220,16 +230,20 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    info = describe_trees(args.baseline)
+    info = describe_trees(args.baseline, args.current)
     print(f"baseline: {args.baseline} = {info['baseline_commit']}\ncurrent: HEAD {info['head_commit']}, "
           f"working tree {tree_state(info)}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tmp, tree = add_worktree(info["baseline_commit"])
+    worktrees = [add_worktree(info["baseline_commit"], "baseline")]
     try:
-        runs = run_rounds({"baseline": tree, "current": ROOT}, args)
+        if args.current is not None:
+            worktrees.append(add_worktree(info["head_commit"], "current"))
+        current = worktrees[1][1] if args.current is not None else ROOT
+        runs = run_rounds({"baseline": worktrees[0][1], "current": current}, args)
     finally:
-        remove_worktree(tmp, tree)
+        for tmp, tree in worktrees:
+            remove_worktree(tmp, tree)
     md = write_report(metric_rows(runs, args.scenarios), runs, info, args)
     print(f"\n{md}\nwritten: {args.out}/{{compare.md,compare.json}}; total {time.perf_counter() - t0:.0f} s")
 
