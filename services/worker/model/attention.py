@@ -86,7 +86,8 @@ def packed_kv_attention(module, query, key, value, attention_mask, scaling=None,
     step = current_step()
     layer = module.layer_idx
     window = Window(sliding_window, step.chunk_sizes.get(layer))
-    out = query.new_empty(*query.shape[:3], value.shape[-1])  # [1, H, T, Dv]
+    # [1, H, T, Dv], laid out as [1, T, H, Dv] like query: the result's transpose is contiguous
+    out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]).transpose(1, 2)
     exact = softcap is not None or s_aux is not None
     for seg in step.segments:
         rows = slice(seg.offset, seg.offset + seg.num_new)
