@@ -73,9 +73,10 @@ class SequenceKV:
         narrower than keys (MLA) fill the first v_dim columns of their rows."""
         end = start + keys.shape[0]
         self.data[layer, 0, :, start:end] = keys.transpose(0, 1)
-        v_rows = self.data[layer, 1, :, :end]
-        if values.shape[-1] != v_rows.shape[-1]:
-            v_rows = v_rows[..., :values.shape[-1]]
+        if values.shape[-1] == self.data.shape[-1]:
+            self.data[layer, 1, :, start:end] = values.transpose(0, 1)
+            return self.data[layer, 0, :, :end].transpose(0, 1), self.data[layer, 1, :, :end].transpose(0, 1)
+        v_rows = self.data[layer, 1, :, :end, :values.shape[-1]]
         v_rows[:, start:end] = values.transpose(0, 1)
         return self.data[layer, 0, :, :end].transpose(0, 1), v_rows.transpose(0, 1)
 

@@ -86,6 +86,8 @@ def packed_kv_attention(module, query, key, value, attention_mask, scaling=None,
     step = current_step()
     layer = module.layer_idx
     window = Window(sliding_window, step.chunk_sizes.get(layer))
+    limited, tuning = window.limited, step.temperature_tuning.get(layer)
+    gqa = key.shape[1] != query.shape[1]
     # [1, H, T, Dv], laid out as [1, T, H, Dv] like query: the result's transpose is contiguous
     out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]).transpose(1, 2)
     exact = softcap is not None or s_aux is not None
@@ -93,21 +95,21 @@ def packed_kv_attention(module, query, key, value, attention_mask, scaling=None,
         rows = slice(seg.offset, seg.offset + seg.num_new)
         keys, values = seg.kv.write(layer, seg.start, key[0, :, rows].transpose(0, 1),
                                     value[0, :, rows].transpose(0, 1))  # [L, H_kv, D], [L, H_kv, Dv]
-        first = window.first_key(seg.start) if window.limited else 0
+        first = window.first_key(seg.start) if limited else 0
         if first:
             keys, values = keys[first:], values[first:]
         k = keys.permute(1, 0, 2).unsqueeze(0)    # [1, H_kv, L', D]
         v = values.permute(1, 0, 2).unsqueeze(0)  # [1, H_kv, L', Dv]
-        mask = _mask(seg, first, window, query.device)
+        mask = _mask(seg, first, window, query.device) if seg.num_new > 1 else None
         q = query[:, :, rows]
-        if layer in step.temperature_tuning:
-            q = _tuned(q, seg, *step.temperature_tuning[layer])
+        if tuning is not None:
+            q = _tuned(q, seg, *tuning)
         if exact:
             out[:, :, rows] = _eager(q, k, v, mask, scaling, softcap, s_aux)
         else:
             out[:, :, rows] = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None and seg.num_new > 1, scale=scaling,
-                enable_gqa=k.shape[1] != q.shape[1])
+                enable_gqa=gqa)
     return out.transpose(1, 2), None  # [1, T, H, Dv]
 
 
