@@ -14,6 +14,7 @@ import argparse
 import itertools
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -52,6 +53,9 @@ class LocalCluster:
     start_gateway: bool = True
     start_coordinator: bool = True
     session_store_url: str = ""  # default: <log_dir>/../sessions.db, shared by every worker
+    # The internal bearer token all the services share; default: $KVCACHE_INTERNAL_TOKEN, else a
+    # random one per cluster.
+    internal_token: str = ""
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     _envs: dict[str, dict[str, str]] = field(default_factory=dict)  # what start_process reuses
     _ports: dict[str, int] = field(default_factory=dict)  # member worker -> port
@@ -67,6 +71,8 @@ class LocalCluster:
         self._ports = {f"worker-{i}": port for i, port in enumerate(ports)}
         self.session_store_url = self.session_store_url or os.environ.get("WORKER_SESSION_STORE_URL") \
             or f"sqlite:///{self.log_dir.parent / 'sessions.db'}"
+        self.internal_token = self.internal_token or os.environ.get("KVCACHE_INTERNAL_TOKEN") \
+            or secrets.token_urlsafe(24)
 
     @property
     def gateway_url(self) -> str:
@@ -96,12 +102,14 @@ class LocalCluster:
         try:
             if self.start_coordinator:
                 self._spawn("coordinator", {"COORDINATOR_PORT": str(self.coordinator_port),
-                                            "COORDINATOR_TTL_S": "6"})
+                                            "COORDINATOR_TTL_S": "6",
+                                            "COORDINATOR_INTERNAL_TOKEN": self.internal_token})
             for name in list(self._ports):
                 self._spawn(name, self._worker_env(name))
             if self.start_gateway:
                 self._spawn("gateway", {"GATEWAY_PORT": str(self.gateway_port),
-                                        "GATEWAY_COORDINATOR_URL": self.coordinator_url})
+                                        "GATEWAY_COORDINATOR_URL": self.coordinator_url,
+                                        "GATEWAY_INTERNAL_TOKEN": self.internal_token})
             self.wait_ready(timeout_s)
         except BaseException:
             self.stop()
@@ -112,7 +120,7 @@ class LocalCluster:
         env = {"WORKER_PORT": str(self._ports[name]), "WORKER_ID": name,
                "WORKER_COORDINATOR_URL": self.coordinator_url, "WORKER_HEARTBEAT_INTERVAL_S": "1",
                "WORKER_REGISTER_WITH_COORDINATOR": str(self.start_coordinator).lower(),
-               "WORKER_SESSION_STORE_URL": self.session_store_url}
+               "WORKER_SESSION_STORE_URL": self.session_store_url, "WORKER_INTERNAL_TOKEN": self.internal_token}
         if "WORKER_TORCH_THREADS" not in os.environ:  # one process per core, not cores per process
             env["WORKER_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, len(self._ports))))
         return {**env, **self.worker_env}

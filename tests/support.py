@@ -89,7 +89,8 @@ def start_cluster(tmp_dir: Path, num_workers: int = 2, **worker_env: str) -> Loc
 def extra_gateway(cluster: LocalCluster, log_dir: Path, **env: str):
     """Another gateway process in front of the same cluster, with its own settings."""
     port = free_port()
-    env = {**os.environ, "GATEWAY_PORT": str(port), "GATEWAY_COORDINATOR_URL": cluster.coordinator_url, **env}
+    env = {**os.environ, "GATEWAY_PORT": str(port), "GATEWAY_COORDINATOR_URL": cluster.coordinator_url,
+           "GATEWAY_INTERNAL_TOKEN": cluster.internal_token, **env}
     with open(log_dir / "gateway.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "services.gateway"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)

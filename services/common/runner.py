@@ -69,6 +69,7 @@ class DrainingServer(Server):
 def serve(app: FastAPI, settings: ServiceSettings, drainable: Drainable | None = None,
           on_shutdown: Callable[[], None] | None = None) -> None:
     configure_logging(settings.log_level)
+    settings.check_internal_token()
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=10)
     server = DrainingServer(config, drainable) if drainable else Server(config, on_shutdown)

@@ -1,4 +1,4 @@
-from pydantic import Field, SecretStr
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -16,5 +16,5 @@ class CoordinatorSettings(ServiceSettings):
     sweep_interval_s: float = Field(1.0, gt=0)
     # How long earlier owners of a key stay listed in `previous` (KV handoff sources).
     handoff_window_s: float = Field(600.0, ge=0)
-    # When set, /register, /heartbeat, /deregister and /drain require `Authorization: Bearer <token>`.
-    internal_token: SecretStr = SecretStr("")
+    # internal_token (COORDINATOR_INTERNAL_TOKEN, required to start): /register, /heartbeat,
+    # /deregister and /drain require `Authorization: Bearer <token>`.

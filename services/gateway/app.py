@@ -10,6 +10,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
+from services.common.auth import bearer_headers
+from services.common.body_limit import BodyLimit
 from services.common.errors import ServiceError, error_response, install_error_handlers
 from services.common.http import make_client
 from services.common.http_transport import LeanTransport
@@ -46,7 +48,8 @@ def create_app(settings: GatewaySettings, transport: httpx.AsyncBaseTransport | 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         upstream = transport or LeanTransport()
         client = make_client(connect_timeout_s=settings.connect_timeout_s,
-                             read_timeout_s=settings.read_timeout_s, transport=upstream)
+                             read_timeout_s=settings.read_timeout_s, transport=upstream,
+                             headers=bearer_headers(settings.internal_token))
         app.state.client = client
         placer = Placer(settings.routing, settings.load_factor)
         ring = RingSync(CoordinatorClient(client, settings.coordinator_url), placer.loads)
@@ -68,6 +71,7 @@ def create_app(settings: GatewaySettings, transport: httpx.AsyncBaseTransport | 
     app.state.metrics = metrics
     install_error_handlers(app, render_error)
     app.add_middleware(FastGenerate)  # innermost: behind the key check and the request count
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, render=render_error)
     app.add_middleware(ApiKeyMiddleware, keys=load_api_keys(settings.api_keys.get_secret_value()))
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: counts the 401s too
     app.include_router(router)

@@ -9,8 +9,9 @@ paths build the response with api.generate_response.
 """
 
 from pydantic import ValidationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from services.common.body_limit import read_body, replaying
 from services.common.schemas import GenerateRequest
 from services.gateway.api import generate_response
 
@@ -23,8 +24,8 @@ class FastGenerate:
         if not _is_generate(scope):
             await self.app(scope, receive, send)
             return
-        body, complete = await _read_body(receive)
-        replay = _replaying(body, complete, receive)
+        body, complete = await read_body(receive)
+        replay = replaying(body, complete, receive)
         if not complete:
             await self.app(scope, replay, send)
             return
@@ -43,26 +44,3 @@ def _is_generate(scope: Scope) -> bool:
     # What FastAPI decodes as JSON (it also takes +json types; those go to it)
     content_type = dict(scope["headers"]).get(b"content-type", b"").lower()
     return content_type in (b"", b"application/json") or content_type.startswith(b"application/json;")
-
-
-async def _read_body(receive: Receive) -> tuple[bytes, bool]:
-    """The whole body, and whether it ended (False: the client left first)."""
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return b"".join(chunks), False
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks), True
-
-
-def _replaying(body: bytes, complete: bool, receive: Receive) -> Receive:
-    """`receive` as if the body had not been read: the body first, then the client's messages."""
-    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False} if complete
-                              else {"type": "http.disconnect"}]
-
-    async def replay() -> Message:
-        return pending.pop() if pending else await receive()
-
-    return replay

@@ -28,6 +28,11 @@ class GatewaySettings(ServiceSettings):
     # Comma-separated keys, or @/path/to/file; empty: no key needed. When set, every route but
     # /health and /metrics needs `Authorization: Bearer <key>`.
     api_keys: SecretStr = SecretStr("")
+    # internal_token (GATEWAY_INTERNAL_TOKEN, required to start): sent as `Authorization: Bearer
+    # <token>` on every call to a worker (the workers' WORKER_INTERNAL_TOKEN): a worker takes
+    # handoff sources and deletes only from its holder.
+    # A request body over this many bytes is refused with 413 before it is read whole.
+    max_body_bytes: int = Field(4 * 2**20, ge=1024)
 
     @field_validator("load_factor")
     @classmethod

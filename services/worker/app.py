@@ -11,7 +11,8 @@ import torch
 from fastapi import Depends, FastAPI
 
 from services.common.auth import bearer_headers, require_bearer
-from services.common.errors import Draining, NotReady, install_error_handlers
+from services.common.body_limit import BodyLimit
+from services.common.errors import Draining, NotReady, error_response, install_error_handlers
 from services.common.http import make_client
 from services.worker import completions_api, internal_api
 from services.worker.api import router
@@ -150,6 +151,7 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
     app.state.worker = WorkerState(settings)
     install_error_handlers(app)
     app.add_middleware(InFlightMiddleware, in_flight=app.state.worker.in_flight)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, render=lambda _, exc: error_response(exc))
     app.include_router(router)
     app.include_router(completions_api.router)
     app.include_router(internal_api.router, dependencies=[Depends(require_bearer(settings.internal_token))])

@@ -88,7 +88,7 @@ def decide_begin(cur: Record, turn_id: str, expected_len: int, token_ids: list[i
                  keep_len: int | None, now: float, lease_s: float) -> Record:
     """The record after a successful begin_turn, or the error (the Redis script mirrors this)."""
     if cur.turn_is_live(now) and cur.turn_id not in (turn_id, take_over):
-        raise TurnBusy(f"sequence is held by another request's turn ({cur.turn_id})")
+        raise TurnBusy("sequence is held by another request's turn")  # whose id is not ours to tell
     if len(cur.token_ids) != expected_len:
         raise TurnConflict(f"history has {len(cur.token_ids)} tokens, expected {expected_len}")
     keep = len(cur.token_ids) if keep_len is None else keep_len
@@ -214,7 +214,7 @@ class SqliteSessionStore(SessionStore):
         with self._transaction() as now:
             cur = self._get(seq_id, now)
             if cur is not None and cur.turn_is_live(now):
-                raise TurnBusy(f"sequence has a turn in progress ({cur.turn_id})")
+                raise TurnBusy("sequence has a turn in progress")
             self._db.execute("DELETE FROM sessions WHERE seq_id = ?", (seq_id,))
         return cur is not None
 
@@ -280,7 +280,7 @@ local now = redis.call('TIME'); now = now[1] * 1000 + math.floor(now[2] / 1000)
 local cur = redis.call('HMGET', KEYS[1], 't', 'turn', 'lease')
 local t, turn, lease = cur[1] or '', cur[2] or '', tonumber(cur[3] or '0')
 if turn ~= '' and lease > now and turn ~= ARGV[1] and turn ~= ARGV[2] then
-  return redis.error_reply("KVCACHE_BUSY sequence is held by another request's turn (" .. turn .. ')') end
+  return redis.error_reply("KVCACHE_BUSY sequence is held by another request's turn") end
 if #t / 4 ~= tonumber(ARGV[3]) then
   return redis.error_reply('KVCACHE_CONFLICT history has ' .. (#t / 4) .. ' tokens, expected ' .. ARGV[3]) end
 local keep = tonumber(ARGV[5]); if keep < 0 then keep = #t / 4 end
@@ -315,7 +315,7 @@ _DELETE = """
 local now = redis.call('TIME'); now = now[1] * 1000 + math.floor(now[2] / 1000)
 local cur = redis.call('HMGET', KEYS[1], 'turn', 'lease')
 if cur[1] and cur[1] ~= '' and tonumber(cur[2] or '0') > now then
-  return redis.error_reply('KVCACHE_BUSY sequence has a turn in progress (' .. cur[1] .. ')') end
+  return redis.error_reply('KVCACHE_BUSY sequence has a turn in progress') end
 return redis.call('DEL', KEYS[1])
 """
 _LOAD = """

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -52,9 +52,11 @@ class WorkerSettings(ServiceSettings):
     turn_lease_s: float = Field(30.0, gt=0)
     # On SIGTERM: finish running requests, serve KV pulls, then exit, within this time.
     drain_timeout_s: float = Field(30.0, ge=0)
-    # When set, /internal/* requires `Authorization: Bearer <token>`, and the worker sends it to
-    # the coordinator and to the workers it pulls KV from.
-    internal_token: SecretStr = SecretStr("")
+    # internal_token (WORKER_INTERNAL_TOKEN, required to start): /internal/*, DELETE /sequences/*
+    # and a /generate naming handoff_sources or resume require `Authorization: Bearer <token>`;
+    # the worker sends it to the coordinator and to the workers it pulls KV from.
+    # A request body over this many bytes is refused with 413 before it is read whole.
+    max_body_bytes: int = Field(4 * 2**20, ge=1024)
 
     @model_validator(mode="after")
     def _fill_identity(self) -> "WorkerSettings":

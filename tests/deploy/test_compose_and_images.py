@@ -87,6 +87,7 @@ def test_compose_workers_share_the_redis_session_store():
     assert [arg.replace("$$", "$") for arg in store["healthcheck"]["test"]] == ["CMD", *probe]
     token = compose_env(services["coordinator"])["COORDINATOR_INTERNAL_TOKEN"]
     assert token
+    assert compose_env(services["gateway"])["GATEWAY_INTERNAL_TOKEN"] == token
     for name, service in project_services().items():
         if service_kind(name) == "worker":
             env = compose_env(service)

@@ -406,6 +406,9 @@ def test_workers_use_the_session_store_and_drain_within_their_grace_period(docs)
                                     resolve_env(only_container(find_workload(docs, "coordinator")), docs,
                                                 "coordinator-0"))
     assert coordinator.internal_token.get_secret_value() == "stand-in-internal-token"  # the same key
+    gateway = settings_from_env(SETTINGS["gateway"], resolve_env(only_container(find_workload(docs, "gateway")),
+                                                                 docs, "gateway-0"))
+    assert gateway.internal_token.get_secret_value() == "stand-in-internal-token"
     assert pod_spec(worker)["terminationGracePeriodSeconds"] > settings.drain_timeout_s + 5
     assert container["lifecycle"]["preStop"]["exec"]["command"] == ["python", "-m", "services.worker.prestop"]
     assert serves("worker", "/internal/drain", "POST")

@@ -47,7 +47,9 @@ def test_every_gateway_follows_a_join_and_a_leave_within_a_second(cluster, tmp_p
             watcher = threading.Thread(target=wait_for_change, args=(cluster, before, seen))
             watcher.start()
             time.sleep(0.2)  # the watcher's long poll is waiting
-            assert httpx.post(f"{cluster.coordinator_url}{path}", json=body, timeout=5).status_code == 200
+            token = {"Authorization": f"Bearer {cluster.internal_token}"}  # membership writes need it
+            answer = httpx.post(f"{cluster.coordinator_url}{path}", json=body, headers=token, timeout=5)
+            assert answer.status_code == 200
             watcher.join(timeout=10)
             epoch = seen["ring"]["epoch"]
             assert epoch == before["epoch"] + 1

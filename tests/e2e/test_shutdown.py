@@ -22,7 +22,8 @@ def test_sigterm_answers_a_waiting_long_poll_and_the_coordinator_exits(tmp_path)
     url = f"http://127.0.0.1:{port}"
     with open(tmp_path / "coordinator.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "services.coordinator"], stdout=log,
-                                stderr=subprocess.STDOUT, env={**os.environ, "COORDINATOR_PORT": str(port)})
+                                stderr=subprocess.STDOUT, env={**os.environ, "COORDINATOR_PORT": str(port),
+                                     "COORDINATOR_INTERNAL_TOKEN": "shutdown-test"})
     try:
         wait_until_healthy(url, proc)
         first = httpx.get(f"{url}/ring", timeout=5).json()

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import json
 from dataclasses import dataclass, field
 
 import httpx
@@ -129,6 +130,7 @@ class FakeWorker:
         self.worker_id = worker_id
         self.mode = "ok"
         self.requests: list[dict] = []
+        self.authorizations: list[str | None] = []  # each request's Authorization header
         self.sequences: set[str] = set()
         self.stream_cancelled = asyncio.Event()
         self.app = self._build_app()
@@ -167,6 +169,11 @@ class FakeWorker:
     def _build_app(self) -> FastAPI:
         app = FastAPI()
 
+        @app.middleware("http")
+        async def record_authorization(request: Request, call_next):
+            self.authorizations.append(request.headers.get("authorization"))
+            return await call_next(request)
+
         @app.post("/generate")
         async def generate(request: Request):
             body = await request.json()
@@ -200,6 +207,8 @@ class FakeWorker:
 
 
 RING_VNODES = 50
+INTERNAL_TOKEN = "gateway-to-worker-token"
+MAX_BODY_BYTES = 64 * 1024
 
 
 @dataclass
@@ -260,7 +269,8 @@ async def cluster():
     transports = {f"{w}:8082": StreamingASGITransport(fake.app) for w, fake in cluster.workers.items()}
     transports["coordinator:8081"] = StreamingASGITransport(fake_coordinator(cluster))
     cluster.dispatch = HostDispatch(transports)
-    app = create_app(GatewaySettings(coordinator_url="http://coordinator:8081"), transport=cluster.dispatch)
+    app = create_app(GatewaySettings(coordinator_url="http://coordinator:8081", internal_token=INTERNAL_TOKEN,
+                                     max_body_bytes=MAX_BODY_BYTES), transport=cluster.dispatch)
     cluster.app = app
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=StreamingASGITransport(app), base_url="http://gateway") as client:
@@ -572,3 +582,35 @@ async def test_openapi_documents_every_route_and_there_is_no_debug_endpoint(clus
         response = await cluster.gateway.get(path)
         assert response.status_code == 404
         assert response.json()["error"]["type"] == "not_found"
+
+
+async def test_every_call_to_a_worker_carries_the_internal_token(cluster):
+    worker = cluster.workers["w1"]
+    await cluster.gateway.post("/generate", json={"prompt": "a b", "seq_id": "tok-1"})
+    await cluster.gateway.post("/generate", json={"prompt": "a b", "seq_id": "tok-1", "stream": False})
+    await cluster.gateway.delete("/sequences/tok-1")
+    await cluster.gateway.get("/stats")
+    assert len(worker.authorizations) == 4
+    assert set(worker.authorizations) == {f"Bearer {INTERNAL_TOKEN}"}
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/generate", {"prompt": "x" * MAX_BODY_BYTES}),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x" * MAX_BODY_BYTES}]}),
+    ("/v1/completions", {"model": "tiny", "prompt": "x" * MAX_BODY_BYTES}),
+])
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_body_over_the_limit_is_413_and_reaches_no_worker(cluster, path, body, chunked):
+    raw = json.dumps(body).encode()
+
+    async def pieces():
+        for i in range(0, len(raw), 8192):
+            yield raw[i:i + 8192]
+
+    response = await cluster.gateway.post(path, content=pieces() if chunked else raw,
+                                          headers={"content-type": "application/json"})
+    assert response.status_code == 413, response.text
+    error = response.json()["error"]
+    assert f"larger than {MAX_BODY_BYTES} bytes" in error["message"]
+    assert error["type"] == ("invalid_request_error" if path.startswith("/v1") else "request_too_large")
+    assert all(not fake.requests for fake in cluster.workers.values())

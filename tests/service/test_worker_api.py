@@ -3,6 +3,7 @@ stream format, validation and error bodies. httpx's ASGITransport buffers whole 
 which is fine for complete streams."""
 
 import asyncio
+import json
 import re
 import tempfile
 import threading
@@ -370,6 +371,45 @@ async def test_a_model_the_engine_cannot_honour_keeps_the_worker_not_ready(tmp_p
             in error["message"]
         response = await client.post("/generate", json={"prompt": "hi"})
         assert_error(response, 503, "worker_not_ready")
+
+
+async def test_with_an_internal_token_handoff_sources_resume_and_deletes_need_it(tiny_model_cache_dir):
+    """The worker would send its token to the sources a request names: only a holder may name them."""
+    settings = worker_settings(tiny_model_cache_dir, internal_token="worker-token", worker_id="w-token")
+    token = {"Authorization": "Bearer worker-token"}
+    sources = [{"worker_id": "w-gone", "address": "http://127.0.0.1:9"}]  # nothing listens there
+    turn = {"prompt": "hi", "seq_id": "tok", "max_tokens": 2, "temperature": 0, "stream": False}
+    async with running_app(settings) as (app, client):
+        assert (await client.post("/generate", json=turn)).status_code == 200
+        for extra in ({"handoff_sources": sources}, {"resume": {"turn_id": "t", "generated_ids": [1]}}):
+            refused = await client.post("/generate", json={**turn, **extra})
+            assert_error(refused, 401, "unauthorized")
+            wrong = await client.post("/generate", json={**turn, **extra}, headers={"Authorization": "Bearer nope"})
+            assert_error(wrong, 401, "unauthorized")
+        with_token = await client.post("/generate", json={**turn, "handoff_sources": sources}, headers=token)
+        assert with_token.status_code == 200, with_token.text
+        assert with_token.json()["usage"]["context_tokens"] == 2 + 2 + 2  # both turns kept, none refused
+        assert_error(await client.delete("/sequences/tok"), 401, "unauthorized")
+        engine = app.state.worker.engine
+        await wait_for(lambda: engine.stats()["running"] == 0, "the turn's last step")  # else 409
+        assert (await client.delete("/sequences/tok", headers=token)).status_code == 200
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_body_over_the_limit_is_413_before_it_is_read(tiny_model_cache_dir, chunked):
+    settings = worker_settings(tiny_model_cache_dir, max_body_bytes=64 * 1024, worker_id="w-limit")
+    raw = json.dumps({"prompt": "x" * 100_000, "max_tokens": 1}).encode()
+
+    async def pieces():
+        for i in range(0, len(raw), 8192):
+            yield raw[i:i + 8192]
+
+    async with running_app(settings) as (app, client):
+        response = await client.post("/generate", content=pieces() if chunked else raw,
+                                     headers={"content-type": "application/json"})
+        error = assert_error(response, 413, "request_too_large")
+        assert "larger than 65536 bytes" in error["message"]
+        assert app.state.worker.engine.stats()["requests"] == 0
 
 
 async def test_overloaded_is_429_and_too_large_is_503(tiny_model_cache_dir):

@@ -56,8 +56,9 @@ def test_concurrent_writers_cannot_interleave_or_lose_a_turn(backend):
     store = backend[0]()
     s = seq()
     store.begin_turn(s, "t1", 0, [1])
-    with pytest.raises(TurnBusy):
+    with pytest.raises(TurnBusy) as busy:
         store.begin_turn(s, "t2", 1, [2])  # another request while t1's answer is pending
+    assert "t1" not in str(busy.value)  # another request's turn id is not told (it reaches clients as a 409)
     with pytest.raises(TurnConflict):
         store.end_turn(s, "t1", 5, [9])  # wrong expected length
     with pytest.raises(TurnConflict):
