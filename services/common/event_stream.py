@@ -1,6 +1,6 @@
 """The SSE response of every service: each chunk of the body is sent as it comes, `: ping` after
-`ping_s` of silence (so that proxies and load balancers keep an idle stream open), and `close`
-runs however the stream ends: finished, failed, or the client gone.
+`ping_s` of silence (so that proxies and load balancers keep an idle stream open), counted from the last
+send, and `close` runs however the stream ends: finished, failed, or the client gone.
 
 Raw ASGI rather than sse-starlette's EventSourceResponse: that one runs a task group of four tasks
 per stream, a measurable share of the gateway's per-request cost. Here one watcher task waits for
@@ -38,6 +38,7 @@ class EventStream(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
         self._streaming = True
+        self._sent_at = time.monotonic()
         watcher = asyncio.get_running_loop().create_task(self._watch(receive, send, task))
         try:
             await self._send(send, {"type": "http.response.start", "status": self.status_code,
@@ -74,8 +75,11 @@ class EventStream(StreamingResponse):
 
     async def _watch(self, receive: Receive, send: Send, streaming: asyncio.Task) -> None:
         while self._streaming:
+            # until ping_s after the last send (not after the last check: pings would then come
+            # up to twice ping_s apart)
+            wait_s = max(0.0, self._sent_at + self._ping_s - time.monotonic())
             try:
-                async with asyncio.timeout(self._ping_s):
+                async with asyncio.timeout(wait_s):
                     message = await receive()
             except TimeoutError:
                 await self._ping(send)

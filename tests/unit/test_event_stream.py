@@ -100,6 +100,33 @@ async def test_pings_while_the_body_is_silent():
     assert all(body == PING for body, _ in bodies[1:-1])
 
 
+async def test_a_ping_comes_ping_s_after_the_last_send_not_after_the_last_check():
+    """A chunk sent just after the watcher's check used to put the next ping nearly 2 x ping_s
+    after it."""
+    loop = asyncio.get_running_loop()
+    timeline: list[tuple[bytes, float]] = []
+
+    async def body():
+        yield b"data: 1\n\n"
+        await asyncio.sleep(0.6)  # past the first deadline (0.5): the watcher has checked and pinged
+        yield b"data: 2\n\n"  # 0.1 after that check
+        await asyncio.sleep(0.8)
+        yield FinalChunk(b"data: 3\n\n")
+
+    class Timed(Client):
+        async def send(self, message: dict) -> None:
+            await super().send(message)
+            if message["type"] == "http.response.body":
+                timeline.append((message["body"], loop.time()))
+
+    await run(EventStream(body(), ping_s=0.5), Timed())
+    second = next(i for i, (chunk, _) in enumerate(timeline) if chunk == b"data: 2\n\n")
+    ping, ping_at = timeline[second + 1]
+    assert ping == PING
+    gap = ping_at - timeline[second][1]
+    assert 0.45 <= gap < 0.8, gap  # one ping_s after the chunk (0.9 before the fix)
+
+
 async def test_a_failing_body_still_closes():
     async def body():
         yield b"data: 1\n\n"
