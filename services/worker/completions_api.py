@@ -43,4 +43,5 @@ def prompt_token_ids(engine: Engine, body: WorkerCompletionRequest) -> list[int]
     """Blocking (tokenization): `messages` through the chat template, or the raw `prompt`."""
     if body.messages is None:
         return engine.encode(body.prompt)
+    engine.check_text_fits(sum(len(m.content) for m in body.messages))
     return chat_prompt_ids(engine.tokenizer, [m.model_dump() for m in body.messages])

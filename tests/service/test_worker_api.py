@@ -186,6 +186,30 @@ async def test_context_too_long_is_400(client, stream_flag):
     assert_error(response, 400, "context_too_long")
 
 
+async def test_a_prompt_longer_than_any_tokenization_of_the_window_is_400_untokenized(client, engine, monkeypatch):
+    calls = []
+    monkeypatch.setattr(engine, "tokenizer", _Counting(engine.tokenizer, calls))
+    chars = engine.window * engine.max_token_chars + 1  # no token covers more than max_token_chars
+    error = assert_error(await client.post("/generate", json={"prompt": "x" * chars, "max_tokens": 1}),
+                         400, "context_too_long")
+    assert f"a prompt of {chars} characters" in error["message"]
+    chat = {"messages": [{"role": "user", "content": "x" * (chars // 2 + 1)}] * 2, "max_tokens": 1}
+    assert_error(await client.post("/completions", json=chat), 400, "context_too_long")
+    assert calls == []  # refused before any tokenization
+    just_fits = await client.post("/generate", json={"prompt": "x" * (chars - 1), "max_tokens": 1})
+    assert_error(just_fits, 400, "context_too_long")  # by the token count this time
+    assert calls
+
+
+class _Counting:
+    def __init__(self, tokenizer, calls: list) -> None:
+        self._tokenizer, self._calls = tokenizer, calls
+
+    def __getattr__(self, name):
+        self._calls.append(name)
+        return getattr(self._tokenizer, name)
+
+
 @pytest.mark.parametrize("body", [
     {"prompt": ""},
     {},

@@ -64,6 +64,7 @@ class Engine:
         self.config = config
         self.observer = observer or EngineObserver()
         self.runner = ModelRunner(loaded)
+        self.max_token_chars = max((len(token) for token in self.tokenizer.get_vocab()), default=1)
         config = _within_model_limits(config, loaded)
         self.scheduler = Scheduler(self._admit, config.max_batch_size, config.max_batch_tokens)
         self.lock = threading.Lock()  # guards scheduler + store against readers (stats, delete)
@@ -108,7 +109,16 @@ class Engine:
             return True if self.store.delete(seq_id) else None
 
     def encode(self, text: str) -> list[int]:
+        self.check_text_fits(len(text))
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def check_text_fits(self, num_chars: int) -> None:
+        """ContextTooLong, without tokenizing, for text that must encode to more tokens than the
+        window holds: no token covers more than `max_token_chars` characters (a 4 MB prompt took
+        ~15 s of CPU to tokenize before its 400)."""
+        if num_chars > self.window * self.max_token_chars:
+            raise ContextTooLong(f"a prompt of {num_chars} characters encodes to more than the model window of "
+                                 f"{self.window} tokens")
 
     @property
     def window(self) -> int:
