@@ -29,11 +29,16 @@ def has_bearer(request: Request, token: SecretStr) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
 
 
+def check_bearer(request: Request, token: SecretStr, message: str = "missing or wrong bearer token") -> None:
+    """401 (Unauthorized, with `message`) unless the request carries the token."""
+    if not has_bearer(request, token):
+        raise Unauthorized(message)
+
+
 def require_bearer(token: SecretStr):
     """A FastAPI dependency: 401 unless the request carries the token (no check when unset)."""
 
     async def check(request: Request) -> None:
-        if not has_bearer(request, token):
-            raise Unauthorized("missing or wrong bearer token")
+        check_bearer(request, token)
 
     return check

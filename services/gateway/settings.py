@@ -31,6 +31,7 @@ class GatewaySettings(ServiceSettings):
     # internal_token (GATEWAY_INTERNAL_TOKEN, required to start): sent as `Authorization: Bearer
     # <token>` on every call to a worker (the workers' WORKER_INTERNAL_TOKEN): a worker takes
     # handoff sources and deletes only from its holder.
+
     # A request body over this many bytes is refused with 413 before it is read whole.
     max_body_bytes: int = Field(4 * 2**20, ge=1024)
 

@@ -8,7 +8,7 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from services.common.auth import Unauthorized, has_bearer
+from services.common.auth import check_bearer
 from services.common.errors import Conflict, InvalidRequest, ModelNotFound, NotFound, ServiceError, Unavailable
 from services.common.event_stream import EventStream
 from services.common.metrics import metrics_response
@@ -23,9 +23,9 @@ router = APIRouter()
 @router.post("/generate")
 async def generate(body: WorkerGenerateRequest, request: Request):
     state = request.app.state.worker
-    if (body.handoff_sources or body.resume is not None) and not has_bearer(request, state.settings.internal_token):
+    if body.handoff_sources or body.resume is not None:
         # the worker would send its token to the named sources: only the gateway may name them
-        raise Unauthorized("handoff_sources and resume need the internal bearer token")
+        check_bearer(request, state.settings.internal_token, "handoff_sources and resume need the internal bearer token")
     engine = state.require_serving()
     if body.model_name is not None and body.model_name != state.settings.model_name:
         raise ModelNotFound(f"model '{body.model_name}' is not served here; this worker serves "
@@ -102,8 +102,7 @@ async def delete_sequence(seq_id: str, request: Request):
     """Removes the sequence from the session store and from this worker's KV (internal token)."""
     check_seq_id(seq_id)
     state = request.app.state.worker
-    if not has_bearer(request, state.settings.internal_token):
-        raise Unauthorized("missing or wrong bearer token")
+    check_bearer(request, state.settings.internal_token)
     local = await asyncio.to_thread(state.require_engine().delete_sequence, seq_id)
     if local is None:
         raise Conflict(f"sequence '{seq_id}' has a request running; retry after it ends")

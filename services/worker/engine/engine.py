@@ -47,7 +47,7 @@ class EngineObserver:
 
 
 def _within_model_limits(config: EngineConfig, loaded: LoadedModel) -> EngineConfig:
-    limit = loaded.spec.max_step_tokens if loaded.spec else None
+    limit = loaded.spec.max_step_tokens
     if limit is None or config.max_batch_tokens <= limit:
         return config
     logger.warning("max_batch_tokens %d lowered to %d: a larger step of %s would be computed wrong",

@@ -15,13 +15,14 @@ model's `AttentionSpec` (model_support.py).
 """
 
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from services.worker.kv_store import SequenceKV
+from services.worker.model.model_support import AttentionSpec
 
 ATTN_IMPLEMENTATION = "kvcache_packed"
 
@@ -37,9 +38,8 @@ class Segment:
 @dataclass(frozen=True)
 class Step:
     segments: list[Segment]
-    chunk_sizes: dict[int, int] = field(default_factory=dict)  # layer -> chunked-attention size
+    spec: AttentionSpec  # the per-layer chunk sizes and temperature tuning
     long_rope: torch.Tensor | None = None  # [T] bool: token takes LongRoPE's long factors
-    temperature_tuning: dict[int, tuple[int, float]] = field(default_factory=dict)  # layer -> (floor, scale)
 
 
 _STEP: ContextVar[Step | None] = ContextVar("kvcache_step", default=None)
@@ -85,8 +85,8 @@ def packed_kv_attention(module, query, key, value, attention_mask, scaling=None,
     # query: [1, H, T, D]; key: [1, H_kv, T, D]; value: [1, H_kv, T, Dv] for the T packed new tokens.
     step = current_step()
     layer = module.layer_idx
-    window = Window(sliding_window, step.chunk_sizes.get(layer))
-    limited, tuning = window.limited, step.temperature_tuning.get(layer)
+    window = Window(sliding_window, step.spec.chunk_sizes.get(layer))
+    limited, tuning = window.limited, step.spec.temperature_tuning.get(layer)
     gqa = key.shape[1] != query.shape[1]
     # [1, H, T, Dv], laid out as [1, T, H, Dv] like query: the result's transpose is contiguous
     out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]).transpose(1, 2)
@@ -100,7 +100,7 @@ def packed_kv_attention(module, query, key, value, attention_mask, scaling=None,
             keys, values = keys[first:], values[first:]
         k = keys.permute(1, 0, 2).unsqueeze(0)    # [1, H_kv, L', D]
         v = values.permute(1, 0, 2).unsqueeze(0)  # [1, H_kv, L', Dv]
-        mask = _mask(seg, first, window, query.device) if seg.num_new > 1 else None
+        mask = _mask(seg, first, window, query.device)
         q = query[:, :, rows]
         if tuning is not None:
             q = _tuned(q, seg, *tuning)

@@ -30,7 +30,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     layout: KVLayout
     eos_token_id: int | None
-    spec: AttentionSpec | None = None
+    spec: AttentionSpec
     rope_regime: longrope.RopeRegime | None = None  # LongRoPE models only
     suppressed_ids: list[int] = field(default_factory=list)  # generation_config.suppress_tokens
 

@@ -7,7 +7,6 @@ import torch
 from services.worker.kv_store import SequenceKV
 from services.worker.model.attention import Segment, Step, run_step
 from services.worker.model.loader import LoadedModel
-from services.worker.model.model_support import AttentionSpec
 
 
 @dataclass(frozen=True)
@@ -22,7 +21,7 @@ class ModelRunner:
     def __init__(self, loaded: LoadedModel):
         self.model = loaded.model
         self.device = loaded.layout.device
-        self.spec = loaded.spec or AttentionSpec(0, 0, 0, 0)
+        self.spec = loaded.spec
         self.rope_regime = loaded.rope_regime
         self.suppress_bias = _suppress_bias(loaded) if loaded.suppressed_ids else None
 
@@ -45,7 +44,7 @@ class ModelRunner:
         # Only the sampled positions go through the LM head (it is the largest matmul).
         logits_to_keep = torch.tensor(keep or [offset - 1], device=self.device)
         self.spec.check_step(offset)
-        step = Step(segments, self.spec.chunk_sizes, self._long_rope(inputs), self.spec.temperature_tuning)
+        step = Step(segments, self.spec, self._long_rope(inputs))
         out = run_step(step, self.model, input_ids=input_ids, position_ids=position_ids, use_cache=False,
                        logits_to_keep=logits_to_keep)
         logits = out.logits[0].float()  # [len(keep), vocab]
