@@ -25,7 +25,8 @@ async def generate(body: WorkerGenerateRequest, request: Request):
     state = request.app.state.worker
     if body.handoff_sources or body.resume is not None:
         # the worker would send its token to the named sources: only the gateway may name them
-        check_bearer(request, state.settings.internal_token, "handoff_sources and resume need the internal bearer token")
+        check_bearer(request, state.settings.internal_token,
+                     "handoff_sources and resume need the internal bearer token")
     engine = state.require_serving()
     if body.model_name is not None and body.model_name != state.settings.model_name:
         raise ModelNotFound(f"model '{body.model_name}' is not served here; this worker serves "
