@@ -9,6 +9,7 @@ from starlette.responses import PlainTextResponse, Response
 from services.common.errors import ServiceError, error_response
 from services.common.metrics import metrics_response
 from services.common.schemas import SEQ_ID_PATTERN, GenerateRequest
+from services.gateway.idempotency import IDEMPOTENCY_HEADER, turn_id
 from services.gateway.openapi_docs import GENERATE_RESPONSES, METRICS_RESPONSES, errors
 from services.gateway.proxy import GatewayProxy
 
@@ -25,14 +26,17 @@ def _proxy(request: Request) -> GatewayProxy:
 @router.post("/generate", response_model=None, responses=GENERATE_RESPONSES)
 async def generate(body: GenerateRequest, request: Request) -> Response:
     """Documents /generate and answers what fast_generate passes on (an invalid body: its 422)."""
-    return await generate_response(_proxy(request), body)
+    return await generate_response(_proxy(request), body, request.headers.get(IDEMPOTENCY_HEADER))
 
 
-async def generate_response(proxy: GatewayProxy, body: GenerateRequest) -> Response:
-    """A turn's response, whichever path validated its body (this route, or fast_generate)."""
+async def generate_response(proxy: GatewayProxy, body: GenerateRequest, idempotency_key: str | None) -> Response:
+    """A turn's response, whichever path validated its body (this route, or fast_generate). The
+    turn's id is the client's Idempotency-Key, or one made here: either way one id for every
+    attempt of this request (re-sends, re-routes, migration), so no attempt appends twice."""
     seq_id = body.seq_id or uuid.uuid4().hex
     payload = body.model_dump(exclude_unset=True) | {"seq_id": seq_id, "stream": body.stream}
     try:
+        payload["request_id"] = turn_id(idempotency_key)
         response = await proxy.generate(payload, stream=body.stream)
     except ServiceError as exc:
         response = error_response(exc)

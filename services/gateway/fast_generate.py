@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from services.common.body_limit import read_body, replaying
 from services.common.schemas import GenerateRequest
 from services.gateway.api import generate_response
+from services.gateway.idempotency import IDEMPOTENCY_KEY_RAW
 
 
 class FastGenerate:
@@ -34,7 +35,9 @@ class FastGenerate:
         except ValidationError:
             await self.app(scope, replay, send)
             return
-        response = await generate_response(scope["app"].state.proxy, request)
+        key = dict(scope["headers"]).get(IDEMPOTENCY_KEY_RAW)
+        response = await generate_response(scope["app"].state.proxy, request,
+                                           key.decode("latin-1") if key is not None else None)
         await response(scope, receive, send)
 
 

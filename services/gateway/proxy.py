@@ -339,8 +339,9 @@ class _ReleasingStream(httpx.AsyncByteStream):
 
 
 def _for_worker(payload: dict, route: RouteResponse) -> dict:
-    """A fresh request id per attempt (a session's turn id), and a session's handoff sources."""
-    body = payload | {"request_id": uuid.uuid4().hex}
+    """The payload with a request id (a session's turn id: the caller's, the same for every attempt;
+    a stateless request gets one per attempt), and a session's handoff sources."""
+    body = payload if "request_id" in payload else payload | {"request_id": uuid.uuid4().hex}
     if "seq_id" in payload:
         body["handoff_sources"] = [ref.model_dump() for ref in route.previous]
     return body

@@ -33,9 +33,10 @@ class InnerApp:
 
 
 async def call(messages: list[dict], *, method: str = "POST", path: str = "/generate",
-               content_type: bytes | None = b"application/json"):
+               content_type: bytes | None = b"application/json", extra_headers=()):
     inner, proxy = InnerApp(), RecordingProxy()
     headers = [(b"content-type", content_type)] if content_type is not None else []
+    headers += list(extra_headers)
     scope = {"type": "http", "method": method, "path": path, "headers": headers,
              "app": SimpleNamespace(state=SimpleNamespace(proxy=proxy))}
     pending, sent = list(messages), []
@@ -57,9 +58,21 @@ def body(data: bytes, more: bool = False) -> dict:
 async def test_a_valid_body_is_answered_without_the_app():
     inner, proxy, sent = await call([body(b'{"prompt": "hi", "seq_id": "s-1", "stream": false}')])
     assert inner.received == []
+    turn_id = proxy.payloads[0].pop("request_id")
     assert proxy.payloads == [{"prompt": "hi", "seq_id": "s-1", "stream": False}]
+    assert len(turn_id) == 32  # made by the gateway: no Idempotency-Key
     assert sent[0]["status"] == 200 and (b"x-seq-id", b"s-1") in sent[0]["headers"]
     assert json.loads(sent[1]["body"]) == {"stream": False, "seq_id": "s-1"}
+
+
+async def test_the_idempotency_key_is_the_turn_id_and_a_bad_one_is_a_400():
+    _, proxy, _ = await call([body(b'{"prompt": "hi", "seq_id": "s-1"}')],
+                             extra_headers=[(b"idempotency-key", b"turn-7")])
+    assert proxy.payloads[0]["request_id"] == "turn-7"
+    _, proxy, sent = await call([body(b'{"prompt": "hi", "seq_id": "s-1"}')],
+                                extra_headers=[(b"idempotency-key", b"has space")])
+    assert proxy.payloads == [] and sent[0]["status"] == 400
+    assert json.loads(sent[1]["body"])["error"]["type"] == "invalid_request"
 
 
 async def test_a_body_in_several_messages_and_json_with_a_charset_take_the_fast_path():
