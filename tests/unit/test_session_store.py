@@ -9,8 +9,9 @@ import pytest
 import redis
 
 from services.localcluster import free_port
-from services.worker.session_store import (RedisSessionStore, SqliteSessionStore, StoreUnavailable, TurnBusy,
-                                           TurnConflict, describe_store, open_session_store)
+from services.worker.session_store import (TURN_LOG_SIZE, DuplicateTurn, RedisSessionStore, SqliteSessionStore,
+                                           StoreUnavailable, TurnBusy, TurnConflict, TurnEntry, describe_store,
+                                           open_session_store)
 
 
 class Clock:
@@ -70,6 +71,64 @@ def test_concurrent_writers_cannot_interleave_or_lose_a_turn(backend):
     with pytest.raises(TurnConflict):
         store.end_turn(s, "t1", 2, [9])  # its turn is closed already
     assert store.load(s).token_ids == [1, 9]
+
+
+def test_the_turn_log_records_each_turn_and_a_repeated_id_never_appends(backend):
+    store = backend[0]()
+    s = seq()
+    store.begin_turn(s, "t1", 0, [1, 2])
+    with pytest.raises(DuplicateTurn) as running:
+        store.begin_turn(s, "t1", 2, [1, 2])  # the same request again, while it runs
+    assert running.value.entry == TurnEntry("t1", 0, 2)
+    store.end_turn(s, "t1", 2, [7, 8, 9], finish="length")
+    with pytest.raises(DuplicateTurn) as done:
+        store.begin_turn(s, "t1", 5, [1, 2])  # and after it closed
+    assert done.value.entry == TurnEntry("t1", 0, 2, 3, "length")
+    store.begin_turn(s, "t/2", 5, [3])
+    session = store.load(s)
+    assert session.token_ids == [1, 2, 7, 8, 9, 3]
+    assert session.turns == (TurnEntry("t1", 0, 2, 3, "length"), TurnEntry("t/2", 5, 1))
+    assert [session.turn_state(e) for e in session.turns] == ["completed", "running"]
+
+
+def test_a_rolled_back_turn_leaves_the_log_and_may_run_again(backend):
+    store = backend[0]()
+    s = seq()
+    store.begin_turn(s, "t1", 0, [1, 2])
+    store.end_turn(s, "t1", 2, [5])
+    store.begin_turn(s, "t2", 3, [3, 4])
+    store.end_turn(s, "t2", 5, [], keep_len=3)  # cut back to before its prompt
+    assert store.load(s).turns == (TurnEntry("t1", 0, 2, 1, ""),)
+    assert store.begin_turn(s, "t2", 3, [3, 4]) == [1, 2, 5, 3, 4]
+    store.end_turn(s, "t2", 5, [], keep_len=3)
+    store.begin_turn(s, "t3", 3, [6])
+    store.end_turn(s, "t3", 4, [], keep_len=3)
+    assert [e.turn_id for e in store.load(s).turns] == ["t1"]
+
+
+def test_a_taken_over_turn_keeps_its_place_in_the_log(backend):
+    store, advance = backend[0](lease_s=1.0), backend[1]
+    s = seq()
+    store.begin_turn(s, "t1", 0, [1, 2])
+    store.end_turn(s, "t1", 2, [5])
+    store.begin_turn(s, "a", 3, [3, 4])        # its worker dies after sending 1 token
+    advance(1.2)
+    store.begin_turn(s, "a", 5, [9], take_over="a", keep_len=5)  # the gateway's migration
+    store.end_turn(s, "a", 6, [10], finish="stop")
+    assert store.load(s).turns[-1] == TurnEntry("a", 3, 2, 2, "stop")
+    store.begin_turn(s, "b", 7, [], take_over="a", keep_len=6)  # a take-over under a new id
+    store.end_turn(s, "b", 6, [11], finish="stop")
+    assert store.load(s).turns == (TurnEntry("t1", 0, 2, 1, ""), TurnEntry("b", 3, 2, 2, "stop"))
+
+
+def test_the_log_keeps_the_last_turns(backend):
+    store = backend[0]()
+    s = seq()
+    for i in range(TURN_LOG_SIZE + 3):
+        store.begin_turn(s, f"t{i}", 2 * i, [i])
+        store.end_turn(s, f"t{i}", 2 * i + 1, [i])
+    turns = store.load(s).turns
+    assert len(turns) == TURN_LOG_SIZE and turns[0].turn_id == "t3" and turns[-1].start == 2 * (TURN_LOG_SIZE + 2)
 
 
 def test_racing_threads_one_wins(backend):
@@ -268,6 +327,20 @@ def test_a_redis_error_that_is_not_a_turn_is_unavailable(redis_url):
     redis.Redis.from_url(redis_url).set(f"kvcache:session:{s}", "not a hash")
     with pytest.raises(StoreUnavailable):
         open_session_store(redis_url, ttl_s=60, lease_s=30).begin_turn(s, "t", 0, [1])
+
+
+def test_a_file_from_before_the_turn_log_gets_the_column(tmp_path):
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE sessions (seq_id TEXT PRIMARY KEY, tokens BLOB NOT NULL, turn_id TEXT, "
+               "lease_until REAL NOT NULL, expires_at REAL NOT NULL)")
+    db.execute("INSERT INTO sessions VALUES ('s', X'01000000', NULL, 0, 1e12)")
+    db.commit()
+    db.close()
+    store = SqliteSessionStore(path, 3600.0, 30.0)
+    assert store.load("s").token_ids == [1] and store.load("s").turns == ()
+    store.begin_turn("s", "t1", 1, [2])
+    assert store.load("s").turns == (TurnEntry("t1", 1, 1),)
 
 
 def test_urls(tmp_path, monkeypatch):
