@@ -142,6 +142,22 @@ class SequenceConflict(Conflict):
     error_type = "sequence_conflict"
 
 
+class DuplicateTurn(Conflict):
+    """The request's turn id (its Idempotency-Key) is already in the sequence's log: the body
+    carries that turn's outcome instead of running it twice."""
+
+    error_type = "duplicate_turn"
+
+    def __init__(self, message: str, turn: dict) -> None:
+        super().__init__(message)
+        self.turn = turn
+
+    def to_body(self) -> dict:
+        body = super().to_body()
+        body["error"]["turn"] = self.turn
+        return body
+
+
 class StoreUnavailable(Unavailable):
     error_type = "session_store_unavailable"
 

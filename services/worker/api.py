@@ -35,7 +35,8 @@ async def generate(body: WorkerGenerateRequest, request: Request):
     seq_id = body.seq_id or uuid.uuid4().hex
     prompt_ids = await asyncio.to_thread(engine.encode, body.prompt)
     turn = await state.turns.begin(seq_id, body.request_id or uuid.uuid4().hex, prompt_ids,
-                                   max_tokens=body.max_tokens, window=engine.window, resume=body.resume)
+                                   max_tokens=body.max_tokens, window=engine.window, resume=body.resume,
+                                   decode=engine.decode)
     handle, start = await counted(state.metrics.http_requests, _start_turn(state, engine, turn, body))
     headers = {"X-Seq-Id": seq_id}
     if not body.stream:
@@ -75,7 +76,8 @@ async def _finish(state, turn: Turn, handle: RequestHandle, event: dict) -> dict
     """Before `done` reaches the client, its tokens are in the session store; if they cannot be
     stored, the client gets an error event instead (never a silently shortened history)."""
     try:
-        await state.turns.end(turn, handle.generated_ids)
+        await state.turns.end(turn, handle.generated_ids, event.get("finish_reason") or "",
+                              rollback_on_failure=True)
     except ServiceError as exc:
         return {"type": "error", "error": {"type": exc.error_type, "message": exc.message}}
     return event
@@ -87,9 +89,9 @@ async def _close(state, turn: Turn, handle: RequestHandle) -> None:
     if state.turns.is_open(turn):
         with anyio.CancelScope(shield=True):
             try:
-                await state.turns.end(turn, handle.generated_ids)
+                await state.turns.end(turn, handle.generated_ids, "abort", rollback_on_failure=False)
             except ServiceError:
-                pass  # the store is down or the turn was taken over; the lease releases it
+                pass  # the store is down (a later write closes it) or the turn was taken over
 
 
 def _stream(state, turn: Turn, handle: RequestHandle, start: dict):
@@ -111,6 +113,17 @@ async def delete_sequence(seq_id: str, request: Request):
     if not (local or stored):
         raise NotFound(f"unknown sequence '{seq_id}'")
     return {"seq_id": seq_id, "deleted": True}
+
+
+@router.get("/sequences/{seq_id}")
+async def sequence_outcomes(seq_id: str, request: Request):
+    """The sequence's length and its last turns' outcomes, so a client that lost a reply learns
+    whether its turn was stored (internal token)."""
+    check_seq_id(seq_id)
+    state = request.app.state.worker
+    check_bearer(request, state.settings.internal_token)
+    state.require_engine()
+    return {"seq_id": seq_id, **await state.turns.describe(seq_id)}
 
 
 @router.get("/stats")

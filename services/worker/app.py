@@ -134,7 +134,8 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
             if s.register_with_coordinator else None
         state.drainer.registration = registration
         tasks = [asyncio.create_task(_start(state, registration, client)),
-                 asyncio.create_task(state.turns.renew_forever())]
+                 asyncio.create_task(state.turns.renew_forever()),
+                 asyncio.create_task(state.turns.repair_forever())]
         yield
         for task in tasks:
             task.cancel()

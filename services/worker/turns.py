@@ -5,6 +5,11 @@ A turn opens at admission (the prompt's ids are appended and the sequence is hel
 this worker wait for each other (a local lock); a request whose sequence is held by a turn on
 another worker gets 409 `sequence_conflict`. Open turns are renewed while they run, so a crashed
 worker's turn is released after `turn_lease_s`. Store calls run in threads, off the event loop.
+
+A turn's id is its request's (the client's Idempotency-Key, or the gateway's id for the request):
+a repeat of a logged turn gets 409 `duplicate_turn` with that turn's outcome, except a turn whose
+answer was never stored (its worker died; the gateway did not resume it), which runs again in its
+place. A closing write the store cannot take now is retried until it can (turn_repairs).
 """
 
 import asyncio
@@ -15,9 +20,14 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from services.common.errors import ContextTooLong, SequenceConflict, ServiceError, StoreUnavailable
+from services.common.errors import (ContextTooLong, DuplicateTurn, NotFound, SequenceConflict, ServiceError,
+                                   StoreUnavailable)
 from services.common.schemas import Resume
 from services.worker import session_store as ss
+from services.worker.turn_repairs import PendingEnd, Repairs
+
+REPAIR_INTERVAL_S = 1.0
+Decode = Callable[[list[int]], str]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +47,16 @@ class Turn:
         return len(self.token_ids) - len(self.resumed) - self.prompt_tokens
 
 
+def describe_turn(session: ss.Session, entry: ss.TurnEntry, decode: Decode | None = None) -> dict:
+    """A turn's outcome, as a client may see it (its own turn, by its id)."""
+    out = {"turn_id": entry.turn_id, "state": session.turn_state(entry), "prompt_tokens": entry.prompt_tokens,
+           "completion_tokens": entry.completion_tokens or 0, "finish_reason": entry.finish or None}
+    if decode is not None and entry.completion_tokens:
+        answer = entry.start + entry.prompt_tokens
+        out["text"] = decode(session.token_ids[answer:answer + entry.completion_tokens])
+    return out
+
+
 def store_error(exc: ss.SessionStoreError) -> ServiceError:
     if isinstance(exc, ss.TurnConflict):
         return SequenceConflict(str(exc), retry_after_s=1)
@@ -51,42 +71,76 @@ class Turns:
         self.on_store_call = on_store_call  # (op, seconds) of every store call; called in threads
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._open: dict[str, Turn] = {}  # turn_id -> turn
+        self.repairs = Repairs(store)
 
     async def begin(self, seq_id: str, turn_id: str, prompt_ids: list[int], *, max_tokens: int,
-                    window: int, resume: Resume | None = None) -> Turn:
-        """Waits for this worker's earlier request on the sequence, then opens the turn."""
+                    window: int, resume: Resume | None = None, decode: Decode | None = None) -> Turn:
+        """Waits for this worker's earlier request on the sequence (and its pending closing
+        write), then opens the turn. `decode` renders a duplicate's answer in its 409."""
         lock = self._locks[seq_id]
         await lock.acquire()
         try:
+            await self._repair(self.repairs.for_sequence(seq_id))
             turn = await asyncio.to_thread(self._begin, seq_id, turn_id, prompt_ids, max_tokens,
-                                           window, resume)
+                                           window, resume, decode)
         except BaseException:
             self._release(seq_id)
             raise
         self._open[turn_id] = turn
         return turn
 
-    async def end(self, turn: Turn, generated: list[int]) -> None:
-        """Appends this turn's newly generated ids and closes it (also for an aborted request)."""
+    async def end(self, turn: Turn, generated: list[int], finish: str, *, rollback_on_failure: bool) -> None:
+        """Appends this turn's newly generated ids and closes it (also for an aborted request).
+        If the store cannot take it now, a later write settles the turn: a rollback when the
+        client is told of the failure (its `done` becomes an error), else (the client went away)
+        this same write, which keeps what was generated, as an abort does."""
         new = generated[len(turn.resumed):]
-        try:
-            await asyncio.to_thread(self._call, "end_turn", self.store.end_turn, turn.seq_id,
-                                    turn.turn_id, len(turn.token_ids), new)
-        finally:
-            self._forget(turn)
+        end = PendingEnd(turn.seq_id, turn.turn_id, len(turn.token_ids), tuple(new), finish=finish)
+        await self._close_turn(turn, end, self._rollback_of(turn) if rollback_on_failure else end)
 
     async def cancel(self, turn: Turn) -> None:
         """The request never started: take its prompt back out of the history."""
+        rollback = self._rollback_of(turn)
         try:
-            await asyncio.to_thread(self._call, "end_turn", self.store.end_turn, turn.seq_id,
-                                    turn.turn_id, len(turn.token_ids), [], keep_len=turn.rollback_len)
+            await self._close_turn(turn, rollback, rollback)
         except ServiceError as exc:
             logger.warning("could not roll back turn %s of %s: %s", turn.turn_id, turn.seq_id, exc)
-        finally:
-            self._forget(turn)
+
+    async def describe(self, seq_id: str) -> dict:
+        """The sequence's length and its last turns' outcomes (for a client that lost a reply)."""
+        session = await asyncio.to_thread(self._call, "load", self.store.load, seq_id)
+        if session is None:
+            raise NotFound("unknown sequence")
+        return {"history_tokens": len(session.token_ids), "open_turn": session.turn_id is not None,
+                "turns": [describe_turn(session, entry) for entry in session.turns]}
 
     async def delete(self, seq_id: str) -> bool:
         return await asyncio.to_thread(self._call, "delete", self.store.delete, seq_id)
+
+    async def repair_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REPAIR_INTERVAL_S)
+            await self._repair(self.repairs.pending())
+
+    async def _repair(self, ends: list[PendingEnd]) -> None:
+        if ends:
+            self.repairs.forget(await asyncio.to_thread(self.repairs.retry, ends))
+
+    async def _close_turn(self, turn: Turn, end: PendingEnd, on_failure: PendingEnd) -> None:
+        """One closing write; if the store is unavailable, `on_failure` is kept for later."""
+        try:
+            await asyncio.to_thread(self._call, "end_turn", self.store.end_turn, end.seq_id, end.turn_id,
+                                    end.expected_len, list(end.token_ids), keep_len=end.keep_len,
+                                    finish=end.finish)
+        except StoreUnavailable:
+            self.repairs.add(on_failure)
+            raise
+        finally:
+            self._forget(turn)
+
+    @staticmethod
+    def _rollback_of(turn: Turn) -> PendingEnd:
+        return PendingEnd(turn.seq_id, turn.turn_id, len(turn.token_ids), (), keep_len=turn.rollback_len)
 
     async def renew_forever(self) -> None:
         while True:
@@ -107,21 +161,44 @@ class Turns:
 
     # --- in a thread ----------------------------------------------------------------------
     def _begin(self, seq_id: str, turn_id: str, prompt_ids: list[int], max_tokens: int, window: int,
-               resume: Resume | None) -> Turn:
+               resume: Resume | None, decode: Decode | None) -> Turn:
         session = self._call("load", self.store.load, seq_id)
-        earlier = session.token_ids if session else []
         if resume is not None:
             taken = self._take_over(seq_id, turn_id, session, resume, len(prompt_ids))
             if taken is not None:
                 return taken
+        rerun = self._rerun_of(session, turn_id, decode)
+        if rerun is not None:  # take the unanswered prompt back out, then run it afresh
+            session = ss.Session(self._call("end_turn", self.store.end_turn, seq_id, turn_id,
+                                            len(session.token_ids), [], keep_len=rerun.start), None)
+        earlier = session.token_ids if session else []
         context = len(earlier) + len(prompt_ids)
         if context + max_tokens > window:
             raise ContextTooLong(
                 f"context of {context} tokens ({len(earlier)} earlier + {len(prompt_ids)} new) plus "
                 f"max_tokens {max_tokens} exceeds the model window of {window}")
-        token_ids = self._call("begin_turn", self.store.begin_turn, seq_id, turn_id, len(earlier),
-                               prompt_ids)
+        try:
+            token_ids = self._timed("begin_turn", self.store.begin_turn, seq_id, turn_id, len(earlier), prompt_ids)
+        except ss.DuplicateTurn as exc:  # the same request, at once on another worker
+            raise DuplicateTurn(str(exc), describe_turn(self.store.load(seq_id) or session, exc.entry, decode)) from None
+        except ss.StoreUnavailable as exc:  # it may have landed: take it back when the store is back
+            self.repairs.add(PendingEnd(seq_id, turn_id, context, (), keep_len=len(earlier)))
+            raise store_error(exc) from exc
+        except ss.SessionStoreError as exc:
+            raise store_error(exc) from exc
         return Turn(seq_id, turn_id, token_ids, len(prompt_ids), rollback_len=len(earlier))
+
+    @staticmethod
+    def _rerun_of(session: ss.Session | None, turn_id: str, decode: Decode | None) -> ss.TurnEntry | None:
+        """This request's logged turn if it is to run again (its answer was never stored and it is
+        still the sequence's open turn); DuplicateTurn for any other logged turn."""
+        entry = session.entry(turn_id) if session else None
+        if entry is None:
+            return None
+        if session.turn_state(entry) == "interrupted" and session.turn_id == turn_id:
+            return entry
+        raise DuplicateTurn(f"turn '{turn_id}' was already sent on this sequence",
+                            describe_turn(session, entry, decode))
 
     def _take_over(self, seq_id: str, turn_id: str, session: ss.Session | None, resume: Resume,
                    prompt_tokens: int) -> Turn | None:
@@ -138,7 +215,8 @@ class Turns:
                 session.token_ids[ctx:ctx + len(done)] == done and len(session.token_ids) >= ctx + len(done):
             # The broken attempt closed its turn (it was aborted, not killed): keep what the client saw.
             token_ids = self._call("begin_turn", self.store.begin_turn, seq_id, turn_id,
-                                   len(session.token_ids), [], keep_len=ctx + len(done))
+                                   len(session.token_ids), [], take_over=resume.turn_id,
+                                   keep_len=ctx + len(done))
         else:
             raise SequenceConflict("the interrupted turn was changed by another request meanwhile")
         # The client saw this turn's start: if it cannot go on, it keeps what it has (as an abort).

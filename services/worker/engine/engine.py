@@ -112,6 +112,9 @@ class Engine:
         self.check_text_fits(len(text))
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
     def check_text_fits(self, num_chars: int) -> None:
         """ContextTooLong, without tokenizing, for text that must encode to more tokens than the
         window holds: no token covers more than `max_token_chars` characters (a 4 MB prompt took
