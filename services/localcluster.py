@@ -50,6 +50,7 @@ class LocalCluster:
     coordinator_port: int = 0
     first_worker_ports: list[int] = field(default_factory=list)  # default: free ports
     worker_env: dict[str, str] = field(default_factory=dict)     # wins over every default
+    gateway_env: dict[str, str] = field(default_factory=dict)    # likewise, e.g. GATEWAY_API_KEYS
     start_gateway: bool = True
     start_coordinator: bool = True
     session_store_url: str = ""  # default: <log_dir>/../sessions.db, shared by every worker
@@ -109,7 +110,7 @@ class LocalCluster:
             if self.start_gateway:
                 self._spawn("gateway", {"GATEWAY_PORT": str(self.gateway_port),
                                         "GATEWAY_COORDINATOR_URL": self.coordinator_url,
-                                        "GATEWAY_INTERNAL_TOKEN": self.internal_token})
+                                        "GATEWAY_INTERNAL_TOKEN": self.internal_token, **self.gateway_env})
             self.wait_ready(timeout_s)
         except BaseException:
             self.stop()

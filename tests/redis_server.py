@@ -58,6 +58,13 @@ class RedisServer:
                 self.proc.wait()
         self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL: a crash; what the append-only file had written survives (fsync always)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
     def __enter__(self) -> "RedisServer":
         return self.start()
 

@@ -72,7 +72,8 @@ def assert_well_formed(gen: Generation) -> None:
     assert gen.done["usage"]["completion_tokens"] == len(indexes)
 
 
-def start_cluster(tmp_dir: Path, num_workers: int = 2, **worker_env: str) -> LocalCluster:
+def start_cluster(tmp_dir: Path, num_workers: int = 2, gateway_env: dict[str, str] | None = None,
+                  **worker_env: str) -> LocalCluster:
     """A cluster of real processes serving tiny-gpt2, built once into tmp_dir/models."""
     models = tmp_dir / "models"
     resolve_model_path("tiny-gpt2", models)  # build before workers start, not in each of them
@@ -82,7 +83,7 @@ def start_cluster(tmp_dir: Path, num_workers: int = 2, **worker_env: str) -> Loc
     # does not leak into the tests (worker_env may still name another store)
     store_url = f"sqlite:///{tmp_dir.resolve() / 'sessions.db'}"
     return LocalCluster(num_workers=num_workers, log_dir=tmp_dir / "logs", worker_env=env,
-                        session_store_url=store_url).start()
+                        gateway_env=gateway_env or {}, session_store_url=store_url).start()
 
 
 @contextmanager

@@ -96,6 +96,9 @@ class WorkerGenerateRequest(GenerateRequest):
     reachable only from the gateway and each other (NetworkPolicy), so these fields are trusted."""
 
     request_id: str | None = Field(None, min_length=1, max_length=128)  # also the turn id
+    # With API keys, seq_id is the cluster's id for the tenant's sequence (gateway.tenants) and
+    # this the client's, which the events name.
+    public_seq_id: str | None = Field(None, pattern=SEQ_ID_PATTERN)
     handoff_sources: list[WorkerRef] = Field([], max_length=16)
     resume: Resume | None = None
 

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.auth import Unauthorized
 from services.gateway.openai_format import is_openai_path
+from services.gateway.tenants import set_tenant, tenant_of
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})  # probes and Prometheus carry no key
 
@@ -43,24 +44,29 @@ def _split(text: str) -> list[bytes]:
     return [key.strip().encode() for key in text.split(",") if key.strip()]
 
 
-def key_matches(given: bytes, keys: list[bytes]) -> bool:
-    matched = False
+def key_matches(given: bytes, keys: list[bytes]) -> bytes | None:
+    """The configured key that equals `given`, or None."""
+    matched = None
     for key in keys:
-        matched |= hmac.compare_digest(given, key)
+        matched = key if hmac.compare_digest(given, key) else matched
     return matched
 
 
 class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, keys: list[bytes]) -> None:
+    """Checks the key and records its tenant in the request's state (see tenants)."""
+
+    def __init__(self, app: ASGIApp, keys: list[bytes], tenants: dict[bytes, str] | None = None) -> None:
         self.app = app
-        self.keys = keys
+        self.tenants = tenants or {}
+        self.keys = keys + [key for key in self.tenants if key not in keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         failure = self._failure(scope)
-        if failure is None:
+        if isinstance(failure, bytes):  # the key that matched
+            set_tenant(scope, tenant_of(failure, self.tenants))
             await self.app(scope, receive, send)
             return
         body = json.dumps(_error_body(scope["path"], failure)).encode()
@@ -69,14 +75,14 @@ class ApiKeyMiddleware:
             (b"www-authenticate", b"Bearer")]})
         await send({"type": "http.response.body", "body": body})
 
-    def _failure(self, scope: Scope) -> str | None:
+    def _failure(self, scope: Scope) -> str | bytes:
+        """The matched key (bytes), or why the request is refused (str)."""
         header = dict(scope["headers"]).get(b"authorization")
         if header is None:
             return "missing API key: send Authorization: Bearer <key>"
         scheme, _, given = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not key_matches(given.strip(), self.keys):
-            return "invalid API key"
-        return None
+        matched = key_matches(given.strip(), self.keys) if scheme.lower() == b"bearer" else None
+        return "invalid API key" if matched is None else matched
 
 
 def _error_body(path: str, message: str) -> dict:

@@ -26,6 +26,7 @@ from services.gateway.proxy import GatewayProxy
 from services.gateway.ring_sync import RingSync
 from services.gateway.routing import CoordinatorClient
 from services.gateway.settings import GatewaySettings
+from services.gateway.tenants import load_tenants
 
 DESCRIPTION = ("Routes each request to the worker that holds its KV cache. `/generate` continues a "
                "server-side conversation (`seq_id`); `/v1/*` is OpenAI-compatible and stateless, with "
@@ -72,7 +73,8 @@ def create_app(settings: GatewaySettings, transport: httpx.AsyncBaseTransport | 
     install_error_handlers(app, render_error)
     app.add_middleware(FastGenerate)  # innermost: behind the key check and the request count
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, render=render_error)
-    app.add_middleware(ApiKeyMiddleware, keys=load_api_keys(settings.api_keys.get_secret_value()))
+    app.add_middleware(ApiKeyMiddleware, keys=load_api_keys(settings.api_keys.get_secret_value()),
+                       tenants=load_tenants(settings.tenants_file))
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: counts the 401s too
     app.include_router(router)
     app.include_router(openai_router)

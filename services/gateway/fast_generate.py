@@ -15,6 +15,7 @@ from services.common.body_limit import read_body, replaying
 from services.common.schemas import GenerateRequest
 from services.gateway.api import generate_response
 from services.gateway.idempotency import IDEMPOTENCY_KEY_RAW
+from services.gateway.tenants import tenant_in
 
 
 class FastGenerate:
@@ -37,7 +38,7 @@ class FastGenerate:
             return
         key = dict(scope["headers"]).get(IDEMPOTENCY_KEY_RAW)
         response = await generate_response(scope["app"].state.proxy, request,
-                                           key.decode("latin-1") if key is not None else None)
+                                           key.decode("latin-1") if key is not None else None, tenant_in(scope))
         await response(scope, receive, send)
 
 

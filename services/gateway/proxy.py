@@ -219,6 +219,29 @@ class GatewayProxy:
                     return answer
         raise Unavailable("no worker could be asked to delete the sequence")
 
+    async def sequence_outcomes(self, seq_id: str, public_seq_id: str) -> JSONResponse:
+        """The sequence's length and last turns' outcomes, from any worker that answers (they all
+        read the one session store): the owner first. `seq_id` is the cluster's id for it."""
+        excluded: set[str] = set()
+        failure = "no worker is active"
+        for _ in range(NUM_ATTEMPTS):
+            try:
+                route = self.placer.place(self.ring.current(), seq_id, excluded).route
+            except EmptyRingError:
+                break
+            url = f"{route.address.rstrip('/')}/sequences/{path_segment(seq_id)}"
+            try:
+                response = await self._client.send(self._client.build_request("GET", url), stream=True)
+                status, body, retry_after = await read_json(response)
+            except (httpx.HTTPError, httpx.InvalidURL, ServiceError) as exc:
+                failure = f"worker {route.worker_id}: {describe(exc)}"
+                excluded.add(route.worker_id)
+                continue
+            if status == 200:
+                body["seq_id"] = public_seq_id
+            return JSONResponse(body, status_code=status, headers={"Retry-After": retry_after} if retry_after else None)
+        raise Unavailable(failure, retry_after_s=1)
+
     async def cluster_stats(self) -> dict:
         workers = list(self.ring.current().workers.values())
         results = await asyncio.gather(*(self._worker_stats(w.address) for w in workers))

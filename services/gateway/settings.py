@@ -28,6 +28,9 @@ class GatewaySettings(ServiceSettings):
     # Comma-separated keys, or @/path/to/file; empty: no key needed. When set, every route but
     # /health and /metrics needs `Authorization: Bearer <key>`.
     api_keys: SecretStr = SecretStr("")
+    # A JSON file {tenant: [keys]} grouping keys into tenants (their keys need no GATEWAY_API_KEYS
+    # entry). A key not in it is a tenant of its own. Tenants never see each other's seq_ids.
+    tenants_file: str = ""
     # internal_token (GATEWAY_INTERNAL_TOKEN, required to start): sent as `Authorization: Bearer
     # <token>` on every call to a worker (the workers' WORKER_INTERNAL_TOKEN): a worker takes
     # handoff sources and deletes only from its holder.

@@ -23,10 +23,9 @@ router = APIRouter()
 @router.post("/generate")
 async def generate(body: WorkerGenerateRequest, request: Request):
     state = request.app.state.worker
-    if body.handoff_sources or body.resume is not None:
-        # the worker would send its token to the named sources: only the gateway may name them
-        check_bearer(request, state.settings.internal_token,
-                     "handoff_sources and resume need the internal bearer token")
+    # Every turn changes the session store, and the worker would send its token to the handoff
+    # sources named: only the gateway (holding the internal token) may call this.
+    check_bearer(request, state.settings.internal_token)
     engine = state.require_serving()
     if body.model_name is not None and body.model_name != state.settings.model_name:
         raise ModelNotFound(f"model '{body.model_name}' is not served here; this worker serves "
@@ -38,7 +37,7 @@ async def generate(body: WorkerGenerateRequest, request: Request):
                                    max_tokens=body.max_tokens, window=engine.window, resume=body.resume,
                                    decode=engine.decode)
     handle, start = await counted(state.metrics.http_requests, _start_turn(state, engine, turn, body))
-    headers = {"X-Seq-Id": seq_id}
+    headers = {"X-Seq-Id": body.public_seq_id or seq_id}
     if not body.stream:
         result = await collect_result(handle, partial(_finish, state, turn, handle),
                                       partial(_close, state, turn, handle))
@@ -64,7 +63,7 @@ async def _start_turn(state, engine, turn: Turn, body: WorkerGenerateRequest) ->
                                     reserve_tokens=len(turn.token_ids) - len(turn.resumed) + body.max_tokens)
         params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
                                 top_p=body.top_p, seed=body.seed)
-        handle = RequestHandle.for_turn(engine, turn, params)
+        handle = RequestHandle.for_turn(engine, turn, params, body.public_seq_id)
         return handle, await start_request(handle)
     except BaseException:
         with anyio.CancelScope(shield=True):
@@ -111,7 +110,7 @@ async def delete_sequence(seq_id: str, request: Request):
         raise Conflict(f"sequence '{seq_id}' has a request running; retry after it ends")
     stored = await state.turns.delete(seq_id)
     if not (local or stored):
-        raise NotFound(f"unknown sequence '{seq_id}'")
+        raise NotFound("unknown sequence")
     return {"seq_id": seq_id, "deleted": True}
 
 

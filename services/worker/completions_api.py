@@ -12,6 +12,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from services.common.auth import check_bearer
 from services.common.errors import InvalidRequest
 from services.common.event_stream import EventStream
 from services.common.schemas import WorkerCompletionRequest
@@ -26,6 +27,7 @@ router = APIRouter()
 @router.post("/completions")
 async def completions(body: WorkerCompletionRequest, request: Request):
     state = request.app.state.worker
+    check_bearer(request, state.settings.internal_token)  # the gateway's: workers are not public
     engine = state.require_serving()
     prompt_ids = await asyncio.to_thread(prompt_token_ids, engine, body)
     if not prompt_ids:

@@ -29,10 +29,11 @@ class RequestHandle:
         self.request = build(self._sink)
 
     @classmethod
-    def for_turn(cls, engine: Engine, turn: Turn, params: SamplingParams) -> "RequestHandle":
+    def for_turn(cls, engine: Engine, turn: Turn, params: SamplingParams,
+                 public_id: str | None = None) -> "RequestHandle":
         return cls(engine, lambda sink: Request(
             seq_id=turn.seq_id, token_ids=turn.token_ids, prompt_tokens=turn.prompt_tokens,
-            params=params, sink=sink, resumed=turn.resumed))
+            params=params, sink=sink, resumed=turn.resumed, public_id=public_id))
 
     @classmethod
     def stateless(cls, engine: Engine, name: str, prompt_ids: list[int], params: SamplingParams) -> "RequestHandle":

@@ -397,23 +397,28 @@ async def test_a_model_the_engine_cannot_honour_keeps_the_worker_not_ready(tmp_p
         assert_error(response, 503, "worker_not_ready")
 
 
-async def test_with_an_internal_token_handoff_sources_resume_and_deletes_need_it(tiny_model_cache_dir):
-    """The worker would send its token to the sources a request names: only a holder may name them."""
+async def test_with_an_internal_token_every_route_that_changes_or_reads_a_sequence_needs_it(tiny_model_cache_dir):
+    """Turns, stateless completions, outcome lookups and deletes: only the gateway (a holder of the
+    token) may call them; the worker would also send its token to the handoff sources named."""
     settings = worker_settings(tiny_model_cache_dir, internal_token="worker-token", worker_id="w-token")
     token = {"Authorization": "Bearer worker-token"}
     sources = [{"worker_id": "w-gone", "address": "http://127.0.0.1:9"}]  # nothing listens there
     turn = {"prompt": "hi", "seq_id": "tok", "max_tokens": 2, "temperature": 0, "stream": False}
     async with running_app(settings) as (app, client):
-        assert (await client.post("/generate", json=turn)).status_code == 200
-        for extra in ({"handoff_sources": sources}, {"resume": {"turn_id": "t", "generated_ids": [1]}}):
-            refused = await client.post("/generate", json={**turn, **extra})
-            assert_error(refused, 401, "unauthorized")
-            wrong = await client.post("/generate", json={**turn, **extra}, headers={"Authorization": "Bearer nope"})
-            assert_error(wrong, 401, "unauthorized")
+        calls = [("POST", "/generate", turn), ("POST", "/generate", {**turn, "handoff_sources": sources}),
+                 ("POST", "/generate", {**turn, "resume": {"turn_id": "t", "generated_ids": [1]}}),
+                 ("POST", "/completions", {"prompt": "hi", "max_tokens": 1}),
+                 ("GET", "/sequences/tok", None), ("DELETE", "/sequences/tok", None)]
+        for method, path, body in calls:
+            for headers in ({}, {"Authorization": "Bearer nope"}):
+                refused = await client.request(method, path, json=body, headers=headers)
+                assert_error(refused, 401, "unauthorized")
+        assert app.state.worker.engine.stats()["requests"] == 0
+        assert (await client.post("/generate", json=turn, headers=token)).status_code == 200
         with_token = await client.post("/generate", json={**turn, "handoff_sources": sources}, headers=token)
         assert with_token.status_code == 200, with_token.text
         assert with_token.json()["usage"]["context_tokens"] == 2 + 2 + 2  # both turns kept, none refused
-        assert_error(await client.delete("/sequences/tok"), 401, "unauthorized")
+        assert (await client.get("/sequences/tok", headers=token)).json()["history_tokens"] == 8
         engine = app.state.worker.engine
         await wait_for(lambda: engine.stats()["running"] == 0, "the turn's last step")  # else 409
         assert (await client.delete("/sequences/tok", headers=token)).status_code == 200

@@ -51,8 +51,8 @@ def test_error_messages_never_contain_a_key(tmp_path):
 
 def test_key_matches_any_configured_key_exactly():
     keys = [b"key-one", b"key-two"]
-    assert key_matches(b"key-one", keys)
-    assert key_matches(b"key-two", keys)
+    assert key_matches(b"key-one", keys) == b"key-one"
+    assert key_matches(b"key-two", keys) == b"key-two"
     assert not key_matches(b"key", keys)
     assert not key_matches(b"key-one ", keys)
     assert not key_matches(b"", keys)

@@ -353,7 +353,7 @@ class Engine:
             req.generated.append(req.resumed[i])
             next_text(self.tokenizer, req.generated, req.detok)
         req.admitted_s = time.perf_counter()
-        req.sink({"type": "start", "seq_id": req.seq_id, "worker_id": self.config.worker_id,
+        req.sink({"type": "start", "seq_id": req.public_id or req.seq_id, "worker_id": self.config.worker_id,
                   "context_tokens": req.context_tokens, "cached_tokens": req.cached_tokens,
                   "handoff_tokens": req.handoff_tokens})
 
@@ -422,7 +422,7 @@ class Engine:
     def _result(self, req: Request, reason: str, timings: RequestTimings) -> dict:
         ms = 1000.0
         return {
-            "seq_id": req.seq_id, "worker_id": self.config.worker_id,
+            "seq_id": req.public_id or req.seq_id, "worker_id": self.config.worker_id,
             "text": req.text if req.stop is not None else self.tokenizer.decode(req.generated,
                                                                                 skip_special_tokens=True),
             "finish_reason": reason,

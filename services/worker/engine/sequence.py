@@ -51,6 +51,7 @@ class Request:
     # No session: `token_ids` is the whole prompt, `seq_id` only names the request in its events,
     # and the engine picks the entry (the longest cached prefix) at admission.
     stateless: bool = False
+    public_id: str | None = None  # the seq_id the events name, when not seq_id (gateway.tenants)
     arrival_s: float = field(default_factory=time.perf_counter)
     status: Status = Status.WAITING
     entry: SequenceEntry | None = None
