@@ -289,6 +289,7 @@ def run_classic(chosen: list[int], args: argparse.Namespace, rng: random.Random)
     results = {}
     with cached, recompute:
         gw, rc = cached.gateway_url, recompute.gateway_url
+        CLIENT.headers.update(cached.internal_headers)  # s4 and s5 ask its worker directly
         stream(gw, prompt=text(64, rng), max_tokens=8, temperature=0)  # warm-up
         stream(rc, prompt=text(64, rng), max_tokens=8, temperature=0)
         bare.generate(list(range(64)), 4)

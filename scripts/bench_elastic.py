@@ -306,6 +306,7 @@ def _scaling_run(out: Path, model_cache_dir: Path, run: int, seconds: float) -> 
     events: dict = {}
     with cluster:
         rng = random.Random(run)
+        CLIENT.headers.update(cluster.internal_headers)  # the warm-up asks each worker directly
         for url in cluster.worker_urls:  # first forward of each worker, outside the measurement
             turn(url, prompt=text(S7_PROMPT, rng), seq_id=f"warm-{uuid.uuid4().hex[:8]}", max_tokens=2, temperature=0)
         load = Load(cluster.gateway_url, seed=run)

@@ -148,7 +148,7 @@ def scenario_routing_tax(out: Path, model_cache_dir: Path, pairs: int = TAX_PAIR
     with LocalCluster(num_workers=2, log_dir=out / "s10-tax" / "logs", worker_env=env) as cluster:
         ring = ring_of(cluster)
         workers = dict(zip(cluster.worker_names, cluster.worker_urls))
-        client = httpx.Client(timeout=60)
+        client = httpx.Client(timeout=60, headers=cluster.internal_headers)  # direct: the gateway's token
         times: dict[str, list[float]] = {"gw": [], "direct": [], "direct2": []}
         for i in range(TAX_WARMUP + pairs):
             seq = f"tax-{uuid.uuid4().hex[:12]}"

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_elastic import fresh_dir, percentile, summary, text, turn  # noqa: E402
+from bench_elastic import CLIENT, fresh_dir, percentile, summary, text, turn  # noqa: E402
 from services.localcluster import LocalCluster  # noqa: E402
 
 DEFAULT_MODEL = "tiny-gpt2"  # scenario 7's: a new worker starts in seconds on 2 cores
@@ -448,6 +448,7 @@ def run_local(config: LoadConfig, out: Path, model_cache_dir: Path) -> dict:
     print(f"starting {config.workers} workers ({config.model}); logs in {cluster.log_dir}", flush=True)
     with cluster:
         rng = random.Random(config.seed)
+        CLIENT.headers.update(cluster.internal_headers)  # the warm-up asks each worker directly
         for url in cluster.worker_urls:  # each worker's first forward, outside the measurement
             turn(url, prompt=text(config.prompt_tokens, rng), seq_id=f"warm-{uuid.uuid4().hex[:8]}", max_tokens=2,
                  temperature=0)

@@ -76,6 +76,11 @@ class LocalCluster:
             or secrets.token_urlsafe(24)
 
     @property
+    def internal_headers(self) -> dict[str, str]:
+        """For calling a worker directly (tests, benchmarks): what the gateway sends."""
+        return {"Authorization": f"Bearer {self.internal_token}"}
+
+    @property
     def gateway_url(self) -> str:
         return f"http://127.0.0.1:{self.gateway_port}"
 

@@ -42,8 +42,8 @@ class Generation(EventsView):
     events: list[dict]
 
 
-def generate(base_url: str, timeout_s: float = 120.0, **body) -> Generation:
-    with httpx.Client(timeout=timeout_s) as client, \
+def generate(base_url: str, timeout_s: float = 120.0, headers: dict[str, str] | None = None, **body) -> Generation:
+    with httpx.Client(timeout=timeout_s, headers=headers) as client, \
             client.stream("POST", f"{base_url}/generate", json=body) as resp:
         if resp.status_code != 200:
             resp.read()

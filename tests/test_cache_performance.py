@@ -31,8 +31,9 @@ def worker_stats(url: str) -> dict:
     return httpx.get(f"{url}/stats", timeout=10).json()
 
 
-def conversation(url: str, turns: list[str], seq: str, max_tokens: int = 10) -> list:
-    return [generate(url, prompt=t, seq_id=seq, max_tokens=max_tokens, temperature=0) for t in turns]
+def conversation(url: str, turns: list[str], seq: str, max_tokens: int = 10, headers=None) -> list:
+    return [generate(url, prompt=t, seq_id=seq, max_tokens=max_tokens, temperature=0, headers=headers)
+            for t in turns]
 
 
 def test_continuation_prefills_only_new_tokens(clusters, record_property):
@@ -63,7 +64,7 @@ def test_outputs_identical_with_and_without_cache(clusters, record_property):
     cached, plain = clusters
     turns = ["Once upon a time, ", " and then", " The end? ", " No: more."]
     with_cache = conversation(cached.gateway_url, turns, f"eq-{uuid.uuid4().hex[:8]}")
-    without = conversation(plain.worker_urls[0], turns, f"eq-{uuid.uuid4().hex[:8]}")
+    without = conversation(plain.worker_urls[0], turns, f"eq-{uuid.uuid4().hex[:8]}", headers=plain.internal_headers)
     for a, b in zip(with_cache, without):
         assert a.token_ids == b.token_ids
         assert a.done["usage"]["context_tokens"] == b.done["usage"]["context_tokens"]

@@ -153,7 +153,7 @@ def test_one_sequence_on_two_workers_at_once_never_interleaves(cluster):
     results = [None, None]
 
     def call(i: int) -> None:
-        results[i] = generate(cluster.worker_urls[i], **body)
+        results[i] = generate(cluster.worker_urls[i], headers=cluster.internal_headers, **body)
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
     for t in threads:

@@ -62,7 +62,7 @@ def test_health_stays_fast_while_generating(cluster):
     """A forward pass on the event loop would stall /health for the whole generation."""
     worker = cluster.worker_urls[0]
     gen_thread = threading.Thread(target=generate, args=(worker,), kwargs=dict(
-        prompt="long generation " * 40, max_tokens=300, temperature=0))
+        prompt="long generation " * 40, max_tokens=300, temperature=0, headers=cluster.internal_headers))
     gen_thread.start()
     latencies_ms = []
     with httpx.Client(timeout=5) as client:
