@@ -1,6 +1,7 @@
 """Helpers shared by the end-to-end, stress and cache-performance suites (real HTTP)."""
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -126,3 +127,29 @@ def wait_until_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 60) 
         return answers_200(f"{url}/health")
 
     wait_until(healthy, f"{url} to become healthy", timeout_s=timeout_s, interval_s=0.1)
+
+
+def connect(port: int, rcvbuf: int | None = None, timeout_s: float = 10.0) -> socket.socket:
+    """A raw loopback connection; each read fails after `timeout_s` of silence."""
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: the window
+    sock.connect(("127.0.0.1", port))
+    sock.settimeout(timeout_s)
+    return sock
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    """Everything until the server closes (a socket timeout fails the test)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One response (status, headers, body) of a server that closes after it."""
+    head, _, body = read_to_end(sock).partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines)
+    return int(status_line.split()[1]), headers, body

@@ -11,6 +11,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from services.common.settings import ServiceSettings
+from services.common.slow_clients import ClientLimits, limited_http_protocol
 
 
 def configure_logging(level: str) -> None:
@@ -66,12 +67,18 @@ class DrainingServer(Server):
         self.should_exit = True
 
 
+def server_config(app: FastAPI, settings: ServiceSettings) -> uvicorn.Config:
+    """uvicorn's settings for a service: its address, and its limits on slow clients."""
+    limits = ClientLimits(settings.header_timeout_s, settings.send_timeout_s)
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                          http=limited_http_protocol(limits), timeout_graceful_shutdown=10)
+
+
 def serve(app: FastAPI, settings: ServiceSettings, drainable: Drainable | None = None,
           on_shutdown: Callable[[], None] | None = None) -> None:
     configure_logging(settings.log_level)
     settings.check_internal_token()
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=10)
+    config = server_config(app, settings)
     server = DrainingServer(config, drainable) if drainable else Server(config, on_shutdown)
     try:
         server.run()

@@ -15,6 +15,11 @@ class ServiceSettings(BaseSettings):
     # A service refuses to start without internal_token unless this is set (tests, a throwaway
     # local run): its internal routes are then open to anyone who reaches its port.
     allow_no_internal_token: bool = False
+    # Slow clients (services/common/slow_clients.py): a connection whose request head is not
+    # complete this long after it opened (or after a later request's first byte) is closed...
+    header_timeout_s: float = Field(10.0, gt=0)
+    # ...and one whose client takes none of a response (a stream included) for this long is aborted.
+    send_timeout_s: float = Field(30.0, gt=0)
 
     def check_internal_token(self) -> None:
         """SystemExit with the reason when the service must not start: no token, not allowed."""

@@ -72,7 +72,8 @@ def create_app(settings: GatewaySettings, transport: httpx.AsyncBaseTransport | 
     app.state.metrics = metrics
     install_error_handlers(app, render_error)
     app.add_middleware(FastGenerate)  # innermost: behind the key check and the request count
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, render=render_error)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
+                       render=render_error)
     app.add_middleware(ApiKeyMiddleware, keys=load_api_keys(settings.api_keys.get_secret_value()),
                        tenants=load_tenants(settings.tenants_file))
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: counts the 401s too

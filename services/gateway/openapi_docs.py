@@ -37,6 +37,7 @@ _WHY = {
     401: "GATEWAY_API_KEYS is set and the request has no valid `Authorization: Bearer` key.",
     404: "Not found: no such sequence, or a model (model, model_name) that is not served.",
     409: "The sequence is busy with another request.",
+    408: "The request body did not arrive whole within GATEWAY_BODY_TIMEOUT_S.",
     413: "The request body is larger than GATEWAY_MAX_BODY_BYTES.",
     422: "The body or a parameter fails validation.",
     429: "The worker's queue is full; retry after Retry-After seconds.",
@@ -71,7 +72,7 @@ def sse_or_json(model: type[BaseModel], event_schema: dict, description: str) ->
 
 GENERATE_RESPONSES = sse_or_json(
     GenerateResult, GENERATE_EVENT, "Events start, token..., then done or error; the result itself when stream is false."
-) | errors(400, 401, 404, 409, 413, 422, 429, 502, 503)
+) | errors(400, 401, 404, 408, 409, 413, 422, 429, 502, 503)
 
 METRICS_RESPONSES = {200: {"description": "Prometheus text exposition format."}}
 
@@ -143,6 +144,6 @@ class ModelList(BaseModel):
 _CHUNKS = ("`chat.completion.chunk` / `text_completion` chunks, with stream_options.include_usage a last "
            "chunk with the usage, then `data: [DONE]`; the whole object when stream is false. The "
            "X-Session-Id header names the routing key used.")
-V1_ERRORS = errors(400, 401, 404, 413, 429, 502, 503, openai=True)
+V1_ERRORS = errors(400, 401, 404, 408, 413, 429, 502, 503, openai=True)
 CHAT_RESPONSES = sse_or_json(ChatCompletion, OPENAI_CHUNK_EVENT, _CHUNKS) | V1_ERRORS
 COMPLETION_RESPONSES = sse_or_json(TextCompletion, OPENAI_CHUNK_EVENT, _CHUNKS) | V1_ERRORS

@@ -37,6 +37,8 @@ class GatewaySettings(ServiceSettings):
 
     # A request body over this many bytes is refused with 413 before it is read whole.
     max_body_bytes: int = Field(4 * 2**20, ge=1024)
+    # A request body not received whole this long after its head gets 408 (a slow or stalled client).
+    body_timeout_s: float = Field(30.0, gt=0)
 
     @field_validator("load_factor")
     @classmethod

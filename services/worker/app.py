@@ -152,7 +152,8 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
     app.state.worker = WorkerState(settings)
     install_error_handlers(app)
     app.add_middleware(InFlightMiddleware, in_flight=app.state.worker.in_flight)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, render=lambda _, exc: error_response(exc))
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
+                       render=lambda _, exc: error_response(exc))
     app.include_router(router)
     app.include_router(completions_api.router)
     app.include_router(internal_api.router, dependencies=[Depends(require_bearer(settings.internal_token))])

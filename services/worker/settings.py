@@ -57,6 +57,8 @@ class WorkerSettings(ServiceSettings):
     # the worker sends it to the coordinator and to the workers it pulls KV from.
     # A request body over this many bytes is refused with 413 before it is read whole.
     max_body_bytes: int = Field(4 * 2**20, ge=1024)
+    # A request body not received whole this long after its head gets 408 (a slow or stalled client).
+    body_timeout_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _fill_identity(self) -> "WorkerSettings":

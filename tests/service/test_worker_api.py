@@ -441,6 +441,29 @@ async def test_a_body_over_the_limit_is_413_before_it_is_read(tiny_model_cache_d
         assert app.state.worker.engine.stats()["requests"] == 0
 
 
+async def test_a_body_that_stalls_is_408(tiny_model_cache_dir):
+    """Before any route: no lifespan (no model) is needed."""
+    app = create_app(worker_settings(tiny_model_cache_dir, body_timeout_s=0.2, worker_id="w-slow-body"))
+    messages = [{"type": "http.request", "body": b'{"prompt": "a', "more_body": True}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop()
+        await asyncio.Event().wait()  # the client sends no more
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/generate", "raw_path": b"/generate", "query_string": b"",
+             "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1234), "server": ("127.0.0.1", 18082)}
+    await asyncio.wait_for(app(scope, receive, send), WAIT_S)
+    assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"]["type"] == "request_timeout"
+
+
 async def test_overloaded_is_429_and_too_large_is_503(tiny_model_cache_dir):
     bpt = 4 * 2 * 128 * 4
     settings = worker_settings(tiny_model_cache_dir, max_waiting_requests=1, kv_cache_bytes=128 * bpt,
