@@ -1,6 +1,8 @@
 """Settings shared by every service; each service subclasses with its own env prefix."""
 
-from pydantic import Field, SecretStr
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -12,6 +14,9 @@ class ServiceSettings(BaseSettings):
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
     # The bearer token the services share for their internal calls (see each service's use).
     internal_token: SecretStr = SecretStr("")
+    # Or a file holding it (Compose's init service writes a random one; a mounted Secret), read
+    # at start-up when internal_token is unset.
+    internal_token_file: str = ""
     # A service refuses to start without internal_token unless this is set (tests, a throwaway
     # local run): its internal routes are then open to anyone who reaches its port.
     allow_no_internal_token: bool = False
@@ -20,6 +25,19 @@ class ServiceSettings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0)
     # ...and one whose client takes none of a response (a stream included) for this long is aborted.
     send_timeout_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _read_internal_token_file(self) -> "ServiceSettings":
+        if self.internal_token_file and not self.internal_token.get_secret_value():
+            try:
+                token = Path(self.internal_token_file).read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"internal_token_file: cannot read {self.internal_token_file}: "
+                                 f"{exc.strerror or exc}") from None
+            if not token:
+                raise ValueError(f"internal_token_file: {self.internal_token_file} is empty")
+            self.internal_token = SecretStr(token)
+        return self
 
     def check_internal_token(self) -> None:
         """SystemExit with the reason when the service must not start: no token, not allowed."""

@@ -12,6 +12,7 @@ from tests.conftest import require_redis_server
 from tests.redis_server import RedisServer
 from tests.support import start_cluster
 
+SLOW_CLIENT_TIMEOUT_S = 2
 KEYS = {"alice": "key-alice-0123456789", "bob": "key-bob-0123456789", "team-1": "key-team-one-0123456789",
         "team-2": "key-team-two-0123456789"}
 
@@ -29,7 +30,9 @@ def chaos_cluster(tmp_path_factory, redis_server):
     tmp = tmp_path_factory.mktemp("chaos")
     tenants = tmp / "tenants.json"
     tenants.write_text(json.dumps({"team": [KEYS["team-1"], KEYS["team-2"]]}))
-    gateway_env = {"GATEWAY_API_KEYS": f"{KEYS['alice']},{KEYS['bob']}", "GATEWAY_TENANTS_FILE": str(tenants)}
+    gateway_env = {"GATEWAY_API_KEYS": f"{KEYS['alice']},{KEYS['bob']}", "GATEWAY_TENANTS_FILE": str(tenants),
+                   "GATEWAY_HEADER_TIMEOUT_S": str(SLOW_CLIENT_TIMEOUT_S),
+                   "GATEWAY_BODY_TIMEOUT_S": str(SLOW_CLIENT_TIMEOUT_S)}
     cluster = start_cluster(tmp, num_workers=2, gateway_env=gateway_env,
                             WORKER_SESSION_STORE_URL=redis_server.url)
     yield cluster

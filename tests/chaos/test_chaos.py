@@ -2,13 +2,14 @@
 each, every conversation holds exactly the turns its client was told succeeded or learned were
 stored, once each, in order, and nothing else. Bounded: each test runs for seconds."""
 
+import socket
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.chaos.conftest import as_user
+from tests.chaos.conftest import SLOW_CLIENT_TIMEOUT_S, as_user
 from tests.chaos.ledger import COUNTS, attempt, check_histories, outcomes_of, run_conversations
 from tests.support import wait_until
 
@@ -153,3 +154,33 @@ def test_a_20_mb_body_is_refused_before_it_is_read(chaos_cluster):
         COUNTS["faults injected"] += 1
         assert time.monotonic() - started < 20
         assert client.get(f"{target.url}/health").status_code == 200
+
+
+def test_slowloris_clients_are_cut_off_while_others_are_served(chaos_cluster):
+    """40 connections that send half a request head or half a body, then nothing: each is closed
+    (or answered 408) within a few timeouts, and conversations go on meanwhile."""
+    target = as_user(chaos_cluster, "alice")
+    port = int(target.url.rsplit(":", 1)[1])
+    head = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    with_body = head + b"Authorization: " + target.headers["Authorization"].encode() + \
+        b"\r\nContent-Length: 1000\r\n\r\n{\"prompt\": "
+    slow = []
+    for i in range(40):
+        conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+        conn.sendall(head if i % 2 else with_body)
+        slow.append(conn)
+    ledger = run_conversations(target, ["slow-0", "slow-1"], lambda: time.sleep(1.0), max_turns=3, budget_s=20.0)
+    assert all(len(ledger.told_done.get(s, {})) == 3 for s in ("slow-0", "slow-1")), ledger.outcomes
+    deadline = time.monotonic() + 5 * SLOW_CLIENT_TIMEOUT_S + 5
+    for conn in slow:
+        conn.settimeout(max(0.1, deadline - time.monotonic()))
+        answer = b""
+        try:
+            while chunk := conn.recv(4096):  # b"" once the gateway closes it
+                answer += chunk
+        except TimeoutError:
+            raise AssertionError("a slow connection was still open") from None
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 408"), answer[:80]
+        conn.close()
+        COUNTS["slowloris connections cut off"] += 1
+    COUNTS["faults injected"] += 1

@@ -2,6 +2,7 @@
 
 import os
 import re
+import subprocess
 import tomllib
 from unittest import mock
 from urllib.parse import urlsplit
@@ -47,7 +48,10 @@ def test_compose_env_vars_are_settings_named_as_in_the_manifests():
         env = compose_env(service)
         allowed = settings_env_names(SETTINGS[kind]) | GENERIC_ENV
         assert set(env) <= allowed, f"{name}: not settings: {sorted(set(env) - allowed)}"
-        assert set(env) <= k8s_names[kind], f"{name}: not in the manifests: {sorted(set(env) - k8s_names[kind])}"
+        compose_only = {f"{kind.upper()}_INTERNAL_TOKEN_FILE"}  # Kubernetes has a Secret instead
+        assert set(env) - compose_only <= k8s_names[kind], \
+            f"{name}: not in the manifests: {sorted(set(env) - compose_only - k8s_names[kind])}"
+        env.pop(f"{kind.upper()}_INTERNAL_TOKEN_FILE")  # written by the internal-token service
         with mock.patch.dict(os.environ, env, clear=True):
             settings = SETTINGS[kind]()
         assert settings.host == "0.0.0.0" and settings.port == default_port(kind)
@@ -85,17 +89,43 @@ def test_compose_workers_share_the_redis_session_store():
     # The Kubernetes readiness probe's PONG check ($$ is Compose's escaped $).
     probe = only_container(find_workload(raw_base(), "redis"))["readinessProbe"]["exec"]["command"]
     assert [arg.replace("$$", "$") for arg in store["healthcheck"]["test"]] == ["CMD", *probe]
-    token = compose_env(services["coordinator"])["COORDINATOR_INTERNAL_TOKEN"]
-    assert token
-    assert compose_env(services["gateway"])["GATEWAY_INTERNAL_TOKEN"] == token
     for name, service in project_services().items():
         if service_kind(name) == "worker":
             env = compose_env(service)
             assert env["WORKER_SESSION_STORE_URL"] == f"redis://:{password}@redis:6379/0"
             assert service["depends_on"]["redis"]["condition"] == "service_healthy"
-            assert env["WORKER_INTERNAL_TOKEN"] == token
             # Compose sends SIGTERM, the worker drains, then exits before the SIGKILL.
             assert duration_s(service["stop_grace_period"]) > float(env["WORKER_DRAIN_TIMEOUT_S"]) + 5
+
+
+def test_compose_makes_one_internal_token_for_every_service():
+    services = load_compose()["services"]
+    token_file = compose_env(services["coordinator"])["COORDINATOR_INTERNAL_TOKEN_FILE"]
+    for name, service in project_services().items():  # one token, one file, for all of them
+        prefix = service_kind(name).upper()
+        env = compose_env(service)
+        assert env[f"{prefix}_INTERNAL_TOKEN"] == ""  # unless $KVCACHE_INTERNAL_TOKEN is given
+        assert env[f"{prefix}_INTERNAL_TOKEN_FILE"] == token_file
+        mount = next(v for v in service["volumes"] if isinstance(v, dict) and v["source"] == "kvcache-secrets")
+        assert mount["read_only"] and token_file.startswith(mount["target"] + "/")
+        assert service["depends_on"]["internal-token"]["condition"] == "service_completed_successfully"
+    maker = services["internal-token"]
+    assert maker["volumes"] == [f"kvcache-secrets:{mount['target']}"]
+    assert f"f={token_file};" in maker["command"][-1]
+
+
+def test_the_compose_token_script_writes_one_random_token_and_keeps_it(tmp_path):
+    """The internal-token service's shell script, run here by sh (chown aside: not root here)."""
+    script = load_compose()["services"]["internal-token"]["command"][-1].replace("$$", "$")
+    script = script.replace("/run/kvcache-secrets", str(tmp_path)).replace("chown 10001:10001", "true")
+    for _ in range(2):
+        subprocess.run(["sh", "-c", script], check=True, timeout=30)
+    token = (tmp_path / "internal-token").read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", token), token
+    assert (tmp_path / "internal-token").stat().st_mode & 0o777 == 0o600
+    (tmp_path / "internal-token").unlink()
+    subprocess.run(["sh", "-c", script], check=True, timeout=30)
+    assert (tmp_path / "internal-token").read_text() != token  # random each time it is made
 
 
 def test_compose_healthchecks_hit_real_routes():
