@@ -7,6 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 
 class ServiceError(Exception):
@@ -124,12 +125,25 @@ def _render_default(_: Request, exc: ServiceError) -> Response:
     return error_response(exc)
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method that some route of the app answers on this path."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "\0"})  # no method matches: path only
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI, render: ErrorRenderer = _render_default) -> None:
     """Domain errors, invalid requests, Starlette's HTTP errors and anything unexpected all leave
     through `render` (a service with another public error shape passes its own)."""
 
     async def on_error(request: Request, exc: Exception) -> Response:
-        return render(request, as_service_error(exc))
+        error = as_service_error(exc)
+        if error.status_code == 405:  # Starlette names the methods of the first route of the path only
+            error.headers = {**(error.headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+        return render(request, error)
 
     for exc_type in (ServiceError, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, on_error)
