@@ -10,7 +10,7 @@ from typing import Protocol
 import uvicorn
 from fastapi import FastAPI
 
-from services.common.settings import ServiceSettings
+from services.common.settings import SERVER_KEEP_ALIVE_S, ServiceSettings
 
 
 def configure_logging(level: str) -> None:
@@ -71,7 +71,7 @@ def serve(app: FastAPI, settings: ServiceSettings, drainable: Drainable | None =
     configure_logging(settings.log_level)
     settings.check_internal_token()
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=10)
+                            timeout_keep_alive=SERVER_KEEP_ALIVE_S, timeout_graceful_shutdown=10)
     server = DrainingServer(config, drainable) if drainable else Server(config, on_shutdown)
     try:
         server.run()
