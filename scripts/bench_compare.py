@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Before/after benchmark: scripts/bench.py's classic scenarios on a baseline revision and on this tree.
+"""Before/after benchmark: scripts/bench.py's classic scenarios (and scenario 10) on a baseline revision and on this tree.
 
 Checks out the baseline revision (any git revision) as a detached `git worktree` in a temporary
 directory and runs each tree's own scripts/bench.py, with that tree as the working directory (so
@@ -11,12 +11,14 @@ Run it on an otherwise idle machine:
     .venv/bin/python scripts/bench_compare.py --baseline a477e49            # scenarios 1,3,4, 5 reps, 2 rounds
     .venv/bin/python scripts/bench_compare.py --baseline HEAD~3 --scenarios 4 --reps 3 --rounds 3
     .venv/bin/python scripts/bench_compare.py --baseline a477e49 --current HEAD   # both from worktrees
+    .venv/bin/python scripts/bench_compare.py --baseline HEAD~1 --scenarios 10 --s10-pairs 300 --rounds 4
 
 Headline metrics (the value of a tree is the median of its per-round medians; the per-round
 values follow in brackets): 1 cached continuation TTFT (ms) and the recompute/cached ratio,
 2 cached continuation end to end (ms), 3 concurrent tokens/s and the concurrent/sequential speedup,
 4 engine decode step (ms) and its overhead over a bare transformers forward (%), 5 the engine's
-1024/128-context step time ratio. The change column is current vs baseline in % (in percentage
+1024/128-context step time ratio, 10 the routing tax: gateway minus direct p50 and p99 (ms),
+p99(gateway) - p99(direct) (ms) and the noise floor's p99 (direct minus direct). The change column is current vs baseline in % (in percentage
 points for the overhead); the "better" column says which direction is an improvement.
 
 Writes <out>/<baseline|current>-round<k>/ (bench.py's results.json, results.md, logs) and
@@ -38,7 +40,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSIC = range(1, 6)
+COMPARABLE = (1, 2, 3, 4, 5, 10)
 LABELS = ("baseline", "current")
 
 # (row, scenario key, better direction, value from that scenario's summaries, change in points?)
@@ -51,6 +53,11 @@ METRICS = [
     ("s4 engine step (ms)", "s4", "lower", lambda s: s["engine_step_s"]["median"] * 1000, False),
     ("s4 overhead (%)", "s4", "lower", lambda s: s["overhead"]["median"] * 100, True),
     ("s5 engine 1024/128 step ratio", "s5", "lower", lambda s: s["engine_ratio"]["median"], False),
+    ("s10 routing tax p50 (ms)", "s10", "lower", lambda s: s["tax_p50_s"] * 1000, False),
+    ("s10 routing tax p99 (ms)", "s10", "lower", lambda s: s["tax_p99_s"] * 1000, False),
+    ("s10 p99 gateway - p99 direct (ms)", "s10", "lower", lambda s: (s["gateway_p99_s"] - s["direct_p99_s"]) * 1000,
+     False),
+    ("s10 noise floor p99 (ms)", "s10", "lower", lambda s: s["noise_p99_s"] * 1000, False),
 ]
 
 
@@ -59,8 +66,8 @@ def parse_scenarios(value: str) -> list[int]:
         chosen = sorted({int(x) for x in value.split(",") if x.strip()})
     except ValueError:
         chosen = []
-    if not chosen or not set(chosen) <= set(CLASSIC):
-        raise argparse.ArgumentTypeError("comma-separated classic scenario numbers, 1 to 5")
+    if not chosen or not set(chosen) <= set(COMPARABLE):
+        raise argparse.ArgumentTypeError("comma-separated scenario numbers, 1 to 5 or 10")
     return chosen
 
 
@@ -128,6 +135,8 @@ def run_bench(tree: Path, out: Path, label: str, rnd: int, args: argparse.Namesp
     (out / "results.json").unlink(missing_ok=True)  # bench.py would keep an earlier run's other scenarios
     cmd = [sys.executable, "scripts/bench.py", "--scenarios", ",".join(map(str, args.scenarios)),
            "--reps", str(args.reps), "--out", str(out), "--model-cache-dir", str(args.model_cache_dir)]
+    if args.s10_pairs is not None:
+        cmd += ["--s10-pairs", str(args.s10_pairs)]
     pythonpath = os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath}
     print(f"\n=== round {rnd}: {label} ({tree}) ===\n$ {' '.join(cmd)}", flush=True)
@@ -159,7 +168,7 @@ def run_rounds(trees: dict[str, Path], args: argparse.Namespace) -> dict[str, li
 def metric_rows(runs: dict[str, list[dict]], scenarios: list[int]) -> list[dict]:
     rows = []
     for name, key, better, value, points in METRICS:
-        if int(key[1]) not in scenarios:
+        if int(key[1:]) not in scenarios:
             continue
         row = {"metric": name, "better": better, "change_unit": "pp" if points else "%"}
         for label in LABELS:
@@ -213,7 +222,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", required=True, help="git revision to compare against (e.g. a commit hash)")
     parser.add_argument("--scenarios", type=parse_scenarios, default=[1, 3, 4],
-                        help="comma-separated classic scenarios of bench.py, 1 to 5 (default 1,3,4)")
+                        help="comma-separated scenarios of bench.py, 1 to 5 or 10 (default 1,3,4)")
+    parser.add_argument("--s10-pairs", type=int, default=None, help="bench.py's --s10-pairs (default: bench.py's)")
     parser.add_argument("--reps", type=int, default=5, help="bench.py's --reps (default 5)")
     parser.add_argument("--current", default=None,
                         help="measure this revision (a worktree) instead of the working tree, which can then change")

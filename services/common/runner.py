@@ -10,7 +10,7 @@ from typing import Protocol
 import uvicorn
 from fastapi import FastAPI
 
-from services.common.settings import ServiceSettings
+from services.common.settings import SERVER_KEEP_ALIVE_S, ServiceSettings
 from services.common.slow_clients import ClientLimits, limited_http_protocol
 
 
@@ -71,7 +71,8 @@ def server_config(app: FastAPI, settings: ServiceSettings) -> uvicorn.Config:
     """uvicorn's settings for a service: its address, and its limits on slow clients."""
     limits = ClientLimits(settings.header_timeout_s, settings.send_timeout_s)
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                          http=limited_http_protocol(limits), timeout_graceful_shutdown=10)
+                          http=limited_http_protocol(limits), timeout_keep_alive=SERVER_KEEP_ALIVE_S,
+                          timeout_graceful_shutdown=10)
 
 
 def serve(app: FastAPI, settings: ServiceSettings, drainable: Drainable | None = None,

@@ -5,6 +5,10 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# How long every service keeps an idle client connection open (uvicorn's timeout_keep_alive, its
+# default): a client's pool must expire idle connections sooner (GATEWAY_KEEPALIVE_EXPIRY_S).
+SERVER_KEEP_ALIVE_S = 5
+
 
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", validate_default=True)

@@ -5,7 +5,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from importlib.metadata import version
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
@@ -13,8 +12,6 @@ from starlette.responses import Response
 from services.common.auth import bearer_headers
 from services.common.body_limit import BodyLimit
 from services.common.errors import ServiceError, error_response, install_error_handlers
-from services.common.http import make_client
-from services.common.http_transport import LeanTransport
 from services.gateway.api import router
 from services.gateway.api_keys import ApiKeyMiddleware, load_api_keys
 from services.gateway.fast_generate import FastGenerate
@@ -27,6 +24,7 @@ from services.gateway.ring_sync import RingSync
 from services.gateway.routing import CoordinatorClient
 from services.gateway.settings import GatewaySettings
 from services.gateway.tenants import load_tenants
+from services.gateway.upstream import UpstreamClient
 
 DESCRIPTION = ("Routes each request to the worker that holds its KV cache. `/generate` continues a "
                "server-side conversation (`seq_id`); `/v1/*` is OpenAI-compatible and stateless, with "
@@ -41,21 +39,22 @@ def render_error(request: Request, exc: ServiceError) -> Response:
     return error_response(exc)
 
 
-def create_app(settings: GatewaySettings, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
-    """`transport` routes the shared client to in-process fakes in tests."""
+def upstream_client(settings: GatewaySettings) -> UpstreamClient:
+    return UpstreamClient(max_connections_per_peer=settings.max_worker_connections,
+                          connection_wait_s=settings.connection_wait_s, connect_timeout_s=settings.connect_timeout_s,
+                          read_timeout_s=settings.read_timeout_s, keepalive_expiry_s=settings.keepalive_expiry_s,
+                          tcp_keepalive_s=settings.tcp_keepalive_s, headers=bearer_headers(settings.internal_token))
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
     metrics = GatewayMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        upstream = transport or LeanTransport()
-        client = make_client(connect_timeout_s=settings.connect_timeout_s,
-                             read_timeout_s=settings.read_timeout_s, transport=upstream,
-                             headers=bearer_headers(settings.internal_token))
-        app.state.client = client
+        client = upstream_client(settings)
         placer = Placer(settings.routing, settings.load_factor)
         ring = RingSync(CoordinatorClient(client, settings.coordinator_url), placer.loads)
-        app.state.proxy = GatewayProxy(client, upstream, ring, placer, metrics,
-                                       migration_limit=settings.migration_limit)
+        app.state.proxy = GatewayProxy(client, ring, placer, metrics, migration_limit=settings.migration_limit)
         sync = asyncio.create_task(ring.run())
         await ring.wait_first()
         try:
@@ -64,7 +63,7 @@ def create_app(settings: GatewaySettings, transport: httpx.AsyncBaseTransport | 
             sync.cancel()
             with suppress(asyncio.CancelledError):
                 await sync
-            await client.aclose()
+            await client.close()
 
     app = FastAPI(title="kvcache gateway", version=version("kvcache"), description=DESCRIPTION,
                   lifespan=lifespan, redoc_url=None)

@@ -34,7 +34,7 @@ async def complete(proxy: GatewayProxy, reply: Reply, request: WorkerCompletionR
     check_model(proxy, reply.model)
     upstream = await proxy.open_completion(key, request.model_dump(exclude_none=True))
     headers = {SESSION_HEADER: key}
-    if not request.stream or upstream.response.status_code != 200:
+    if not request.stream or upstream.response.status != 200:
         result = await read_result(upstream.response)  # raises the worker's error
         proxy.metrics.ttfb_s.observe(time.perf_counter() - started_s)
         return JSONResponse(reply.result(result), headers=headers)

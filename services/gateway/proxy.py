@@ -11,15 +11,13 @@ from contextlib import aclosing, suppress
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import anyio
-import httpx
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from services.common.errors import (Draining, HTTPStatusError, NotReady, ServiceError, Unavailable, UpstreamError,
                                    error_body)
 from services.common.event_stream import EventStream, FinalChunk
-from services.common.http import path_segment, post_json_streamed
+from services.common.http import path_segment
 from services.common.schemas import RouteResponse
 from services.common.sse import TERMINAL_TYPES, data_of, encode_data, event_type
 from services.coordinator.ring import EmptyRingError
@@ -27,16 +25,13 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.placement import Placer
 from services.gateway.ring_sync import RingSync
 from services.gateway.routing import describe, error_message, json_or_none
+from services.gateway.upstream import (Disconnected, Saturated, UpstreamClient, UpstreamFailure, UpstreamResponse,
+                                       Unreachable)
 
 NUM_ATTEMPTS = 3  # the first try, then re-routes past workers that are unreachable or draining
 STATS_TIMEOUT_S = 2.0
 DRAIN_AFTER_DONE_S = 0.5  # a worker's body ends right after its terminal event
 _EVENT_END = re.compile(rb"\r?\n\r?\n")  # SSE events end with a blank line
-# Failures before the worker's response head: nothing of the turn ran to completion there, so
-# the key is placed again. A read or write error here is most often a kept-alive connection
-# to a worker that was just killed; a read timeout is not (the worker may still be working).
-_UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError,
-                httpx.RemoteProtocolError)
 # A worker's 503s that mean "not here, ask again": it is leaving, or (re)starting.
 _REROUTE_ERRORS = frozenset({Draining.error_type, NotReady.error_type})
 
@@ -60,12 +55,12 @@ def upstream_error_event(message: str, error_type: str = UpstreamError.error_typ
     return RawEvent("error", json.dumps(error, separators=(",", ":")))
 
 
-async def worker_event_batches(upstream: httpx.Response) -> AsyncIterator[list[RawEvent]]:
+async def worker_event_batches(upstream: UpstreamResponse) -> AsyncIterator[list[RawEvent]]:
     """The worker's events in order, up to its terminal event, in batches: the events of each read
     from the worker, so that a relay writes them to its client at once (a socket write per event
     costs more than the event). Pings are dropped. StreamBroken if there is no terminal event."""
     buffer = b""
-    chunks = upstream.aiter_raw()  # bytes: UTF-8 never has a newline inside a character
+    chunks = upstream.chunks()  # bytes: UTF-8 never has a newline inside a character
     try:
         async for chunk in chunks:
             *blocks, buffer = _EVENT_END.split(buffer + chunk)
@@ -84,7 +79,7 @@ async def worker_event_batches(upstream: httpx.Response) -> AsyncIterator[list[R
                     return
             if batch:
                 yield batch
-    except (httpx.HTTPError, ValueError) as exc:
+    except (UpstreamFailure, ValueError) as exc:
         raise StreamBroken(f"worker stream broke: {describe(exc)}") from exc
     raise StreamBroken("worker stream ended without a done or error event")
 
@@ -92,13 +87,13 @@ async def worker_event_batches(upstream: httpx.Response) -> AsyncIterator[list[R
 async def _read_to_end(chunks: AsyncIterator[bytes]) -> None:
     """The rest of a finished stream (its end of body), so that its connection goes back to the
     pool: a response closed before its end costs a new connection to the worker next time."""
-    with suppress(TimeoutError, httpx.HTTPError):
+    with suppress(TimeoutError, UpstreamFailure):
         async with asyncio.timeout(DRAIN_AFTER_DONE_S):
             async for _ in chunks:
                 pass
 
 
-async def worker_events(upstream: httpx.Response) -> AsyncIterator[dict]:
+async def worker_events(upstream: UpstreamResponse) -> AsyncIterator[dict]:
     """The worker's events parsed, one by one (for relays that rewrite them)."""
     async for batch in worker_event_batches(upstream):
         for raw in batch:
@@ -116,29 +111,28 @@ def stream_outcome(terminal: RawEvent) -> str:
     return "upstream_error" if is_ours else "error"
 
 
-async def read_json(upstream: httpx.Response) -> tuple[int, dict, str | None]:
+async def read_json(upstream: UpstreamResponse) -> tuple[int, dict, str | None]:
     """The worker's status, JSON body and Retry-After; a non-JSON error body becomes our error shape."""
     try:
-        content = await upstream.aread()
-    except httpx.HTTPError as exc:
-        raise UpstreamError(f"worker response broke: {describe(exc)}") from exc
-    finally:
-        await upstream.aclose()
+        content = await upstream.read()  # closes it
+    except UpstreamFailure as exc:
+        raise UpstreamError(f"worker response broke: {exc}") from exc
     body = json_or_none(content)
-    if upstream.is_success and (not isinstance(body, dict) or "error" in body):
-        raise UpstreamError(f"worker sent an invalid HTTP {upstream.status_code} body")
-    if not upstream.is_success and error_message(body) is None:
-        body = error_body(UpstreamError.error_type, f"worker answered HTTP {upstream.status_code}")
-    return upstream.status_code, body, upstream.headers.get("retry-after")
+    success = 200 <= upstream.status < 300
+    if success and (not isinstance(body, dict) or "error" in body):
+        raise UpstreamError(f"worker sent an invalid HTTP {upstream.status} body")
+    if not success and error_message(body) is None:
+        body = error_body(UpstreamError.error_type, f"worker answered HTTP {upstream.status}")
+    return upstream.status, body, upstream.headers.get("retry-after")
 
 
-async def relay_json(upstream: httpx.Response) -> JSONResponse:
+async def relay_json(upstream: UpstreamResponse) -> JSONResponse:
     status, body, retry_after = await read_json(upstream)
     headers = {"Retry-After": retry_after} if retry_after else None
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def read_result(upstream: httpx.Response) -> dict:
+async def read_result(upstream: UpstreamResponse) -> dict:
     """A worker's 200 body; its error (status, type, message, Retry-After) raised as a ServiceError."""
     status, body, retry_after = await read_json(upstream)
     if status == 200:
@@ -162,16 +156,15 @@ def sum_numeric(stats: list[dict]) -> dict[str, float]:
 class Upstream:
     """An open request to a worker: its response (body not read yet), route and the body sent."""
 
-    response: httpx.Response
+    response: UpstreamResponse
     route: RouteResponse
     payload: dict | None
 
 
 class GatewayProxy:
-    def __init__(self, client: httpx.AsyncClient, transport: httpx.AsyncBaseTransport, ring: RingSync,
-                 placer: Placer, metrics: GatewayMetrics, migration_limit: int = 1) -> None:
+    def __init__(self, client: UpstreamClient, ring: RingSync, placer: Placer, metrics: GatewayMetrics,
+                 migration_limit: int = 1) -> None:
         self._client = client
-        self._transport = transport  # the client's: the hot path's requests go to it directly
         self.ring = ring
         self.placer = placer
         self.metrics = metrics
@@ -180,7 +173,7 @@ class GatewayProxy:
     async def generate(self, payload: dict, *, stream: bool) -> Response:
         started_s = time.perf_counter()
         upstream = await self.open_generate(payload)
-        if stream and upstream.response.status_code == 200:
+        if stream and upstream.response.status == 200:
             relay = StreamRelay(self, upstream, self.metrics, started_s)
             return EventStream(relay.encoded(), close=relay.aclose)
         response = await relay_json(upstream.response)
@@ -231,10 +224,9 @@ class GatewayProxy:
                 break
             url = f"{route.address.rstrip('/')}/sequences/{path_segment(seq_id)}"
             try:
-                response = await self._client.send(self._client.build_request("GET", url), stream=True)
-                status, body, retry_after = await read_json(response)
-            except (httpx.HTTPError, httpx.InvalidURL, ServiceError) as exc:
-                failure = f"worker {route.worker_id}: {describe(exc)}"
+                status, body, retry_after = await read_json(await self._client.request("GET", url))
+            except (UpstreamFailure, ServiceError) as exc:
+                failure = f"worker {route.worker_id}: {exc}"
                 excluded.add(route.worker_id)
                 continue
             if status == 200:
@@ -258,8 +250,10 @@ class GatewayProxy:
                     migrating: bool = False) -> Upstream:
         """POST to the key's worker (placed on the gateway's own ring), as a stream. A worker that
         cannot be reached, or that answers that it is draining or not ready, is left out, the
-        ring refreshed, and the key placed again."""
+        ring refreshed, and the key placed again: the request is re-sent to the next owner if
+        the worker cannot have seen it, or if it is a turn with its id (see _resendable)."""
         excluded = set(exclude)
+        resendable = _resendable(payload)
         failure = None
         for attempt in range(NUM_ATTEMPTS):
             try:
@@ -272,20 +266,19 @@ class GatewayProxy:
             body = _for_worker(payload, route)
             release = self._hold(route.worker_id)
             try:
-                response = await post_json_streamed(self._client, self._transport,
-                                                    route.address.rstrip("/") + path, body)
+                response = await self._client.post_json(route.address.rstrip("/") + path, body)
                 reason = await _reroute_reason(response)
             except BaseException as exc:
                 release()
-                if not isinstance(exc, _UNREACHABLE):
+                if not (isinstance(exc, Unreachable) or resendable and isinstance(exc, Disconnected)):
                     error = _send_error(exc, route.worker_id)
                     if error is None:
                         raise
                     raise error from exc
-                failure = f"worker {route.worker_id} unreachable: {describe(exc)}"
+                failure = f"worker {route.worker_id} unreachable: {exc}"
             else:
                 if reason is None:
-                    response.stream = _ReleasingStream(response.stream, release)
+                    response.on_close(release)
                     return Upstream(response, route, body)
                 release()
                 failure = f"worker {route.worker_id}: {reason}"
@@ -315,50 +308,35 @@ class GatewayProxy:
 
     async def _delete_at(self, address: str, path: str) -> JSONResponse | None:
         try:
-            response = await self._client.send(
-                self._client.build_request("DELETE", address.rstrip("/") + path), stream=True)
-            return await relay_json(response)
-        except (httpx.HTTPError, httpx.InvalidURL, ServiceError):
+            return await relay_json(await self._client.request("DELETE", address.rstrip("/") + path))
+        except (UpstreamFailure, ServiceError):
             return None  # a worker that is gone holds no KV
 
     async def _worker_stats(self, address: str) -> tuple[dict | None, str | None]:
         try:
-            response = await self._client.get(f"{address.rstrip('/')}/stats", timeout=STATS_TIMEOUT_S)
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            return None, describe(exc)
-        body = json_or_none(response.content)
-        if response.status_code != 200 or not isinstance(body, dict):
-            return None, error_message(body) or f"HTTP {response.status_code}"
+            response = await self._client.request("GET", f"{address.rstrip('/')}/stats", timeout_s=STATS_TIMEOUT_S)
+            body = json_or_none(await response.read())
+        except UpstreamFailure as exc:
+            return None, str(exc)
+        if response.status != 200 or not isinstance(body, dict):
+            return None, error_message(body) or f"HTTP {response.status}"
         return body, None
 
 
+def _resendable(payload: dict) -> bool:
+    """Whether the request may be re-sent after a worker may have seen it: a sequence's turn with
+    its id, which the session store runs once (a stateless request only goes to a next worker
+    when no connection was made to the first)."""
+    return "seq_id" in payload and "request_id" in payload
 
 
 def _send_error(exc: BaseException, worker_id: str) -> ServiceError | None:
     """What a failure to send means to the client; None for what passes through (cancellation)."""
-    if isinstance(exc, httpx.PoolTimeout):
-        return Unavailable("gateway has no free upstream connection")
-    if isinstance(exc, (httpx.HTTPError, httpx.InvalidURL)):
-        return UpstreamError(f"worker {worker_id} failed before answering: {describe(exc)}")
+    if isinstance(exc, Saturated):
+        return Unavailable(f"gateway has no free connection to worker {worker_id}: {exc}", retry_after_s=1)
+    if isinstance(exc, UpstreamFailure):
+        return UpstreamError(f"worker {worker_id} failed before answering: {exc}")
     return None
-
-
-class _ReleasingStream(httpx.AsyncByteStream):
-    """A response body that calls `release` once when closed (read to the end, or closed early)."""
-
-    def __init__(self, stream: httpx.AsyncByteStream, release: Callable[[], None]) -> None:
-        self._stream = stream
-        self._release = release  # idempotent
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._stream:
-            yield chunk
-
-    async def aclose(self) -> None:
-        try:
-            await self._stream.aclose()
-        finally:
-            self._release()
 
 
 def _for_worker(payload: dict, route: RouteResponse) -> dict:
@@ -370,14 +348,14 @@ def _for_worker(payload: dict, route: RouteResponse) -> dict:
     return body
 
 
-async def _reroute_reason(response: httpx.Response) -> str | None:
+async def _reroute_reason(response: UpstreamResponse) -> str | None:
     """Why a worker's answer means "ask the next owner" (draining, not ready), or None. Reads the
     body of a 503 only; relay_json reuses it."""
-    if response.status_code != 503:
+    if response.status != 503:
         return None
     try:
-        body = json_or_none(await response.aread())
-    except httpx.HTTPError:
+        body = json_or_none(await response.read())
+    except UpstreamFailure:
         return None
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict) and error.get("type") in _REROUTE_ERRORS:
@@ -467,11 +445,13 @@ class StreamRelay:
         except ServiceError as exc:
             self.metrics.migrations.labels("failed").inc()
             return upstream_error_event(f"migration failed: {exc.message}", exc.error_type)
-        if upstream.response.status_code != 200:
+        if upstream.response.status != 200:
             self.metrics.migrations.labels("failed").inc()
-            body = json_or_none(await upstream.response.aread())
-            await upstream.response.aclose()
-            return upstream_error_event(f"migration failed: {error_message(body) or upstream.response.status_code}")
+            try:
+                body = json_or_none(await upstream.response.read())
+            except UpstreamFailure:
+                body = None
+            return upstream_error_event(f"migration failed: {error_message(body) or upstream.response.status}")
         self.metrics.migrations.labels("ok").inc()
         self.upstream = upstream
         return None
@@ -490,8 +470,8 @@ def _parsed_or_broken(event: RawEvent) -> dict:
     return parsed
 
 
-async def close_upstream(response: httpx.Response) -> None:
-    """Close a worker's response even while the client's request is being cancelled (shielded), so
-    the worker sees the disconnect and stops generating."""
-    with anyio.CancelScope(shield=True), suppress(httpx.HTTPError):
-        await response.aclose()
+async def close_upstream(response: UpstreamResponse) -> None:
+    """A stream's close hook: an unfinished response's connection is closed, so that the worker
+    sees the disconnect and stops generating (at once: nothing here awaits, so a cancellation of
+    the client's request cannot stop it)."""
+    response.close()

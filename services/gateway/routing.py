@@ -4,11 +4,11 @@ helpers for reading other services' JSON."""
 import json
 from typing import Any
 
-import httpx
 from pydantic import ValidationError
 
 from services.common.errors import Unavailable, UpstreamError
 from services.common.schemas import RingSnapshot
+from services.gateway.upstream import UpstreamClient, UpstreamFailure
 
 
 def error_message(body: Any) -> str | None:
@@ -26,11 +26,13 @@ def json_or_none(content: bytes) -> Any:
 
 
 def describe(exc: Exception) -> str:
+    if isinstance(exc, UpstreamFailure):
+        return str(exc)  # names aiohttp's error already
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class CoordinatorClient:
-    def __init__(self, client: httpx.AsyncClient, base_url: str) -> None:
+    def __init__(self, client: UpstreamClient, base_url: str) -> None:
         self._client = client
         self._base_url = base_url.rstrip("/")
 
@@ -38,13 +40,14 @@ class CoordinatorClient:
         """The routing state; with `after`, once it is newer than that version (or `wait_s` passed)."""
         params = {"after": after, "instance": instance, "wait_s": wait_s}
         try:
-            response = await self._client.get(self._base_url + "/ring", params=params,
-                                              timeout=httpx.Timeout(wait_s + 5.0, connect=2.0))
-        except httpx.HTTPError as exc:
-            raise Unavailable(f"coordinator unreachable: {describe(exc)}") from exc
-        body = json_or_none(response.content)
-        if response.status_code != 200 or body is None:
-            raise UpstreamError(f"coordinator answered HTTP {response.status_code}: "
+            response = await self._client.request("GET", self._base_url + "/ring", params=params,
+                                                  timeout_s=wait_s + 5.0)
+            content = await response.read()
+        except UpstreamFailure as exc:
+            raise Unavailable(f"coordinator unreachable: {exc}") from exc
+        body = json_or_none(content)
+        if response.status != 200 or body is None:
+            raise UpstreamError(f"coordinator answered HTTP {response.status}: "
                                 f"{error_message(body) or 'no JSON body'}")
         try:
             return RingSnapshot.model_validate(body)

@@ -3,7 +3,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import ServiceSettings
+from services.common.settings import SERVER_KEEP_ALIVE_S, ServiceSettings
 
 
 class GatewaySettings(ServiceSettings):
@@ -16,6 +16,18 @@ class GatewaySettings(ServiceSettings):
     connect_timeout_s: float = Field(2.0, gt=0)
     # Between two bytes of a worker's stream; a long prefill is the slowest gap.
     read_timeout_s: float = Field(300.0, gt=0)
+    # Connections to one worker (or the coordinator) at most; a stream holds one for its whole
+    # life. Above what a worker takes at once by default (32 running + 256 waiting; it answers
+    # 429 past that), so that the worker, not this limit, says when it is full.
+    max_worker_connections: int = Field(512, ge=1)
+    # A request past that limit waits this long for a connection, then gets 503 with Retry-After.
+    connection_wait_s: float = Field(1.0, ge=0)
+    # An idle pooled connection to a worker is closed after this long: before the worker closes
+    # it (SERVER_KEEP_ALIVE_S), so that no request goes out on a connection being closed.
+    keepalive_expiry_s: float = Field(4.0, gt=0, lt=SERVER_KEEP_ALIVE_S)
+    # TCP keep-alive on connections to workers: a probe after this many seconds of silence, then
+    # every as many; 3 unanswered fail the connection (a vanished host: noticed in ~4x this).
+    tcp_keepalive_s: int = Field(5, ge=1, le=3600)
     # A stream that breaks before its terminal event continues on the sequence's new owner at
     # most this many times per request (0: never; the stream ends with an error event).
     migration_limit: int = Field(1, ge=0, le=10)

@@ -1,4 +1,5 @@
-"""The gateway in-process, in front of a fake coordinator and fake workers (also in-process)."""
+"""The gateway in-process, in front of a fake coordinator and fake workers served on loopback in the
+test's event loop (real HTTP: tests/loopback.py)."""
 
 import asyncio
 import contextlib
@@ -15,6 +16,7 @@ from services.common.sse import aparse_events, encode_event, parse_events
 from services.coordinator.ring import HashRing
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
+from tests.loopback import LoopbackServer, refused_address
 
 _END = object()
 WAIT_S = 5.0  # guards against a hung test only; nothing asserts on time
@@ -98,33 +100,11 @@ def _scope(request: httpx.Request) -> dict:
     }
 
 
-class HostDispatch(httpx.AsyncBaseTransport):
-    """Sends each request to the transport of its host:port; unknown or `down` hosts refuse to
-    connect; `reset` hosts reset the connection before answering (what a kept-alive connection
-    to a killed worker does)."""
-
-    def __init__(self, transports: dict[str, httpx.AsyncBaseTransport]) -> None:
-        self.transports = transports
-        self.down: set[str] = set()
-        self.reset: set[str] = set()
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        host = request.url.netloc.decode()
-        if host in self.down or host not in self.transports:
-            raise httpx.ConnectError(f"connection refused: {host}", request=request)
-        if host in self.reset:
-            raise httpx.ReadError("[Errno 104] Connection reset by peer", request=request)
-        return await self.transports[host].handle_async_request(request)
-
-    async def aclose(self) -> None:
-        for transport in self.transports.values():
-            await transport.aclose()
-
-
 class FakeWorker:
     """mode: ok | bad_request | overloaded | draining | busy (409 on DELETE) | truncate (no
     terminal event) | break (dies mid-stream) | hang (waits after the first token until the client
-    goes away). A `resume` body continues after the tokens it names, like a real worker."""
+    goes away). A `resume` body continues after the tokens it names, like a real worker.
+    POST /completions answers a stateless request (not streamed)."""
 
     def __init__(self, worker_id: str) -> None:
         self.worker_id = worker_id
@@ -189,6 +169,13 @@ class FakeWorker:
                 return self.done_fields(body)
             return StreamingResponse(self._stream(body), media_type="text/event-stream")
 
+        @app.post("/completions")
+        async def completions(request: Request):
+            body = await request.json()
+            self.requests.append(body)
+            return {"text": body["prompt"].upper(), "finish_reason": "length",
+                    "usage": {"prompt_tokens": 2, "cached_tokens": 0, "completion_tokens": 2, "context_tokens": 4}}
+
         @app.delete("/sequences/{seq_id}")
         async def delete(seq_id: str):
             if self.mode == "busy":
@@ -214,7 +201,7 @@ MAX_BODY_BYTES = 64 * 1024
 @dataclass
 class Cluster:
     workers: dict[str, FakeWorker]
-    dispatch: HostDispatch | None = None
+    servers: dict[str, LoopbackServer] = field(default_factory=dict)  # the workers' and "coordinator"
     gateway: httpx.AsyncClient | None = None
     app: FastAPI | None = None
     active: list[str] = field(default_factory=lambda: ["w1"])      # on the ring
@@ -223,8 +210,14 @@ class Cluster:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     ring_answers: list[tuple[int, int]] = field(default_factory=list)  # (after, version answered)
 
+    dead_address: str = field(default_factory=refused_address)  # of a worker with no server
+
+    def address(self, worker_id: str) -> str:
+        server = self.servers.get(worker_id)
+        return server.url if server else self.dead_address
+
     def snapshot(self) -> dict:
-        workers = [{"worker_id": w, "address": f"http://{w}:8082", "model_name": "tiny",
+        workers = [{"worker_id": w, "address": self.address(w), "model_name": "tiny",
                     "state": "active" if w in self.active else "draining", "age_s": 5.0,
                     "last_heartbeat_age_s": 0.5} for w in self.registered]
         return {"instance": "fake", "version": self.version, "epoch": self.version,
@@ -264,18 +257,28 @@ def fake_coordinator(cluster: Cluster) -> FastAPI:
 
 
 @pytest.fixture
-async def cluster():
+async def cluster(request):
+    """Two fake workers and a fake coordinator on loopback; the gateway with the settings of the
+    test's indirect parameter (a dict), if any, over the defaults here."""
     cluster = Cluster(workers={w: FakeWorker(w) for w in ("w1", "w2")})
-    transports = {f"{w}:8082": StreamingASGITransport(fake.app) for w, fake in cluster.workers.items()}
-    transports["coordinator:8081"] = StreamingASGITransport(fake_coordinator(cluster))
-    cluster.dispatch = HostDispatch(transports)
-    app = create_app(GatewaySettings(coordinator_url="http://coordinator:8081", internal_token=INTERNAL_TOKEN,
-                                     max_body_bytes=MAX_BODY_BYTES), transport=cluster.dispatch)
-    cluster.app = app
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=StreamingASGITransport(app), base_url="http://gateway") as client:
-            cluster.gateway = client
-            yield cluster
+    cluster.servers = {w: LoopbackServer(fake.app) for w, fake in cluster.workers.items()}
+    cluster.servers["coordinator"] = LoopbackServer(fake_coordinator(cluster))
+    settings = {"coordinator_url": None, "internal_token": INTERNAL_TOKEN, "max_body_bytes": MAX_BODY_BYTES,
+                **getattr(request, "param", {})}
+    try:
+        for server in cluster.servers.values():
+            await server.start()
+        settings["coordinator_url"] = cluster.servers["coordinator"].url
+        app = cluster.app = create_app(GatewaySettings(**settings))
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=StreamingASGITransport(app), base_url="http://gateway") as client:
+                cluster.gateway = client
+                yield cluster
+    finally:
+        cluster.changed.set()  # a long poll still waiting ends (not cancelled by stop(): a logged error)
+        await asyncio.sleep(0.01)
+        for server in cluster.servers.values():
+            await server.stop()
 
 
 def sent_to(cluster: Cluster) -> dict[str, list[str]]:
@@ -387,8 +390,8 @@ async def test_empty_ring_is_503_json(cluster):
 
 
 async def test_routes_with_its_last_ring_while_the_coordinator_is_down(cluster):
-    cluster.dispatch.down.add("coordinator:8081")
-    cluster.changed.set()  # ends the pending long poll: the next one fails
+    cluster.changed.set()  # from now on every long poll answers at once (as a new instance's would)
+    await cluster.servers["coordinator"].stop()
     async with asyncio.timeout(WAIT_S):
         while (await cluster.gateway.get("/health")).json()["status"] != "degraded":
             await asyncio.sleep(0.01)
@@ -399,15 +402,14 @@ async def test_routes_with_its_last_ring_while_the_coordinator_is_down(cluster):
     assert response.status_code == 200
     assert events_of(response)[-1]["type"] == "done"
     assert (await cluster.gateway.get("/stats")).status_code == 200
-    cluster.dispatch.down.discard("coordinator:8081")
+    await cluster.servers["coordinator"].start()
     async with asyncio.timeout(WAIT_S):
         while (await cluster.gateway.get("/health")).json()["status"] != "ok":
             await asyncio.sleep(0.01)
 
 
 async def test_a_gateway_that_never_reached_the_coordinator_answers_503():
-    dispatch = HostDispatch({})
-    app = create_app(GatewaySettings(coordinator_url="http://coordinator:8081"), transport=dispatch)
+    app = create_app(GatewaySettings(coordinator_url=refused_address()))
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=StreamingASGITransport(app), base_url="http://gateway") as client:
             response = await client.post("/generate", json={"prompt": "x"})
@@ -427,10 +429,19 @@ async def test_a_ring_change_reaches_the_gateway_without_a_request(cluster):
     assert len(cluster.ring_answers) == answered  # the request asked nothing of the coordinator
 
 
+async def fail(server: LoopbackServer, failure: str) -> None:
+    """down: the port refuses (the worker cannot have seen a request); reset: each connection is
+    reset once a request arrives (it may have)."""
+    await server.stop()
+    if failure == "reset":
+        await server.start(resetting=True)
+
+
 @pytest.mark.parametrize("failure", ["down", "reset"])
 async def test_a_failure_before_the_answer_reroutes_and_retries_once(cluster, failure):
+    """A turn carries its id (the worker's session store runs it once): re-sent either way."""
     await cluster.set_ring(active=["w1", "w2"])
-    getattr(cluster.dispatch, failure).add("w1:8082")
+    await fail(cluster.servers["w1"], failure)
     seq_id = owned_by("w1", ["w1", "w2"])
     response = await cluster.gateway.post("/generate", json={"prompt": "a b", "seq_id": seq_id})
     assert response.status_code == 200
@@ -442,8 +453,45 @@ async def test_a_failure_before_the_answer_reroutes_and_retries_once(cluster, fa
     assert 'kvcache_gateway_routing_decisions_total{decision="rerouted"} 1.0' in text
 
 
+@pytest.mark.parametrize("failure,resent", [("down", True), ("reset", False)])
+async def test_a_completion_is_resent_only_if_no_connection_was_made(cluster, failure, resent):
+    """A stateless request has no id that a worker would know again: after a reset it may have
+    run, so it is not sent to another worker; the client gets a 502 and may retry itself."""
+    await cluster.set_ring(active=["w1", "w2"])
+    await fail(cluster.servers["w1"], failure)
+    key = owned_by("w1", ["w1", "w2"])
+    response = await cluster.gateway.post("/v1/completions", json={"model": "tiny", "prompt": "a b"},
+                                          headers={"X-Session-Id": key})
+    if resent:
+        assert response.status_code == 200 and response.json()["choices"][0]["text"] == "A B"
+        assert len(cluster.workers["w2"].requests) == 1
+    else:
+        assert response.status_code == 502, response.text
+        assert response.json()["error"]["type"] == "upstream_error"
+        assert "failed before answering" in response.json()["error"]["message"]
+        assert cluster.workers["w2"].requests == []
+
+
+@pytest.mark.parametrize("cluster", [{"max_worker_connections": 1, "connection_wait_s": 0.05}], indirect=True)
+async def test_a_worker_with_every_connection_in_use_is_503_with_retry_after(cluster):
+    cluster.workers["w1"].mode = "hang"  # the first stream holds the only connection to w1
+    async with cluster.gateway.stream("POST", "/generate", json={"prompt": "a b"}) as held:
+        async for event in aparse_events(held.aiter_lines()):
+            if event["type"] == "token":
+                break
+        response = await cluster.gateway.post("/generate", json={"prompt": "a b", "stream": False})
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+        assert response.json()["error"]["type"] == "unavailable"
+        assert "no free connection to worker w1" in response.json()["error"]["message"]
+    await asyncio.wait_for(cluster.workers["w1"].stream_cancelled.wait(), WAIT_S)
+    cluster.workers["w1"].mode = "ok"
+    response = await cluster.gateway.post("/generate", json={"prompt": "a b", "stream": False})
+    assert response.status_code == 200  # the closed stream gave its connection back
+
+
 async def test_connect_error_on_every_attempt_is_503_json(cluster):
-    cluster.dispatch.down.add("w1:8082")
+    await cluster.servers["w1"].stop()
     response = await cluster.gateway.post("/generate", json={"prompt": "x", "seq_id": "s6"})
     assert response.status_code == 503
     assert response.json()["error"]["type"] == "unavailable"
@@ -544,7 +592,8 @@ async def test_stats_aggregates_and_lists_unreachable(cluster):
 
 
 async def test_health_needs_no_dependency(cluster):
-    cluster.dispatch.down.update({"w1:8082", "w2:8082"})
+    for worker in ("w1", "w2"):
+        await cluster.servers[worker].stop()
     response = await cluster.gateway.get("/health")
     assert response.status_code == 200
     assert response.json()["status"] == "ok"

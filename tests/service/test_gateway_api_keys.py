@@ -5,30 +5,39 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
+from fastapi import FastAPI
 
 from services.gateway.api_keys import ApiKeyMiddleware
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
+from tests.loopback import LoopbackServer
 
 KEYS = "key-one, key-two"
 ROUTES = (("POST", "/generate"), ("GET", "/stats"), ("GET", "/openapi.json"), ("GET", "/docs"),
           ("DELETE", "/sequences/a"), ("GET", "/nowhere"), ("GET", "/health/"))
 
 
-def fake_coordinator(request: httpx.Request) -> httpx.Response:
-    if request.url.path == "/ring":
-        return httpx.Response(200, json={"instance": "fake", "version": 1, "epoch": 1, "vnodes": 10,
-                                         "workers": []})
-    return httpx.Response(404, json={"error": {"type": "not_found", "message": request.url.path}})
+def fake_coordinator() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/ring")
+    async def ring() -> dict:  # never waits: the gateway polls again after a short pause
+        return {"instance": "fake", "version": 1, "epoch": 1, "vnodes": 10, "workers": []}
+
+    return app
 
 
 @asynccontextmanager
 async def gateway(keys: str) -> AsyncIterator[httpx.AsyncClient]:
-    settings = GatewaySettings(api_keys=keys, coordinator_url="http://coordinator:8081")
-    app = create_app(settings, transport=httpx.MockTransport(fake_coordinator))
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
-            yield client
+    coordinator = LoopbackServer(fake_coordinator())
+    await coordinator.start()
+    try:
+        app = create_app(GatewaySettings(api_keys=keys, coordinator_url=coordinator.url))
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+                yield client
+    finally:
+        await coordinator.stop()
 
 
 async def test_without_a_right_key_every_route_but_health_and_metrics_is_401():
