@@ -41,36 +41,31 @@ def test_redis_stopped_killed_and_restarted_mid_traffic(chaos_cluster, redis_ser
     assert sum(len(done) for done in ledger.told_done.values()) >= CONVERSATIONS
 
 
-def test_a_worker_killed_mid_stream(chaos_cluster):
-    target = as_user(chaos_cluster, "alice")
-
+def kill_and_restart(cluster, name: str, down_s: float):
+    """Faults: SIGKILL `name` once traffic runs, start it again `down_s` later, let traffic go on."""
     def faults():
         time.sleep(1.5)
-        chaos_cluster.kill("worker-1")
+        cluster.kill(name)
         COUNTS["faults injected"] += 1
-        time.sleep(2.0)
-        chaos_cluster.start_process("worker-1")
-        chaos_cluster.wait_ready(names=["worker-1"])
-        time.sleep(1.0)
+        time.sleep(down_s)
+        cluster.start_process(name)
+        cluster.wait_ready(names=[name])
+        time.sleep(1.5)
+    return faults
 
-    ledger = run_conversations(target, [f"wkill-{i}" for i in range(CONVERSATIONS)], faults)
+
+def test_a_worker_killed_mid_stream(chaos_cluster):
+    target = as_user(chaos_cluster, "alice")
+    ledger = run_conversations(target, [f"wkill-{i}" for i in range(CONVERSATIONS)],
+                               kill_and_restart(chaos_cluster, "worker-1", down_s=2.0))
     check_histories(target, ledger)
     assert sum(len(done) for done in ledger.told_done.values()) >= CONVERSATIONS
 
 
 def test_the_gateway_killed_mid_stream_then_clients_retry_with_their_keys(chaos_cluster):
     target = as_user(chaos_cluster, "alice")
-
-    def faults():
-        time.sleep(1.5)
-        chaos_cluster.kill("gateway")
-        COUNTS["faults injected"] += 1
-        time.sleep(0.5)
-        chaos_cluster.start_process("gateway")
-        chaos_cluster.wait_ready(names=["gateway"])
-        time.sleep(1.5)
-
-    ledger = run_conversations(target, [f"gkill-{i}" for i in range(CONVERSATIONS)], faults)
+    ledger = run_conversations(target, [f"gkill-{i}" for i in range(CONVERSATIONS)],
+                               kill_and_restart(chaos_cluster, "gateway", down_s=0.5))
     check_histories(target, ledger)
     assert traffic_retried(ledger) > 0, ledger.outcomes
 
