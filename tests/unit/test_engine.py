@@ -212,6 +212,16 @@ def test_a_finished_requests_last_token_is_written_after_tail_wait_s_or_with_oth
         assert engine.stats()["steps"] == 2 * k
 
 
+def test_export_and_delete_do_not_wait_for_a_held_last_token(loaded_tiny):
+    with make_engine(loaded_tiny, tail_wait_s=WAIT_S) as engine:
+        first = generate(engine, "s", PROMPT_A, max_tokens=3)
+        context = encode(engine, PROMPT_A) + first.token_ids
+        token_ids, _ = engine.pin_for_export("s")
+        assert token_ids == context[:-1]  # the last token's KV was never written: the puller computes it
+        engine.unpin("s")
+        assert engine.delete_sequence("s") is True
+
+
 def test_sequence_in_a_batch_of_8_equals_the_sequence_alone(loaded_tiny):
     prompts = [("p%d" % i, ("word%d " % i) * (1 + 3 * i), 6 + 3 * i) for i in range(8)]  # 5..115 bytes
     # Submitted before the engine starts, so its first step sees all eight: a real batch, with

@@ -77,6 +77,7 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._num_queued = 0  # submitted, not yet taken from the inbox
         self._queued_lock = threading.Lock()
+        self._stepping: set[Request] = set()  # the requests of the step running now
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.counters = dict.fromkeys(
@@ -112,6 +113,7 @@ class Engine:
             entry = self.store.get(seq_id)
             if entry is None:
                 return False
+            self._end_held_tail(seq_id)
             return True if self.store.delete(seq_id) else None
 
     def encode(self, text: str) -> list[int]:
@@ -146,6 +148,7 @@ class Engine:
         """The cached token ids and the KV buffer `[layers, 2, kv_heads, capacity, head_dim]`
         (positions 0..len(ids) valid), pinned until unpin(); None if nothing can be exported."""
         with self.lock:
+            self._end_held_tail(seq_id)
             entry = self.store.get(seq_id)
             if entry is None or entry.stateless or entry.busy or entry.num_cached == 0:
                 return None
@@ -208,6 +211,7 @@ class Engine:
                 with self.lock:
                     self._fold_tails()
                     batch, wait_s = self._hold_tails(self.scheduler.schedule())
+                    self._stepping = {item.request for item in batch}
                 if batch:
                     self._run_step(batch)
             except Exception as exc:  # noqa: BLE001 - fail the requests, keep serving
@@ -251,6 +255,14 @@ class Engine:
             if done is not None:
                 req.tail_position = len(done.entry.token_ids) - 1
                 self._finish(done)
+
+    def _end_held_tail(self, seq_id: str) -> None:
+        """(Under the lock.) A finished request on the sequence whose last token waits for a step
+        ends now, unless that step is running: its sequence keeps the KV before that token."""
+        for req in self.scheduler.running:
+            if req.seq_id == seq_id and req.status is Status.COMPLETING and req not in self._stepping:
+                self._finish(req)
+                return
 
     def _accept(self, request: Request | None) -> None:
         if request is None:
