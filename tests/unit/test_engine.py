@@ -185,6 +185,43 @@ def test_continuation_through_cache_equals_recompute(engine, hf_model):
         assert set(timings) == {"ttft_ms", "prefill_ms", "decode_ms"} and min(timings.values()) >= 0
 
 
+def test_a_continuation_right_after_done_writes_the_last_token_in_its_first_step(loaded_tiny, hf_model):
+    k = 5
+    with make_engine(loaded_tiny, tail_wait_s=WAIT_S) as engine:  # the tail waits for it
+        first = generate(engine, "s", PROMPT_A, max_tokens=k)
+        second = generate(engine, "s", PROMPT_B, max_tokens=k)
+        steps = engine.stats()["steps"]
+    a_ids, b_ids = encode(engine, PROMPT_A), encode(engine, PROMPT_B)
+    earlier = len(a_ids) + k
+    assert steps == 2 * k  # a prefill and k - 1 decodes each; no step of its own for the tail
+    assert second.start["cached_tokens"] == second.done["usage"]["cached_tokens"] == earlier
+    assert second.token_ids == hf_greedy(hf_model, a_ids + first.token_ids + b_ids, k)
+
+
+def test_a_finished_requests_last_token_is_written_after_tail_wait_s_or_with_other_work(loaded_tiny):
+    k = 3
+    with make_engine(loaded_tiny, tail_wait_s=0.05) as engine:
+        generate(engine, "alone", PROMPT_A, max_tokens=k)
+        wait_idle(engine)  # the tail's own step, once no continuation came
+        assert engine.stats()["steps"] == k + 1
+    with make_engine(loaded_tiny, tail_wait_s=WAIT_S) as engine:
+        generate(engine, "a", PROMPT_A, max_tokens=k)
+        generate(engine, "b", PROMPT_B, max_tokens=k)  # a's tail rides in b's first step
+        entry = engine.store.get("a")
+        assert not entry.busy and entry.num_cached == len(entry.token_ids)
+        assert engine.stats()["steps"] == 2 * k
+
+
+def test_export_and_delete_do_not_wait_for_a_held_last_token(loaded_tiny):
+    with make_engine(loaded_tiny, tail_wait_s=WAIT_S) as engine:
+        first = generate(engine, "s", PROMPT_A, max_tokens=3)
+        context = encode(engine, PROMPT_A) + first.token_ids
+        token_ids, _ = engine.pin_for_export("s")
+        assert token_ids == context[:-1]  # the last token's KV was never written: the puller computes it
+        engine.unpin("s")
+        assert engine.delete_sequence("s") is True
+
+
 def test_sequence_in_a_batch_of_8_equals_the_sequence_alone(loaded_tiny):
     prompts = [("p%d" % i, ("word%d " % i) * (1 + 3 * i), 6 + 3 * i) for i in range(8)]  # 5..115 bytes
     # Submitted before the engine starts, so its first step sees all eight: a real batch, with

@@ -25,6 +25,8 @@ from services.worker.model.runner import ModelRunner, StepInput
 
 logger = logging.getLogger(__name__)
 
+IDLE_WAIT_S = 0.5  # the engine thread checks for stop this often when idle
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -33,6 +35,10 @@ class EngineConfig:
     max_batch_tokens: int = 512
     max_waiting_requests: int = 256
     enable_kv_reuse: bool = True
+    # A finished session request's last token waits this long for the sequence's next request
+    # before a step of its own writes its KV: arriving in time, the next request's first step
+    # writes it instead of waiting for that step (an agent's next turn comes within ms).
+    tail_wait_s: float = 0.05
 
 
 class EngineObserver:
@@ -71,6 +77,7 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._num_queued = 0  # submitted, not yet taken from the inbox
         self._queued_lock = threading.Lock()
+        self._stepping: set[Request] = set()  # the requests of the step running now
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.counters = dict.fromkeys(
@@ -106,6 +113,7 @@ class Engine:
             entry = self.store.get(seq_id)
             if entry is None:
                 return False
+            self._end_held_tail(seq_id)
             return True if self.store.delete(seq_id) else None
 
     def encode(self, text: str) -> list[int]:
@@ -143,6 +151,7 @@ class Engine:
         """The cached token ids and the KV buffer `[layers, 2, kv_heads, capacity, head_dim]`
         (positions 0..len(ids) valid), pinned until unpin(); None if nothing can be exported."""
         with self.lock:
+            self._end_held_tail(seq_id)
             entry = self.store.get(seq_id)
             if entry is None or entry.stateless or entry.busy or entry.num_cached == 0:
                 return None
@@ -198,30 +207,65 @@ class Engine:
         return self._thread.is_alive()
 
     def _loop(self) -> None:
+        wait_s = IDLE_WAIT_S
         while not self._stop.is_set():
             try:
-                self._take_inbox(block=not self.scheduler.has_work())
+                self._take_inbox(wait_s)
                 with self.lock:
-                    batch = self.scheduler.schedule()
+                    self._fold_tails()
+                    batch, wait_s = self._hold_tails(self.scheduler.schedule())
+                    self._stepping = {item.request for item in batch}
                 if batch:
                     self._run_step(batch)
             except Exception as exc:  # noqa: BLE001 - fail the requests, keep serving
                 logger.exception("engine step failed")
                 self._fail_all(exc)
+                wait_s = 0.0
 
     def _fail_all(self, exc: Exception) -> None:
         with self.lock:
             for req in [*self.scheduler.running, *self.scheduler.waiting]:
                 self._fail(req, exc)
 
-    def _take_inbox(self, block: bool) -> None:
+    def _take_inbox(self, wait_s: float) -> None:
         try:
-            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            item = self._inbox.get(timeout=wait_s) if wait_s > 0 else self._inbox.get_nowait()
             while True:
                 self._accept(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
+
+    def _hold_tails(self, batch: list[ScheduledItem]) -> tuple[list[ScheduledItem], float]:
+        """The step to run now and how long to wait for the inbox before the next. A step of
+        nothing but finished requests' last tokens waits for `tail_wait_s` after the oldest
+        one's `done` (a continuation may come and write its tail in its own first step)."""
+        if any(item.request.status is not Status.COMPLETING for item in batch):
+            return batch, 0.0
+        if not batch:
+            return batch, 0.0 if self.scheduler.has_work() else IDLE_WAIT_S
+        wait_s = min(item.request.last_token_s for item in batch) + self.config.tail_wait_s - time.perf_counter()
+        return ([], wait_s) if wait_s > 0 else (batch, 0.0)
+
+    def _fold_tails(self) -> None:
+        """A finished request whose last token's KV is not written yet ends now if the next
+        request on its sequence is waiting: that request's first step writes it."""
+        tails = {r.seq_id: r for r in self.scheduler.running if r.status is Status.COMPLETING}
+        if not tails:
+            return
+        for req in self.scheduler.waiting:
+            done = None if req.stateless else tails.pop(req.seq_id, None)
+            if done is not None:
+                req.tail_position = len(done.entry.token_ids) - 1
+                self._finish(done)
+
+    def _end_held_tail(self, seq_id: str) -> None:
+        """(Under the lock.) A finished request on the sequence whose last token waits for a step
+        ends now, unless that step is running: its sequence keeps the KV before that token."""
+        for req in self.scheduler.running:
+            if req.seq_id == seq_id and req.status is Status.COMPLETING and req not in self._stepping:
+                self._finish(req)
+                return
 
     def _accept(self, request: Request | None) -> None:
         if request is None:
@@ -276,6 +320,7 @@ class Engine:
             return Admission.NO_ROOM
         if not self._kv_reusable(entry, len(req.token_ids)):
             self.store.drop_kv(entry)
+        tail = self._folded_tail(req, entry)
         entry.reconcile(req.token_ids)
         if not self.config.enable_kv_reuse:
             self.store.drop_kv(entry)
@@ -285,11 +330,21 @@ class Engine:
             self.store.release(entry)
             return Admission.NO_ROOM
         req.entry = entry
-        req.cached_tokens = entry.num_cached
+        # the earlier turn's last token counts as cached, as if its own step had written it
+        req.cached_tokens = entry.num_cached + (tail is not None and entry.num_cached == tail)
         req.handoff_tokens = min(entry.imported_tokens, req.cached_tokens)
         entry.imported_tokens = 0
         self._start(req, context)
         return Admission.ADMITTED
+
+    @staticmethod
+    def _folded_tail(req: Request, entry: SequenceEntry) -> int | None:
+        """The position of the earlier turn's last token if this request writes its KV (see
+        _fold_tails): the entry's KV ends just before it, and the token is this request's too."""
+        pos = req.tail_position
+        if pos is None or entry.num_cached != pos or pos >= len(req.token_ids) - 1:
+            return None
+        return pos if entry.token_ids[:pos + 1] == req.token_ids[:pos + 1] else None
 
     def _size_error(self, context: int, max_tokens: int) -> ServiceError | None:
         window = self.store.layout.max_positions
