@@ -83,7 +83,7 @@ def build_engine(settings: WorkerSettings, observer: EngineObserver | None = Non
     config = EngineConfig(worker_id=settings.worker_id, max_batch_size=settings.max_batch_size,
                           max_batch_tokens=settings.max_batch_tokens,
                           max_waiting_requests=settings.max_waiting_requests,
-                          enable_kv_reuse=settings.enable_kv_reuse)
+                          enable_kv_reuse=settings.enable_kv_reuse, tail_wait_s=settings.tail_wait_s)
     engine = Engine(loaded, store, config, observer)
     engine.start()
     logger.info("engine ready: KV budget %.1f MiB (%d bytes/token)", store.budget_bytes / 2**20,

@@ -35,6 +35,9 @@ class WorkerSettings(ServiceSettings):
     kv_cache_memory_fraction: float = Field(0.25, gt=0, le=0.95)
     # false: every request recomputes its whole context (baseline for benchmarks).
     enable_kv_reuse: bool = True
+    # A finished turn's last token waits this long for the sequence's next request, which then
+    # computes it in its own first step (0: a step of its own writes it at once). See README.
+    tail_wait_s: float = Field(0.05, ge=0, le=1.0)
 
     max_batch_size: int = Field(32, ge=1, le=1024)
     # Tokens in one forward pass: decode tokens plus chunks of prompts being prefilled.

@@ -142,7 +142,9 @@ def hf_greedy(model, ids: list[int], max_tokens: int) -> list[int]:
 
 @pytest.fixture
 def engine(loaded_tiny):
-    with make_engine(loaded_tiny) as eng:
+    """tail_wait_s 0: a turn's last token gets its step at once, so a continuation finds the
+    whole earlier context cached (the held-tail path has tests of its own below)."""
+    with make_engine(loaded_tiny, tail_wait_s=0.0) as eng:
         yield eng
 
 
@@ -194,7 +196,8 @@ def test_a_continuation_right_after_done_writes_the_last_token_in_its_first_step
     a_ids, b_ids = encode(engine, PROMPT_A), encode(engine, PROMPT_B)
     earlier = len(a_ids) + k
     assert steps == 2 * k  # a prefill and k - 1 decodes each; no step of its own for the tail
-    assert second.start["cached_tokens"] == second.done["usage"]["cached_tokens"] == earlier
+    # the earlier turn's last token had no KV yet: the continuation computed it in its prefill
+    assert second.start["cached_tokens"] == second.done["usage"]["cached_tokens"] == earlier - 1
     assert second.token_ids == hf_greedy(hf_model, a_ids + first.token_ids + b_ids, k)
 
 
@@ -401,7 +404,7 @@ def test_abort_before_admission(loaded_tiny):
 def test_disabled_reuse_recomputes_and_gives_the_same_tokens(loaded_tiny):
     results = {}
     for reuse in (True, False):
-        with make_engine(loaded_tiny, enable_kv_reuse=reuse) as engine:
+        with make_engine(loaded_tiny, enable_kv_reuse=reuse, tail_wait_s=0.0) as engine:
             first = generate(engine, "s", PROMPT_A, max_tokens=10)
             second = generate(engine, "s", PROMPT_B, max_tokens=10)
             wait_idle(engine)
@@ -451,7 +454,7 @@ def test_eos_stops_with_finish_reason_stop(loaded_tiny):
     # The preset's EOS is never chosen greedily; make a token greedy decoding emits the EOS.
     j = next(i for i in range(2, 16) if tokens[i] not in tokens[:i])
     loaded = dataclasses.replace(loaded_tiny, eos_token_id=tokens[j])
-    with make_engine(loaded) as engine:
+    with make_engine(loaded, tail_wait_s=0.0) as engine:  # the EOS's KV written before nxt
         result = generate(engine, "s", PROMPT_A, max_tokens=16)
         assert result.done["finish_reason"] == "stop"
         assert result.token_ids == tokens[: j + 1]

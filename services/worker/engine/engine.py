@@ -256,8 +256,7 @@ class Engine:
         for req in self.scheduler.waiting:
             done = None if req.stateless else tails.pop(req.seq_id, None)
             if done is not None:
-                req.tail_position = len(done.entry.token_ids) - 1
-                self._finish(done)
+                self._finish(done)  # its KV ends before its last token, which req computes
 
     def _end_held_tail(self, seq_id: str) -> None:
         """(Under the lock.) A finished request on the sequence whose last token waits for a step
@@ -320,7 +319,6 @@ class Engine:
             return Admission.NO_ROOM
         if not self._kv_reusable(entry, len(req.token_ids)):
             self.store.drop_kv(entry)
-        tail = self._folded_tail(req, entry)
         entry.reconcile(req.token_ids)
         if not self.config.enable_kv_reuse:
             self.store.drop_kv(entry)
@@ -330,21 +328,11 @@ class Engine:
             self.store.release(entry)
             return Admission.NO_ROOM
         req.entry = entry
-        # the earlier turn's last token counts as cached, as if its own step had written it
-        req.cached_tokens = entry.num_cached + (tail is not None and entry.num_cached == tail)
+        req.cached_tokens = entry.num_cached
         req.handoff_tokens = min(entry.imported_tokens, req.cached_tokens)
         entry.imported_tokens = 0
         self._start(req, context)
         return Admission.ADMITTED
-
-    @staticmethod
-    def _folded_tail(req: Request, entry: SequenceEntry) -> int | None:
-        """The position of the earlier turn's last token if this request writes its KV (see
-        _fold_tails): the entry's KV ends just before it, and the token is this request's too."""
-        pos = req.tail_position
-        if pos is None or entry.num_cached != pos or pos >= len(req.token_ids) - 1:
-            return None
-        return pos if entry.token_ids[:pos + 1] == req.token_ids[:pos + 1] else None
 
     def _size_error(self, context: int, max_tokens: int) -> ServiceError | None:
         window = self.store.layout.max_positions

@@ -61,7 +61,6 @@ class Request:
     context_tokens: int = 0
     aborted: bool = False
     in_inbox: bool = False
-    tail_position: int | None = None  # the earlier turn's last token, if its KV is this request's to write
     sampler: Any = None          # per-request random generator, set at admission
     detok: Any = None            # incremental detokenizer state
     stop: Any = None             # StopMatcher when params.stop is set
