@@ -46,9 +46,13 @@ def test_continuation_prefills_only_new_tokens(clusters, record_property):
     after = worker_stats(worker)
     assert_well_formed(cont)
     earlier = first.done["usage"]["context_tokens"] + first.done["usage"]["completion_tokens"]
-    assert cont.done["usage"]["cached_tokens"] == earlier == 608
-    assert after["prefill_tokens"] - before["prefill_tokens"] == 16
-    assert after["reused_tokens"] - before["reused_tokens"] == earlier
+    assert earlier == 608
+    # The first turn's last token is cached unless the continuation came within WORKER_TAIL_WAIT_S
+    # of its `done` and computed it itself: then it prefilled that one more.
+    reused = cont.done["usage"]["cached_tokens"]
+    assert reused in (earlier - 1, earlier)
+    assert after["prefill_tokens"] - before["prefill_tokens"] == 16 + earlier - reused
+    assert after["reused_tokens"] - before["reused_tokens"] == reused
     assert after["hits"] - before["hits"] == 1
 
     fresh = generate(url, prompt="x" * 600 + first.done["text"] + "y" * 16, max_tokens=8, temperature=0)

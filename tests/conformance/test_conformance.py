@@ -19,7 +19,7 @@ from services.worker.engine.sequence import Request, SamplingParams
 from services.worker.model.loader import load_model
 from services.worker.model.model_support import UnsupportedModel
 from tests.conformance.architectures import LONGROPE_ORIGINAL, REFUSED, SERVED, WINDOW, build
-from tests.unit.test_engine import Collector, make_engine, wait_idle
+from tests.unit.test_engine import WAIT_S, Collector, make_engine, wait_idle
 
 NEW_TOKENS = 12
 
@@ -89,15 +89,19 @@ def test_a_prompt_past_the_window(subject):
             assert result.token_ids == subject.expected(prompt, 2 * WINDOW), f"prompt of {length}"
 
 
-def test_a_continuation_from_cached_kv(subject):
+@pytest.mark.parametrize("tail_wait_s", [0.0, WAIT_S], ids=["own-step", "held-tail"])
+def test_a_continuation_from_cached_kv(subject, tail_wait_s):
+    """The earlier turn's last token gets its KV in a step of its own, or (held for the next
+    request, which comes at once) in the continuation's first step."""
     rng = random.Random(2)
-    with make_engine(subject.loaded) as engine:
+    computed_here = 1 if tail_wait_s == 0 else 2  # the new token, and the held one
+    with make_engine(subject.loaded, tail_wait_s=tail_wait_s) as engine:
         turn(engine, "s", _ids(rng, 2 * WINDOW))
         second, context = turn(engine, "s", _ids(rng, 7))
         assert second.start["cached_tokens"] > 0
         assert second.token_ids == subject.expected(context)
         third, context = turn(engine, "s", _ids(rng, 1))
-        assert third.start["cached_tokens"] == len(context) - 1
+        assert third.start["cached_tokens"] == len(context) - computed_here
         assert third.token_ids == subject.expected(context)
 
 

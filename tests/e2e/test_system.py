@@ -21,8 +21,10 @@ def test_continuation_equals_generation_from_scratch(cluster):
     assert_well_formed(cont)
 
     earlier_context = first.done["usage"]["context_tokens"] + first.done["usage"]["completion_tokens"]
-    assert cont.start["cached_tokens"] == earlier_context
-    assert cont.done["usage"]["cached_tokens"] == earlier_context
+    # All of it reused, but the first turn's last token if the continuation came before that
+    # token's own step (WORKER_TAIL_WAIT_S): then it computed that one in its prefill.
+    assert cont.start["cached_tokens"] in (earlier_context - 1, earlier_context)
+    assert cont.done["usage"]["cached_tokens"] == cont.start["cached_tokens"]
     assert cont.start["context_tokens"] == earlier_context + len(follow.encode())
 
     whole = "The cache must never change the output. " + first.done["text"] + follow
