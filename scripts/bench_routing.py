@@ -44,8 +44,10 @@ S9_FACTOR = "1.25"
 TAX_MODEL = "tiny-gpt2"
 TAX_PAIRS = 300
 TAX_WARMUP = 20
-TAX_GAP_S = 0.025  # idle before each request: the worker's work after a turn's `done` (the last
-# token's KV step, the session store) otherwise lands on whichever request comes next
+# Idle before each request: the worker's work after a turn's `done` (the last token's KV step, held
+# WORKER_TAIL_WAIT_S for a continuation that does not come here, then run; the session store)
+# otherwise lands on whichever request comes next.
+TAX_GAP_S = 0.025 + 0.05
 
 
 def _env(model_cache_dir: Path, model: str = MODEL) -> dict[str, str]:
