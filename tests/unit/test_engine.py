@@ -215,6 +215,22 @@ def test_a_finished_requests_last_token_is_written_after_tail_wait_s_or_with_oth
         assert engine.stats()["steps"] == 2 * k
 
 
+def test_a_delete_during_a_finished_requests_last_token_step_waits_for_it(loaded_tiny):
+    k = 3
+    with make_engine(loaded_tiny, tail_wait_s=0.0) as engine:
+        with Gate(engine, hold_at=k + 1) as gate:  # a prefill, k - 1 decodes, then the tail's step
+            generate(engine, "s", PROMPT_A, max_tokens=k)
+            gate.wait_reached()
+            deleting = threading.Thread(target=lambda: results.append(engine.delete_sequence("s")))
+            results: list = []
+            deleting.start()
+            deleting.join(0.2)
+            assert deleting.is_alive()  # waiting for the step, not answering "busy"
+            gate.released.set()
+            deleting.join(WAIT_S)
+        assert results == [True] and engine.store.get("s") is None
+
+
 def test_export_and_delete_do_not_wait_for_a_held_last_token(loaded_tiny):
     with make_engine(loaded_tiny, tail_wait_s=WAIT_S) as engine:
         first = generate(engine, "s", PROMPT_A, max_tokens=3)

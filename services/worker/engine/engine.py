@@ -26,6 +26,7 @@ from services.worker.model.runner import ModelRunner, StepInput
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5  # the engine thread checks for stop this often when idle
+TAIL_STEP_WAIT_S = 5.0  # the longest a DELETE waits for a finished request's last-token step
 
 
 @dataclass(frozen=True)
@@ -108,13 +109,21 @@ class Engine:
         self._inbox.put(request)  # wakes the loop; it drops aborted requests
 
     def delete_sequence(self, seq_id: str) -> bool | None:
-        """True if deleted, False if unknown, None if a request is running on it."""
-        with self.lock:
-            entry = self.store.get(seq_id)
-            if entry is None:
-                return False
-            self._end_held_tail(seq_id)
-            return True if self.store.delete(seq_id) else None
+        """True if deleted, False if unknown, None if a request is running on it. Blocking: a
+        finished request's last-token step that is running now is waited for (a DELETE sent
+        right after `done` must not get 409 for it)."""
+        deadline = time.monotonic() + TAIL_STEP_WAIT_S
+        while True:
+            with self.lock:
+                entry = self.store.get(seq_id)
+                if entry is None:
+                    return False
+                self._end_held_tail(seq_id)
+                if self.store.delete(seq_id):
+                    return True
+                if not self._tail_stepping(seq_id) or time.monotonic() > deadline:
+                    return None
+            time.sleep(0.002)
 
     def encode(self, text: str) -> list[int]:
         self.check_text_fits(len(text))
@@ -249,14 +258,20 @@ class Engine:
 
     def _fold_tails(self) -> None:
         """A finished request whose last token's KV is not written yet ends now if the next
-        request on its sequence is waiting: that request's first step writes it."""
+        request on its sequence is waiting: that request's first step writes it (never with
+        tail_wait_s 0: then the token always gets a step of its own)."""
         tails = {r.seq_id: r for r in self.scheduler.running if r.status is Status.COMPLETING}
-        if not tails:
+        if not tails or self.config.tail_wait_s <= 0:
             return
         for req in self.scheduler.waiting:
             done = None if req.stateless else tails.pop(req.seq_id, None)
             if done is not None:
                 self._finish(done)  # its KV ends before its last token, which req computes
+
+    def _tail_stepping(self, seq_id: str) -> bool:
+        """(Under the lock.) Whether the step running now writes a finished request's last token
+        on the sequence."""
+        return any(r.seq_id == seq_id and r.status is Status.COMPLETING for r in self._stepping)
 
     def _end_held_tail(self, seq_id: str) -> None:
         """(Under the lock.) A finished request on the sequence whose last token waits for a step
