@@ -19,26 +19,16 @@ def bearer_headers(token: SecretStr) -> dict[str, str]:
     return {"Authorization": f"Bearer {value}"} if value else {}
 
 
-def has_bearer(request: Request, token: SecretStr) -> bool:
-    """Whether the request carries the token (any request does when none is configured).
+def require_bearer(token: SecretStr):
+    """A FastAPI dependency: 401 unless the request carries the token (no check when unset).
     Compared in constant time; the token never appears in an error message or a log."""
     expected = token.get_secret_value().encode()
-    if not expected:
-        return True
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
-
-
-def check_bearer(request: Request, token: SecretStr, message: str = "missing or wrong bearer token") -> None:
-    """401 (Unauthorized, with `message`) unless the request carries the token."""
-    if not has_bearer(request, token):
-        raise Unauthorized(message)
-
-
-def require_bearer(token: SecretStr):
-    """A FastAPI dependency: 401 unless the request carries the token (no check when unset)."""
 
     async def check(request: Request) -> None:
-        check_bearer(request, token)
+        if not expected:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise Unauthorized("missing or wrong bearer token")
 
     return check

@@ -8,7 +8,6 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from services.common.auth import check_bearer
 from services.common.errors import Conflict, InvalidRequest, ModelNotFound, NotFound, ServiceError, Unavailable
 from services.common.event_stream import EventStream
 from services.common.metrics import metrics_response
@@ -17,15 +16,16 @@ from services.worker.engine.sequence import SamplingParams
 from services.worker.streams import RequestHandle, collect_result, counted, start_request, stream_events
 from services.worker.turns import Turn
 
+# The gateway's routes (turns, outcomes, deletes): create_app guards them with the internal token,
+# since every one reads or changes a sequence and /generate sends the token to the handoff sources
+# it names. `open_router` holds the probes and the numbers.
 router = APIRouter()
+open_router = APIRouter()
 
 
 @router.post("/generate")
 async def generate(body: WorkerGenerateRequest, request: Request):
     state = request.app.state.worker
-    # Every turn changes the session store, and the worker would send its token to the handoff
-    # sources named: only the gateway (holding the internal token) may call this.
-    check_bearer(request, state.settings.internal_token)
     engine = state.require_serving()
     if body.model_name is not None and body.model_name != state.settings.model_name:
         raise ModelNotFound(f"model '{body.model_name}' is not served here; this worker serves "
@@ -101,10 +101,9 @@ def _stream(state, turn: Turn, handle: RequestHandle, start: dict):
 
 @router.delete("/sequences/{seq_id}")
 async def delete_sequence(seq_id: str, request: Request):
-    """Removes the sequence from the session store and from this worker's KV (internal token)."""
+    """Removes the sequence from the session store and from this worker's KV."""
     check_seq_id(seq_id)
     state = request.app.state.worker
-    check_bearer(request, state.settings.internal_token)
     local = await asyncio.to_thread(state.require_engine().delete_sequence, seq_id)
     if local is None:
         raise Conflict(f"sequence '{seq_id}' has a request running; retry after it ends")
@@ -117,15 +116,14 @@ async def delete_sequence(seq_id: str, request: Request):
 @router.get("/sequences/{seq_id}")
 async def sequence_outcomes(seq_id: str, request: Request):
     """The sequence's length and its last turns' outcomes, so a client that lost a reply learns
-    whether its turn was stored (internal token)."""
+    whether its turn was stored."""
     check_seq_id(seq_id)
     state = request.app.state.worker
-    check_bearer(request, state.settings.internal_token)
     state.require_engine()
     return {"seq_id": seq_id, **await state.turns.describe(seq_id)}
 
 
-@router.get("/stats")
+@open_router.get("/stats")
 async def stats(request: Request):
     state = request.app.state.worker
     s = state.settings
@@ -135,7 +133,7 @@ async def stats(request: Request):
     return {**base, **(await asyncio.to_thread(state.engine.stats) if state.engine else {})}
 
 
-@router.get("/health")
+@open_router.get("/health")
 async def health(request: Request):
     state = request.app.state.worker
     failure = state.load_error or (state.engine and not state.engine.alive and "engine thread stopped")
@@ -144,13 +142,13 @@ async def health(request: Request):
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@open_router.get("/ready")
 async def ready(request: Request):
     state = request.app.state.worker
     state.require_serving()
     return {"status": "ready", "worker_id": state.settings.worker_id}
 
 
-@router.get("/metrics")
+@open_router.get("/metrics")
 async def metrics(request: Request):
     return metrics_response(request.app.state.worker.metrics.registry)

@@ -15,7 +15,7 @@ from services.common.body_limit import BodyLimit
 from services.common.errors import Draining, NotReady, error_response, install_error_handlers
 from services.common.http import make_client
 from services.worker import completions_api, internal_api
-from services.worker.api import router
+from services.worker.api import open_router, router
 from services.worker.drain import Drainer
 from services.worker.engine.engine import Engine, EngineConfig, EngineObserver
 from services.worker.handoff import KVPuller
@@ -154,7 +154,9 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
     app.add_middleware(InFlightMiddleware, in_flight=app.state.worker.in_flight)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
                        render=lambda _, exc: error_response(exc))
-    app.include_router(router)
-    app.include_router(completions_api.router)
-    app.include_router(internal_api.router, dependencies=[Depends(require_bearer(settings.internal_token))])
+    gateway_only = [Depends(require_bearer(settings.internal_token))]
+    app.include_router(open_router)
+    app.include_router(router, dependencies=gateway_only)
+    app.include_router(completions_api.router, dependencies=gateway_only)
+    app.include_router(internal_api.router, dependencies=gateway_only)
     return app

@@ -1,4 +1,5 @@
-"""POST /completions: stateless (OpenAI-style) generation, sent by the gateway.
+"""POST /completions: stateless (OpenAI-style) generation, sent by the gateway (create_app guards
+it with the internal token: workers are not public).
 
 No seq_id and no session store: the request's KV entry is pure cache. The engine starts from the
 longest cached prefix of the prompt (automatic prefix caching) and keeps the result for the next
@@ -12,7 +13,6 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from services.common.auth import check_bearer
 from services.common.errors import InvalidRequest
 from services.common.event_stream import EventStream
 from services.common.schemas import WorkerCompletionRequest
@@ -27,7 +27,6 @@ router = APIRouter()
 @router.post("/completions")
 async def completions(body: WorkerCompletionRequest, request: Request):
     state = request.app.state.worker
-    check_bearer(request, state.settings.internal_token)  # the gateway's: workers are not public
     engine = state.require_serving()
     prompt_ids = await asyncio.to_thread(prompt_token_ids, engine, body)
     if not prompt_ids:
