@@ -23,7 +23,8 @@ class FastGenerate:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not _is_generate(scope):
+        headers = _generate_headers(scope)
+        if headers is None:
             await self.app(scope, receive, send)
             return
         body, complete = await read_body(receive)
@@ -36,15 +37,18 @@ class FastGenerate:
         except ValidationError:
             await self.app(scope, replay, send)
             return
-        key = dict(scope["headers"]).get(IDEMPOTENCY_KEY_RAW)
+        key = headers.get(IDEMPOTENCY_KEY_RAW)
         response = await generate_response(scope["app"].state.proxy, request,
                                            key.decode("latin-1") if key is not None else None, tenant_in(scope))
         await response(scope, receive, send)
 
 
-def _is_generate(scope: Scope) -> bool:
+def _generate_headers(scope: Scope) -> dict[bytes, bytes] | None:
+    """The request's headers if this path takes it (a POST /generate with a JSON body), else None."""
     if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/generate":
-        return False
+        return None
+    headers = dict(scope["headers"])
     # What FastAPI decodes as JSON (it also takes +json types; those go to it)
-    content_type = dict(scope["headers"]).get(b"content-type", b"").lower()
-    return content_type in (b"", b"application/json") or content_type.startswith(b"application/json;")
+    content_type = headers.get(b"content-type", b"").lower()
+    is_json = content_type in (b"", b"application/json") or content_type.startswith(b"application/json;")
+    return headers if is_json else None
