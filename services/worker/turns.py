@@ -63,6 +63,16 @@ def store_error(exc: ss.SessionStoreError) -> ServiceError:
     return StoreUnavailable(f"session store unavailable: {exc}", retry_after_s=1)
 
 
+class _BeginLost(Exception):
+    """begin_turn's reply was lost (the store failed): `rollback` takes the turn back out if it
+    landed after all; the client gets `error`."""
+
+    def __init__(self, rollback: PendingEnd, error: ServiceError) -> None:
+        super().__init__(error.message)
+        self.rollback = rollback
+        self.error = error
+
+
 class Turns:
     def __init__(self, store: ss.SessionStore, lease_s: float,
                  on_store_call: Callable[[str, float], None] = lambda op, seconds: None):
@@ -83,6 +93,10 @@ class Turns:
             await self._repair(self.repairs.for_sequence(seq_id))
             turn = await asyncio.to_thread(self._begin, seq_id, turn_id, prompt_ids, max_tokens,
                                            window, resume, decode)
+        except _BeginLost as lost:  # kept here: only the event loop changes the pending writes
+            self._release(seq_id)
+            self.repairs.add(lost.rollback)
+            raise lost.error from lost.__cause__
         except BaseException:
             self._release(seq_id)
             raise
@@ -180,10 +194,11 @@ class Turns:
         try:
             token_ids = self._timed("begin_turn", self.store.begin_turn, seq_id, turn_id, len(earlier), prompt_ids)
         except ss.DuplicateTurn as exc:  # the same request, at once on another worker
-            raise DuplicateTurn(str(exc), describe_turn(self.store.load(seq_id) or session, exc.entry, decode)) from None
+            now = self._call("load", self.store.load, seq_id) or session
+            raise DuplicateTurn(str(exc), describe_turn(now, exc.entry, decode)) from None
         except ss.StoreUnavailable as exc:  # it may have landed: take it back when the store is back
-            self.repairs.add(PendingEnd(seq_id, turn_id, context, (), keep_len=len(earlier)))
-            raise store_error(exc) from exc
+            rollback = PendingEnd(seq_id, turn_id, context, (), keep_len=len(earlier))
+            raise _BeginLost(rollback, store_error(exc)) from exc
         except ss.SessionStoreError as exc:
             raise store_error(exc) from exc
         return Turn(seq_id, turn_id, token_ids, len(prompt_ids), rollback_len=len(earlier))
