@@ -18,9 +18,9 @@ from services.worker import completions_api, internal_api
 from services.worker.api import open_router, router
 from services.worker.drain import Drainer
 from services.worker.engine.engine import Engine, EngineConfig, EngineObserver
-from services.worker.handoff import KVPuller
-from services.worker.kv_store import KVStore
-from services.worker.kv_transfer import fingerprint
+from services.worker.kv.handoff import KVPuller
+from services.worker.kv.store import KVStore
+from services.worker.kv.transfer import fingerprint
 from services.worker.load import InFlight, InFlightMiddleware
 from services.worker.metrics import WorkerMetrics
 from services.worker.model.loader import LoadedModel, load_model

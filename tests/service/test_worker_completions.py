@@ -12,7 +12,7 @@ import pytest_asyncio
 from services.common.schemas import GenerateResult
 from services.common.sse import parse_events
 from services.worker.engine.sequence import SamplingParams, Status
-from services.worker.prefix_index import BLOCK_TOKENS
+from services.worker.kv.prefix_index import BLOCK_TOKENS
 from services.worker.streams import RequestHandle, start_request, stream_events
 from tests.service.test_worker_api import assert_error, running_app, wait_for, worker_settings
 from tests.unit.test_engine import Gate

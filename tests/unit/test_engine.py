@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from services.common.errors import ContextTooLong, Overloaded, ServiceError, Unavailable
 from services.worker.engine.engine import Engine, EngineConfig
 from services.worker.engine.sequence import Request, SamplingParams, Status
-from services.worker.kv_store import KVStore
+from services.worker.kv.store import KVStore
 from services.worker.model.presets import resolve_model_path
 from tests import support
 from tests.support import EventsView

@@ -7,8 +7,8 @@ import weakref
 import pytest
 import torch
 
-from services.worker import kv_store
-from services.worker.kv_store import (BLOCK_TOKENS, STATELESS_KEY_PREFIX, KVCapacityError, KVLayout, KVStore,
+from services.worker.kv import store as kv_store
+from services.worker.kv.store import (BLOCK_TOKENS, STATELESS_KEY_PREFIX, KVCapacityError, KVLayout, KVStore,
                                       SequenceKV)
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32,

@@ -19,7 +19,7 @@ from services.worker.engine.sampling import make_generator, sample_token
 from services.worker.engine.scheduler import Admission, ScheduledItem, Scheduler
 from services.worker.engine.sequence import Request, RequestTimings, Status
 from services.worker.engine.stop import StopMatcher
-from services.worker.kv_store import KVCapacityError, KVStore, SequenceEntry
+from services.worker.kv.store import KVCapacityError, KVStore, SequenceEntry
 from services.worker.model.loader import LoadedModel
 from services.worker.model.runner import ModelRunner, StepInput
 

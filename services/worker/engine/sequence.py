@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Any
 
-from services.worker.kv_store import SequenceEntry
+from services.worker.kv.store import SequenceEntry
 
 # Receives event dicts, or a ServiceError before the `start` event. Must be thread-safe.
 EventSink = Callable[[Any], None]

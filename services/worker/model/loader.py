@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from services.worker.kv_store import KVLayout
+from services.worker.kv.store import KVLayout
 from services.worker.model import longrope
 from services.worker.model.attention import ATTN_IMPLEMENTATION
 from services.worker.model.model_support import AttentionSpec, inspect_model

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.worker.kv_store import SequenceKV
+from services.worker.kv.store import SequenceKV
 from services.worker.model.attention import Segment, Step, run_step
 from services.worker.model.loader import LoadedModel
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.worker.prefix_index import PrefixIndex
+from services.worker.kv.prefix_index import PrefixIndex
 
 BLOCK_TOKENS = 64  # capacity granularity
 STATELESS_KEY_PREFIX = "~"  # outside the seq_id alphabet: never a session's key

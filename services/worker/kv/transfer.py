@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.worker.kv_store import KVLayout
+from services.worker.kv.store import KVLayout
 
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _MAX_HEADER_BYTES = 64 * 2**20  # token ids of a long sequence are the bulk of it
