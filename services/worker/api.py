@@ -130,7 +130,8 @@ async def stats(request: Request):
     base = {"worker_id": s.worker_id, "model_name": s.model_name, "ready": state.engine is not None,
             "enable_kv_reuse": s.enable_kv_reuse, "draining": state.drainer.draining,
             "in_flight": state.in_flight.count}
-    return {**base, **(await asyncio.to_thread(state.engine.stats) if state.engine else {})}
+    kv_tensors = await asyncio.to_thread(request.app.state.kv_tensors.stats)
+    return {**base, **kv_tensors, **(await asyncio.to_thread(state.engine.stats) if state.engine else {})}
 
 
 @open_router.get("/health")

@@ -14,7 +14,7 @@ from services.common.auth import bearer_headers, require_bearer
 from services.common.body_limit import BodyLimit
 from services.common.errors import Draining, NotReady, error_response, install_error_handlers
 from services.common.http import make_client
-from services.worker import completions_api, internal_api
+from services.worker import completions_api, internal_api, kv_tensor_api
 from services.worker.api import open_router, router
 from services.worker.drain import Drainer
 from services.worker.engine.engine import Engine, EngineConfig, EngineObserver
@@ -150,6 +150,7 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="kvcache worker", lifespan=lifespan)
     app.state.worker = WorkerState(settings)
+    app.state.kv_tensors = kv_tensor_api.new_store(settings)
     install_error_handlers(app)
     app.add_middleware(InFlightMiddleware, in_flight=app.state.worker.in_flight)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
@@ -159,4 +160,5 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
     app.include_router(router, dependencies=gateway_only)
     app.include_router(completions_api.router, dependencies=gateway_only)
     app.include_router(internal_api.router, dependencies=gateway_only)
+    app.include_router(kv_tensor_api.router, dependencies=gateway_only)
     return app

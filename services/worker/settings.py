@@ -55,6 +55,14 @@ class WorkerSettings(ServiceSettings):
     turn_lease_s: float = Field(30.0, gt=0)
     # On SIGTERM: finish running requests, serve KV pulls, then exit, within this time.
     drain_timeout_s: float = Field(30.0, ge=0)
+    # The KV tensor API (/kv/*, README "KV tensor API"): an in-memory store per worker, apart from
+    # the engine's KV. Its byte budget over every seq_id (least recently used seq_ids are evicted
+    # whole; 0 stores nothing), the most one (seq_id, layer) K or V tensor may hold, and whether
+    # torch.save's encoding (the reference design's; loaded with weights_only=True) is taken
+    # besides "raw".
+    kv_tensor_bytes: int = Field(256 * 2**20, ge=0)
+    kv_tensor_max_bytes: int = Field(16 * 2**20, ge=1)
+    kv_tensor_allow_torch_save: bool = True
     # internal_token (WORKER_INTERNAL_TOKEN, required to start): /internal/*, DELETE /sequences/*
     # and a /generate naming handoff_sources or resume require `Authorization: Bearer <token>`;
     # the worker sends it to the coordinator and to the workers it pulls KV from.
