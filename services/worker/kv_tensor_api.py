@@ -101,7 +101,7 @@ async def append(body: KVWriteRequest, request: Request) -> dict:
 async def get(body: KVGetRequest, request: Request) -> Response:
     content = await _call(_read, *_parts(request), body)
     if content is None:
-        raise NotFound(f"no KV for seq_id {body.seq_id!r} layer {body.layer}")
+        raise NotFound(f"no KV for this seq_id at layer {body.layer}")  # the gateway's client knows its seq_id
     return Response(content, media_type="application/json")
 
 

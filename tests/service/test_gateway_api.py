@@ -616,7 +616,8 @@ async def test_openapi_documents_every_route_and_there_is_no_debug_endpoint(clus
     schema = (await cluster.gateway.get("/openapi.json")).json()
     paths = schema["paths"]
     assert set(paths) == {"/generate", "/sequences/{seq_id}", "/stats", "/health", "/metrics", "/v1/models",
-                          "/v1/models/{model_id}", "/v1/chat/completions", "/v1/completions"}
+                          "/v1/models/{model_id}", "/v1/chat/completions", "/v1/completions",
+                          "/kv/put", "/kv/get", "/kv/append", "/kv/{seq_id}/{layer}/length", "/kv/{seq_id}"}
     for path, kind in (("/generate", "GenerateResult"), ("/v1/chat/completions", "ChatCompletion"),
                        ("/v1/completions", "TextCompletion")):
         content = paths[path]["post"]["responses"]["200"]["content"]
