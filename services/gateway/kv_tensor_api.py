@@ -76,7 +76,8 @@ async def delete(seq_id: SeqIdPath, request: Request) -> Response:
     return await _forward(request, "DELETE", "/kv/{seq_id}", seq_id)
 
 
-async def _forward(request: Request, method: str, path: str, public_seq_id: str, payload: dict | None = None) -> Response:
+async def _forward(request: Request, method: str, path: str, public_seq_id: str,
+                   payload: dict | None = None) -> Response:
     proxy = request.app.state.proxy
     seq_id = internal_seq_id(tenant_in(request.scope), public_seq_id)
     try:

@@ -92,7 +92,8 @@ async def test_delete_removes_every_layer_of_a_seq_id(worker):
     _, client = worker
     for layer in range(3):
         k = raw_tensor(torch.zeros(2, 1, 4))
-        assert (await client.post("/kv/put", json={"seq_id": "gone", "layer": layer, "k": k, "v": k})).status_code == 200
+        put = await client.post("/kv/put", json={"seq_id": "gone", "layer": layer, "k": k, "v": k})
+        assert put.status_code == 200
     deleted = await client.delete("/kv/gone")
     assert deleted.json() == {"status": "evicted", "seq_id": "gone", "num_layers": 3, "worker_id": "w-kv"}
     assert_error(await client.post("/kv/get", json={"seq_id": "gone", "layer": 1}), 404, "not_found")

@@ -123,7 +123,8 @@ class KVTensorStore:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {"kv_tensor_seqs": len(self._seqs), "kv_tensor_layers": sum(len(s.layers) for s in self._seqs.values()),
+            num_layers = sum(len(s.layers) for s in self._seqs.values())
+            return {"kv_tensor_seqs": len(self._seqs), "kv_tensor_layers": num_layers,
                     "kv_tensor_bytes": self._nbytes, "kv_tensor_budget_bytes": self.budget_bytes,
                     **{f"kv_tensor_{name}": value for name, value in vars(self.counters).items()}}
 
