@@ -8,10 +8,10 @@ decoded in a worker thread, not on the event loop. A worker that cannot be reach
 call is not sent to another worker: the tensors are not there)."""
 
 import asyncio
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request
+from pydantic_core import from_json, to_json
 from starlette.responses import Response
 
 from services.common.errors import Unavailable, UpstreamError, error_body
@@ -21,7 +21,7 @@ from services.common.kv_tensor_schemas import (MAX_LAYERS, KVDeleteResponse, KVG
 from services.common.schemas import SEQ_ID_PATTERN
 from services.coordinator.ring import EmptyRingError
 from services.gateway.openapi_docs import errors
-from services.gateway.routing import error_message, json_or_none
+from services.gateway.routing import error_message
 from services.gateway.tenants import internal_seq_id, tenant_in
 from services.gateway.upstream import Saturated, Unreachable, UpstreamFailure
 
@@ -105,13 +105,20 @@ async def _forward(request: Request, method: str, path: str, public_seq_id: str,
 
 
 def _dumps(body: dict) -> bytes:
-    return json.dumps(body, separators=(",", ":")).encode()
+    return to_json(body)  # pydantic's encoder: 1 ms for 2 MB of base64, where json.dumps takes 16
+
+
+def _loads(content: bytes):
+    try:
+        return from_json(content)
+    except ValueError:
+        return None
 
 
 def _for_client(status: int, content: bytes, public_seq_id: str) -> tuple[int, bytes]:
     """The worker's answer with the client's own seq_id; one that is not JSON of the right kind
     becomes a 502 in the project's error shape."""
-    body = json_or_none(content)
+    body = _loads(content)
     if 200 <= status < 300 and isinstance(body, dict) and "error" not in body:
         return status, _dumps(body | {"seq_id": public_seq_id})
     if status == 401:  # the worker refused the gateway's own token: a fault of the cluster, not the client's

