@@ -7,11 +7,16 @@ torch.load(weights_only=True) only) or, with "encoding": "raw", the tensor's byt
 little-endian (no unpickling at all). Size limits are the services' settings, not the schema's.
 """
 
-from typing import Annotated, Literal
+import asyncio
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.common.schemas import SEQ_ID_PATTERN, NotBoolOrString
+
+Model = TypeVar("Model", bound=BaseModel)
 
 MAX_LAYERS = 1024  # layer indexes 0..1023: more than any model has
 MAX_DIM = 2**31 - 1
@@ -99,3 +104,31 @@ class KVDeleteResponse(BaseModel):
     seq_id: str
     num_layers: int
     worker_id: str
+
+
+async def parsed_body(request: Request, model: type[Model]) -> Model:
+    """The request's JSON body as `model`, parsed and validated in a worker thread: a body of
+    megabytes of base64 never blocks the event loop (FastAPI's own parsing runs on it). Invalid:
+    the 422 that FastAPI's validation gives."""
+    raw = await request.body()
+    try:
+        return await asyncio.to_thread(model.model_validate_json, raw)
+    except ValidationError as exc:
+        errors = [error | {"loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
+
+
+def body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` documenting `model` as the JSON body of a route that reads it with
+    parsed_body (its sub-models inlined: the schema stands alone)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inlined(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            return inlined(defs[ref.removeprefix("#/$defs/")]) if ref.startswith("#/$defs/") else \
+                {key: inlined(value) for key, value in node.items()}
+        return [inlined(item) for item in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inlined(schema)}}}}

@@ -17,7 +17,8 @@ from starlette.responses import Response
 from services.common.errors import Unavailable, UpstreamError, error_body
 from services.common.http import path_segment
 from services.common.kv_tensor_schemas import (MAX_LAYERS, KVDeleteResponse, KVGetRequest, KVGetResponse,
-                                               KVLengthResponse, KVWriteRequest, KVWriteResponse)
+                                               KVLengthResponse, KVWriteRequest, KVWriteResponse, body_doc,
+                                               parsed_body)
 from services.common.schemas import SEQ_ID_PATTERN
 from services.coordinator.ring import EmptyRingError
 from services.gateway.openapi_docs import errors
@@ -46,20 +47,24 @@ def _responses(model, *statuses: int, tensors: bool = False) -> dict:
 WRITE_RESPONSES = _responses(KVWriteResponse, 400, 401, 413, 422, 502, 503, tensors=True)
 
 
-@router.post("/put", response_model=None, responses=WRITE_RESPONSES)
-async def put(body: KVWriteRequest, request: Request) -> Response:
+@router.post("/put", response_model=None, responses=WRITE_RESPONSES, openapi_extra=body_doc(KVWriteRequest))
+async def put(request: Request) -> Response:
     """Stores the layer's K and V ([seq_len, num_heads, head_dim]), replacing what it held."""
+    body = await parsed_body(request, KVWriteRequest)
     return await _forward(request, "POST", "/kv/put", body.seq_id, body.model_dump())
 
 
-@router.post("/append", response_model=None, responses=WRITE_RESPONSES)
-async def append(body: KVWriteRequest, request: Request) -> Response:
+@router.post("/append", response_model=None, responses=WRITE_RESPONSES, openapi_extra=body_doc(KVWriteRequest))
+async def append(request: Request) -> Response:
     """Adds positions at the end of the layer's K and V (a put if it holds nothing)."""
+    body = await parsed_body(request, KVWriteRequest)
     return await _forward(request, "POST", "/kv/append", body.seq_id, body.model_dump())
 
 
-@router.post("/get", response_model=None, responses=_responses(KVGetResponse, 400, 401, 404, 422, 502, 503))
-async def get(body: KVGetRequest, request: Request) -> Response:
+@router.post("/get", response_model=None, responses=_responses(KVGetResponse, 400, 401, 404, 422, 502, 503),
+             openapi_extra=body_doc(KVGetRequest))
+async def get(request: Request) -> Response:
+    body = await parsed_body(request, KVGetRequest)
     return await _forward(request, "POST", "/kv/get", body.seq_id, body.model_dump())
 
 

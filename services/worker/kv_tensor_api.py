@@ -13,7 +13,8 @@ from starlette.responses import Response
 
 from services.common.errors import InvalidRequest, NotFound, ServiceError
 from services.common.kv_tensor_schemas import (MAX_LAYERS, KVDeleteResponse, KVGetRequest, KVGetResponse,
-                                               KVLengthResponse, KVWriteRequest, KVWriteResponse, TensorData)
+                                               KVLengthResponse, KVWriteRequest, KVWriteResponse, TensorData,
+                                               body_doc, parsed_body)
 from services.common.schemas import SEQ_ID_PATTERN
 from services.worker.kv.tensor_codec import InvalidTensor, TensorTooLarge, decode_tensor, encode_tensor
 from services.worker.kv.tensors import KVTensorStore, OverBudget, ShapeMismatch
@@ -85,20 +86,22 @@ def _parts(request: Request):
     return request.app.state.worker.settings, request.app.state.kv_tensors
 
 
-@router.post("/put", response_model=KVWriteResponse)
-async def put(body: KVWriteRequest, request: Request) -> dict:
+@router.post("/put", response_model=KVWriteResponse, openapi_extra=body_doc(KVWriteRequest))
+async def put(request: Request) -> dict:
     """Stores the layer's K and V, replacing what it held."""
-    return await _call(_write, *_parts(request), body, False)
+    return await _call(_write, *_parts(request), await parsed_body(request, KVWriteRequest), False)
 
 
-@router.post("/append", response_model=KVWriteResponse)
-async def append(body: KVWriteRequest, request: Request) -> dict:
+@router.post("/append", response_model=KVWriteResponse, openapi_extra=body_doc(KVWriteRequest))
+async def append(request: Request) -> dict:
     """Adds positions at the end of the layer's K and V (a put if it holds nothing)."""
-    return await _call(_write, *_parts(request), body, True)
+    return await _call(_write, *_parts(request), await parsed_body(request, KVWriteRequest), True)
 
 
-@router.post("/get", response_model=None, responses={200: {"model": KVGetResponse}})
-async def get(body: KVGetRequest, request: Request) -> Response:
+@router.post("/get", response_model=None, responses={200: {"model": KVGetResponse}},
+             openapi_extra=body_doc(KVGetRequest))
+async def get(request: Request) -> Response:
+    body = await parsed_body(request, KVGetRequest)
     content = await _call(_read, *_parts(request), body)
     if content is None:
         raise NotFound(f"no KV for this seq_id at layer {body.layer}")  # the gateway's client knows its seq_id
