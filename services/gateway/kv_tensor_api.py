@@ -3,7 +3,7 @@ DELETE /kv/{seq_id}): each call goes to its seq_id's owner on the ring, the work
 routes that seq_id to (without bounded-load spills: the tensors live on the owner only).
 
 API keys and tenants apply as for /generate: the worker is sent the tenant's internal seq_id
-(tenants.internal_seq_id), and answers name the client's own. Bodies of megabytes are encoded and
+(tenants.internal_seq_id), and answers name the client's own. Bodies of megabytes are parsed, encoded and
 decoded in a worker thread, not on the event loop. A worker that cannot be reached is a 503 (the
 call is not sent to another worker: the tensors are not there)."""
 
@@ -72,7 +72,7 @@ async def get(request: Request) -> Response:
             responses=_responses(KVLengthResponse, 401, 422, 502, 503))
 async def length(seq_id: SeqIdPath, layer: LayerPath, request: Request) -> Response:
     """The layer's seq_len; 0 when it holds nothing."""
-    return await _forward(request, "GET", "/kv/{seq_id}/" + f"{layer}/length", seq_id)
+    return await _forward(request, "GET", f"/kv/{{seq_id}}/{layer}/length", seq_id)
 
 
 @router.delete("/{seq_id}", response_model=None, responses=_responses(KVDeleteResponse, 401, 422, 502, 503))
