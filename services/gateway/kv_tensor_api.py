@@ -30,9 +30,9 @@ router = APIRouter(prefix="/kv", tags=["KV tensors"])
 SeqIdPath = Annotated[str, Path(pattern=SEQ_ID_PATTERN)]
 LayerPath = Annotated[int, Path(ge=0, lt=MAX_LAYERS)]
 _JSON = {"Content-Type": "application/json"}
-TENSOR_ERRORS = {400: {"description": "A body that is not JSON, a tensor that is not what it declares "
-                                      "(`invalid_tensor`: base64, shape, dtype, encoding), or an append that "
-                                      "does not match the layer (`kv_shape_mismatch`)."},
+TENSOR_ERRORS = {400: {"description": "A tensor that is not what it declares (`invalid_tensor`: base64, shape, "
+                                      "dtype, encoding), or an append that does not match the layer "
+                                      "(`kv_shape_mismatch`)."},
                  413: {"description": "The body is over GATEWAY_MAX_BODY_BYTES (`request_too_large`), or a tensor "
                                       "or the seq_id over the worker's limits (`kv_too_large`)."}}
 
@@ -61,7 +61,7 @@ async def append(request: Request) -> Response:
     return await _forward(request, "POST", "/kv/append", body.seq_id, body.model_dump())
 
 
-@router.post("/get", response_model=None, responses=_responses(KVGetResponse, 400, 401, 404, 422, 502, 503),
+@router.post("/get", response_model=None, responses=_responses(KVGetResponse, 401, 404, 413, 422, 502, 503),
              openapi_extra=body_doc(KVGetRequest))
 async def get(request: Request) -> Response:
     body = await parsed_body(request, KVGetRequest)
