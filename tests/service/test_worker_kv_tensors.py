@@ -124,6 +124,7 @@ async def test_bad_tensors_get_clear_4xx_errors(worker):
     ]
     for body, path, status, error_type in cases:
         assert_error(await client.post(path, json=body), status, error_type)
+    assert_error(await client.post("/kv/put", content=b"{not json"), 422, "invalid_request")
     got = (await client.post("/kv/get", json={"seq_id": "bad", "layer": 0, "encoding": "raw"})).json()
     assert got["seq_len"] == 2 and got["k"]["shape"] == [2, 3, 4]  # nothing refused changed the layer
 
