@@ -58,6 +58,8 @@ class Request:
     generated: list[int] = field(default_factory=list)
     cached_tokens: int = 0
     handoff_tokens: int = 0
+    tier_tokens: int = 0  # positions loaded from the lower KV tiers at admission
+    prefetched: Any = None  # lower-tier chunks read for it before it was queued (kv.lower.Prefetched)
     context_tokens: int = 0
     aborted: bool = False
     in_inbox: bool = False

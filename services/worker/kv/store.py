@@ -15,6 +15,7 @@ it from the index (drop_kv).
 
 import itertools
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -94,6 +95,7 @@ class SequenceEntry:
     busy: bool = False  # a request is running on it, or its KV is being copied: never evicted
     imported_tokens: int = 0  # positions pulled from another worker, not yet used by a request
     stateless: bool = False  # pure cache: never exported, never in the session store
+    shared_tokens: int = 0  # leading positions whose chunks are written (or queued) to the shared tier
 
     @property
     def num_cached(self) -> int:
@@ -108,12 +110,16 @@ class SequenceEntry:
         common prefix only, and at least the last position is left to compute (its logits)."""
         if self.kv is not None:
             self.kv.num_tokens = min(self.cached_prefix(token_ids), len(token_ids) - 1)
+        self.shared_tokens = min(self.shared_tokens, common_prefix_len(self.token_ids, token_ids))
         self.token_ids = list(token_ids)
 
 
 class KVStore:
-    def __init__(self, layout: KVLayout, budget_bytes: int, max_sequences: int = 100_000):
+    def __init__(self, layout: KVLayout, budget_bytes: int, max_sequences: int = 100_000,
+                 spill: Callable[[SequenceEntry], None] | None = None):
         self.layout = layout
+        # Told of each idle entry evicted for room, before its KV is dropped (the lower tiers).
+        self.spill = spill
         self.budget_bytes = budget_bytes
         self.max_sequences = max_sequences
         self.entries: OrderedDict[str, SequenceEntry] = OrderedDict()
@@ -260,6 +266,8 @@ class KVStore:
         for entry in list(self.entries.values()):  # LRU first
             if entry.busy or entry.kv is None or entry.seq_id in keep:
                 continue
+            if self.spill is not None:
+                self.spill(entry)
             self.drop_kv(entry)
             if entry.stateless:  # nothing left of a pure cache entry
                 del self.entries[entry.seq_id]

@@ -1,0 +1,277 @@
+"""The tiers below device memory, together: what the engine and the routes call.
+
+- `spill` (engine thread, at a device eviction): the evicted buffer goes to a writer thread,
+  which keeps its chunks in host memory, and what host memory evicts goes to the disk tier. No
+  copy on the engine thread: the buffer is no longer the sequence's, so nothing writes it.
+- `write_behind` (engine thread, when a request ends): the chunks the shared tier does not have
+  yet are copied (only the new positions, plus the chunk they start in) and queued for the
+  writer. The queue is bounded; when it is full the job is dropped and counted, never waited for.
+- `prefetch` (a request's thread, before the request is queued): finds the longest prefix of
+  the request's ids in host, disk or shared chunks, reads the missing ones into host memory, and
+  returns the chunk list; the engine thread's `load_into` then copies them into the sequence's
+  KV at admission, a memory copy. Chunks evicted meanwhile only shorten the reuse.
+"""
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from services.worker.kv import chunks as ck
+from services.worker.kv.chunks import ChunkRef, ChunkRejected
+from services.worker.kv.store import KVLayout, SequenceEntry
+from services.worker.kv.tiers import DiskTier, HostTier
+
+logger = logging.getLogger(__name__)
+
+TIERS = ("host", "disk", "shared")
+
+
+@dataclass
+class Chunk:
+    ref: ChunkRef
+    ids: list[int]
+    data: torch.Tensor  # [layers, 2, kv_heads, n, head_dim], on the CPU
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+class TierObserver:
+    """Told each tier load and store, with its duration (any thread; prometheus is thread-safe)."""
+
+    def on_load(self, tier: str, seconds: float, nbytes: int) -> None:
+        """A chunk read from `tier`."""
+
+    def on_store(self, tier: str, seconds: float, nbytes: int) -> None:
+        """A chunk written to `tier`."""
+
+
+@dataclass
+class TierCounts:
+    hits: int = 0  # chunks found
+    misses: int = 0  # chunks asked for and not there
+    tokens_loaded: int = 0
+    bytes_loaded: int = 0
+    bytes_stored: int = 0
+    rejected: int = 0  # stored bytes that were not the chunk asked for: ignored
+    errors: int = 0  # the store failed (I/O, network)
+
+
+@dataclass
+class Prefetched:
+    chunks: list[ChunkRef] = field(default_factory=list)  # contiguous, in host memory now
+
+    @property
+    def end(self) -> int:
+        return self.chunks[-1].end if self.chunks else 0
+
+
+class LowerTiers:
+    def __init__(self, layout: KVLayout, fp: dict, host: HostTier, disk: DiskTier | None, shared,
+                 queue_size: int = 64, observer: TierObserver | None = None):
+        self.layout = layout
+        self.fp = fp
+        self.root = ck.fingerprint_key(fp)
+        self.host, self.disk, self.shared = host, disk, shared
+        self.observer = observer or TierObserver()
+        self.counts = {name: TierCounts() for name in TIERS}
+        self.dropped_jobs = 0
+        self.tokens_loaded = 0  # into device KV by load_into
+        self._lock = threading.Lock()  # the counters
+        self._jobs: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._thread = threading.Thread(target=self._write_loop, name="kv-tiers", daemon=True)
+        self._thread.start()
+
+    # --- engine thread -------------------------------------------------------------------
+    def spill(self, entry: SequenceEntry) -> None:
+        """A device eviction: the entry's KV goes down a tier instead of being dropped."""
+        n = entry.num_cached
+        if n:
+            self._enqueue(("spill", entry.token_ids[:n], entry.kv.data, n))
+
+    def write_behind(self, entry: SequenceEntry) -> None:
+        """A request ended: queue the chunks of the entry's KV the shared tier lacks."""
+        n = entry.num_cached
+        if self.shared is None or n <= entry.shared_tokens:
+            return
+        start = entry.shared_tokens - entry.shared_tokens % ck.CHUNK_TOKENS
+        ids = entry.token_ids[:n]
+        chunks = [Chunk(ref, ids[ref.start:ref.end], ck.chunk_kv(entry.kv.data, ref))
+                  for ref in ck.chunk_refs(self.root, ids, n) if ref.start >= start]
+        if self._enqueue(("share", chunks)):
+            entry.shared_tokens = n
+
+    def load_into(self, entry: SequenceEntry, prefetched: Prefetched | None) -> int:
+        """Copy prefetched chunks past the entry's cached positions into its KV (reserved by the
+        caller up to at least `prefetched.end`); returns the positions added."""
+        if prefetched is None or entry.kv is None:
+            return 0
+        have = before = entry.num_cached
+        for ref in prefetched.chunks:
+            if ref.end <= have:
+                continue
+            chunk = self.host.get(ref.key)
+            if ref.start > have or chunk is None or entry.token_ids[ref.start:ref.end] != chunk.ids:
+                break
+            offset = have - ref.start  # [layers, 2, kv_heads, n, head_dim] -> positions have..end
+            entry.kv.data[:, :, :, have:ref.end].copy_(chunk.data[:, :, :, offset:], non_blocking=True)
+            have = entry.kv.num_tokens = ref.end
+        with self._lock:
+            self.tokens_loaded += have - before
+        return have - before
+
+    # --- request threads -----------------------------------------------------------------
+    def prefetch(self, token_ids: Sequence[int], have: int, limit: int) -> Prefetched:
+        """Bring the chunks of the longest stored prefix of `token_ids[:limit]` past position
+        `have` into host memory."""
+        result = Prefetched()
+        if limit - have < 1:
+            return result
+        refs = ck.chunk_refs(self.root, token_ids, limit, tail=False)
+        for ref in refs:
+            if ref.end > have and not self._fetch(ref, token_ids):
+                break  # a stored sequence may end inside this chunk: its tail chunk
+            result.chunks.append(ref)
+        for tail in ck.tail_candidates(self.root, token_ids, result.end, limit):
+            if tail.end > have and self._fetch(tail, token_ids, count_miss=False):
+                result.chunks.append(tail)
+                break
+        return result
+
+    def _fetch(self, ref: ChunkRef, token_ids: Sequence[int], count_miss: bool = True) -> bool:
+        """Whether the chunk is in host memory now (read from disk or shared if needed)."""
+        if ref.key in self.host:
+            self._count("host", hits=1)
+            return True
+        ids = list(token_ids[ref.start:ref.end])
+        for name, store in (("disk", self.disk), ("shared", self.shared)):
+            if store is None:
+                continue
+            if not self._has(name, store, ref.key):
+                if count_miss:
+                    self._count(name, misses=1)
+                continue
+            chunk = self._read(name, store, ref, ids)
+            if chunk is not None:
+                self._keep_in_host(chunk)
+                return True
+        return False
+
+    def _has(self, name: str, store, key: str) -> bool:
+        if name == "disk":
+            return key in store
+        try:
+            return store.contains([key])[0]
+        except Exception as exc:  # noqa: BLE001 - a shared tier that is down only costs reuse
+            self._count(name, errors=1)
+            logger.info("shared KV tier unavailable: %s", exc)
+            return False
+
+    def _read(self, name: str, store, ref: ChunkRef, ids: list[int]) -> Chunk | None:
+        started = time.perf_counter()
+        try:
+            raw = store.get(ref.key)
+            if raw is None:
+                self._count(name, misses=1)
+                return None
+            data = ck.decode(raw, ref, self.fp, ids, self.layout)
+        except ChunkRejected as exc:
+            logger.warning("ignored a %s KV chunk: %s", name, exc)
+            self._count(name, rejected=1)
+            store.remove(ref.key)
+            return None
+        except Exception as exc:  # noqa: BLE001 - I/O or network: recompute instead
+            logger.info("could not read a %s KV chunk: %s", name, exc)
+            self._count(name, errors=1)
+            return None
+        self.observer.on_load(name, time.perf_counter() - started, len(raw))
+        self._count(name, hits=1, tokens_loaded=ref.num_tokens, bytes_loaded=len(raw))
+        return Chunk(ref, ids, data)
+
+    def _keep_in_host(self, chunk: Chunk) -> None:
+        for old in self.host.put(chunk.ref.key, chunk):
+            if old is not chunk:
+                self._to_disk(old)
+
+    # --- the writer thread ---------------------------------------------------------------
+    def _enqueue(self, job: tuple) -> bool:
+        try:
+            self._jobs.put_nowait(job)
+            return True
+        except queue.Full:
+            with self._lock:
+                self.dropped_jobs += 1
+            return False
+
+    def _write_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job[0] == "spill":
+                    self._spill(*job[1:])
+                else:
+                    for chunk in job[1]:
+                        self._store("shared", self.shared, chunk)
+            except Exception:  # noqa: BLE001 - a failed write costs reuse, never the worker
+                logger.exception("KV tier write failed")
+            finally:
+                self._jobs.task_done()
+
+    def _spill(self, ids: list[int], kv: torch.Tensor, n: int) -> None:
+        for ref in ck.chunk_refs(self.root, ids, n):
+            if ref.key in self.host or (self.disk is not None and ref.key in self.disk):
+                continue
+            chunk = Chunk(ref, ids[ref.start:ref.end], ck.chunk_kv(kv, ref))
+            started = time.perf_counter()
+            self._keep_in_host(chunk)
+            self.observer.on_store("host", time.perf_counter() - started, chunk.nbytes)
+            self._count("host", bytes_stored=chunk.nbytes)
+
+    def _to_disk(self, chunk: Chunk) -> None:
+        if self.disk is not None and chunk.ref.key not in self.disk:
+            self._store("disk", self.disk, chunk)
+
+    def _store(self, name: str, store, chunk: Chunk) -> None:
+        started = time.perf_counter()
+        raw = ck.encode(chunk.ref, chunk.data, self.fp, chunk.ids)
+        try:
+            store.put(chunk.ref.key, raw)
+        except Exception as exc:  # noqa: BLE001 - I/O or network: counted, the turn is unaffected
+            logger.info("could not write a %s KV chunk: %s", name, exc)
+            self._count(name, errors=1)
+            return
+        self.observer.on_store(name, time.perf_counter() - started, len(raw))
+        self._count(name, bytes_stored=len(raw))
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until the queued writes are done (a drain, tests); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self._jobs.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    # --- numbers -------------------------------------------------------------------------
+    def _count(self, tier: str, **deltas: int) -> None:
+        with self._lock:
+            counts = self.counts[tier]
+            for name, delta in deltas.items():
+                setattr(counts, name, getattr(counts, name) + delta)
+
+    def stats(self) -> dict:
+        with self._lock:
+            tiers = {name: dict(vars(c)) for name, c in self.counts.items()}
+            out = {"write_queue_depth": self._jobs.qsize(), "write_jobs_dropped": self.dropped_jobs,
+                   "tokens_loaded": self.tokens_loaded}
+        for name, store in (("host", self.host), ("disk", self.disk), ("shared", self.shared)):
+            tiers[name]["enabled"] = store is not None
+            if store is not None:
+                tiers[name].update(store.stats())
+        return {**out, "tiers": tiers}
