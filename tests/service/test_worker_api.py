@@ -30,10 +30,11 @@ KV_BYTES = 16 * 2**20
 
 
 def worker_settings(cache_dir, **overrides) -> WorkerSettings:
-    store = Path(tempfile.mkdtemp(prefix="kvcache-sessions-")) / "sessions.db"  # a fresh store per app
+    run_dir = Path(tempfile.mkdtemp(prefix="kvcache-worker-"))  # a fresh store and KV tiers per app
     values = dict(register_with_coordinator=False, model_name="tiny-gpt2", model_cache_dir=cache_dir,
                   device="cpu", dtype="float32", kv_cache_bytes=KV_BYTES, worker_id="w-api",
-                  port=18082, max_batch_size=8, session_store_url=f"sqlite:///{store}")
+                  port=18082, max_batch_size=8, session_store_url=f"sqlite:///{run_dir / 'sessions.db'}",
+                  kv_disk_dir=str(run_dir / "kv-disk"), kv_shared_url=str(run_dir / "kv-shared"))
     return WorkerSettings(**{**values, **overrides})
 
 

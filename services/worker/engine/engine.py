@@ -124,7 +124,10 @@ class Engine:
                 if entry is None:
                     return False
                 self._end_held_tail(seq_id)
+                ids = list(entry.token_ids)
                 if self.store.delete(seq_id):
+                    if self.tiers is not None:
+                        self.tiers.forget(ids)
                     return True
                 if not self._tail_stepping(seq_id) or time.monotonic() > deadline:
                     return None
@@ -168,6 +171,15 @@ class Engine:
         with self.lock:
             entry = self.store.get(seq_id)
             return entry.cached_prefix(token_ids) if entry else 0
+
+    def write_behind_all(self) -> None:
+        """Queue every idle sequence's KV the shared tier lacks (a drain: what nobody pulled)."""
+        if self.tiers is None:
+            return
+        with self.lock:
+            for entry in self.store.entries.values():
+                if entry.kv is not None and not entry.busy and not entry.stateless:
+                    self.tiers.write_behind(entry)
 
     def num_cached_sequences(self) -> int:
         """Sessions whose KV is held here: what a draining worker waits to hand off (stateless

@@ -93,7 +93,8 @@ class LowerTiers:
         """A device eviction: the entry's KV goes down a tier instead of being dropped."""
         n = entry.num_cached
         if n:
-            self._enqueue(("spill", entry.token_ids[:n], entry.kv.data, n))
+            shared = entry.shared_tokens if self.shared is not None and self.shared.local else 0
+            self._enqueue(("spill", entry.token_ids[:n], entry.kv.data, n, shared))
 
     def write_behind(self, entry: SequenceEntry) -> None:
         """A request ended: queue the chunks of the entry's KV the shared tier lacks."""
@@ -106,6 +107,11 @@ class LowerTiers:
                   for ref in ck.chunk_refs(self.root, ids, n) if ref.start >= start]
         if self._enqueue(("share", chunks)):
             entry.shared_tokens = n
+
+    def forget(self, token_ids: Sequence[int]) -> None:
+        """A deleted sequence: its chunks leave every tier (queued). That includes the tails its
+        earlier turns wrote, and any prefix chunks other sequences shared (a cache loss only)."""
+        self._enqueue(("forget", list(token_ids)))
 
     def load_into(self, entry: SequenceEntry, prefetched: Prefetched | None) -> int:
         """Copy prefetched chunks past the entry's cached positions into its KV (reserved by the
@@ -215,6 +221,8 @@ class LowerTiers:
             try:
                 if job[0] == "spill":
                     self._spill(*job[1:])
+                elif job[0] == "forget":
+                    self._forget(job[1])
                 else:
                     for chunk in job[1]:
                         self._store("shared", self.shared, chunk)
@@ -223,15 +231,30 @@ class LowerTiers:
             finally:
                 self._jobs.task_done()
 
-    def _spill(self, ids: list[int], kv: torch.Tensor, n: int) -> None:
+    def _spill(self, ids: list[int], kv: torch.Tensor, n: int, shared: int) -> None:
+        """`shared`: positions a shared tier on this host's own disk holds (not copied again)."""
         for ref in ck.chunk_refs(self.root, ids, n):
-            if ref.key in self.host or (self.disk is not None and ref.key in self.disk):
+            if ref.end <= shared or ref.key in self.host or (self.disk is not None and ref.key in self.disk):
                 continue
             chunk = Chunk(ref, ids[ref.start:ref.end], ck.chunk_kv(kv, ref))
             started = time.perf_counter()
             self._keep_in_host(chunk)
             self.observer.on_store("host", time.perf_counter() - started, chunk.nbytes)
             self._count("host", bytes_stored=chunk.nbytes)
+
+    def _forget(self, ids: list[int]) -> None:
+        keys = [ref.key for ref in ck.chunk_refs(self.root, ids, len(ids), tail=False)]
+        for start in range(0, len(ids), ck.CHUNK_TOKENS):
+            keys += [ref.key for ref in ck.tail_candidates(self.root, ids, start, len(ids))]
+        for store in (self.host, self.disk, self.shared):
+            if store is None:
+                continue
+            for key in keys:
+                try:
+                    store.remove(key)
+                except Exception as exc:  # noqa: BLE001 - the TTL removes what this could not
+                    logger.info("could not remove a KV chunk: %s", exc)
+                    break
 
     def _to_disk(self, chunk: Chunk) -> None:
         if self.disk is not None and chunk.ref.key not in self.disk:

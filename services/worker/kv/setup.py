@@ -38,7 +38,7 @@ def host_budget(settings, layout: KVLayout) -> int:
 
 def open_lower_tiers(settings, layout: KVLayout, fp: dict, observer: TierObserver | None) -> LowerTiers | None:
     """Blocking (directory scans, connections): at start-up, off the event loop."""
-    if not settings.enable_kv_reuse:
+    if not (settings.enable_kv_reuse and settings.kv_tiers):
         return None
     host = HostTier(host_budget(settings, layout), pin=layout.device.type == "cuda")
     disk = DiskTier(Path(settings.kv_disk_dir).expanduser() / _model_dir(fp), settings.kv_disk_bytes) \

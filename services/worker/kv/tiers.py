@@ -137,6 +137,8 @@ class FsspecStore:
 
         self.fs, self.root = fsspec.core.url_to_fs(url)
         self.fs.makedirs(self.root, exist_ok=True)
+        # On this host's own disk: the disk tier need not copy what it holds (the same medium)
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self.ttl_s = ttl_s
         self.budget_bytes = budget_bytes
         self.sweep_interval_s = sweep_interval_s
@@ -208,6 +210,7 @@ class RedisStore:
 
     name = "shared"
     PREFIX = "kvcache:kv:"
+    local = False
 
     def __init__(self, url: str, ttl_s: float):
         import redis
