@@ -34,9 +34,9 @@ class WorkerSettings(ServiceSettings):
     kv_cache_bytes: int = Field(0, ge=0)
     kv_cache_memory_fraction: float = Field(0.25, gt=0, le=0.95)
     # The KV tiers below device memory (README "KV tiers"); false: none (the benchmark's baseline:
-    # what device memory evicts is recomputed). Host memory: -1 = automatic (on CUDA a
-    # quarter of RAM, pinned; on CPU device memory already is RAM, so only a staging area of one
-    # model window: give more RAM to kv_cache_bytes instead). Bytes, 0 = no host tier beyond staging.
+    # what device memory evicts is recomputed). Host memory: -1 = automatic (on CUDA a quarter of
+    # RAM, pinned; on CPU device memory already is RAM, so one model window, what an eviction
+    # passes down on its way to disk: give more RAM to kv_cache_bytes instead). 0 = none.
     kv_tiers: bool = True
     kv_host_bytes: int = Field(-1, ge=-1)
     # A local directory (an emptyDir or local SSD in Kubernetes); empty = <cache>/kv-disk/<worker_id>.

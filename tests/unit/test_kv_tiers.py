@@ -11,8 +11,9 @@ import torch
 from services.worker.kv import chunks as ck
 from services.worker.kv.chunks import ChunkRejected
 from services.worker.kv.policy import LRU, S3FIFO
-from services.worker.kv.store import KVLayout
-from services.worker.kv.tiers import DiskTier, FsspecStore, RedisStore, open_shared_store
+from services.worker.kv.lower import LowerTiers
+from services.worker.kv.store import KVLayout, SequenceEntry, SequenceKV
+from services.worker.kv.tiers import DiskTier, FsspecStore, HostTier, RedisStore, open_shared_store
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32,
                   device=torch.device("cpu"), max_positions=512)
@@ -152,3 +153,32 @@ def test_redis_store_round_trip_and_ttl(redis_url):
     assert 0 < store.client.ttl(RedisStore.PREFIX + "rk") <= 1
     store.remove("rk")
     assert store.get("rk") is None
+
+
+# --- the tiers together --------------------------------------------------------------------------
+def test_every_revisit_loads_its_whole_history_through_a_small_host_tier(tmp_path):
+    """Round-robin revisits of more sequences than host memory holds, from disk and shared: the
+    chunks a request read are its own until admission, whatever host memory evicts meanwhile."""
+    window = LAYOUT.max_positions * LAYOUT.bytes_per_token
+    tiers = LowerTiers(LAYOUT, FP, HostTier(window, pin=False), DiskTier(tmp_path / "disk", 2**30),
+                       open_shared_store(str(tmp_path / "shared"), 3600, 2**30))
+    rng = random.Random(3)
+    entries = []
+    for i in range(8):
+        entry = SequenceEntry(f"s{i}", [rng.randrange(50_000) for _ in range(300)])
+        entry.kv = SequenceKV(LAYOUT, 320)
+        entry.kv.data.normal_()
+        entry.kv.num_tokens = 300
+        tiers.write_behind(entry)
+        tiers.spill(entry)
+        entries.append(entry)
+    assert tiers.flush(10)
+    for entry in entries:
+        ids = entry.token_ids + [1, 2]
+        prefetched = tiers.prefetch(ids, have=0, limit=len(ids) - 1)
+        fresh = SequenceEntry(entry.seq_id, ids)
+        fresh.kv = SequenceKV(LAYOUT, 320)
+        assert tiers.load_into(fresh, prefetched) == 300
+        assert torch.equal(fresh.kv.data[:, :, :, :300], entry.kv.data[:, :, :, :300])
+    del prefetched
+    assert tiers.stats()["staged_bytes"] == 0

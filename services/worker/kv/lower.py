@@ -7,15 +7,17 @@
   yet are copied (only the new positions, plus the chunk they start in) and queued for the
   writer. The queue is bounded; when it is full the job is dropped and counted, never waited for.
 - `prefetch` (a request's thread, before the request is queued): finds the longest prefix of
-  the request's ids in host, disk or shared chunks, reads the missing ones into host memory, and
-  returns the chunk list; the engine thread's `load_into` then copies them into the sequence's
-  KV at admission, a memory copy. Chunks evicted meanwhile only shorten the reuse.
+  the request's ids in host, disk or shared chunks and reads them; they travel with the request
+  (nothing evicts them before it is admitted; the bytes read, at most 4 model windows across
+  waiting requests, are freed with it). At admission the engine thread's `load_into` copies
+  them into the sequence's KV, a memory copy.
 """
 
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +31,7 @@ from services.worker.kv.tiers import DiskTier, HostTier
 logger = logging.getLogger(__name__)
 
 TIERS = ("host", "disk", "shared")
+_NO_DATA = torch.empty(0)
 
 
 @dataclass
@@ -63,18 +66,20 @@ class TierCounts:
     errors: int = 0  # the store failed (I/O, network)
 
 
-@dataclass
+@dataclass(eq=False)
 class Prefetched:
-    chunks: list[ChunkRef] = field(default_factory=list)  # contiguous, in host memory now
+    """A request's chunks, read before it was queued: they travel with it (so nothing evicts
+    them before admission) and are freed with it."""
+    chunks: list[Chunk] = field(default_factory=list)  # contiguous from the first one
 
     @property
     def end(self) -> int:
-        return self.chunks[-1].end if self.chunks else 0
+        return self.chunks[-1].ref.end if self.chunks else 0
 
 
 class LowerTiers:
     def __init__(self, layout: KVLayout, fp: dict, host: HostTier, disk: DiskTier | None, shared,
-                 queue_size: int = 64, observer: TierObserver | None = None):
+                 queue_size: int = 64, observer: TierObserver | None = None, staging_windows: int = 4):
         self.layout = layout
         self.fp = fp
         self.root = ck.fingerprint_key(fp)
@@ -83,6 +88,10 @@ class LowerTiers:
         self.counts = {name: TierCounts() for name in TIERS}
         self.dropped_jobs = 0
         self.tokens_loaded = 0  # into device KV by load_into
+        # Bytes read from disk or shared for requests not admitted yet: at most this many model
+        # windows of KV; past it a request reads no more and computes the rest.
+        self.staged_bytes = 0
+        self.staging_limit = staging_windows * layout.max_positions * layout.bytes_per_token
         self._lock = threading.Lock()  # the counters
         self._jobs: queue.Queue = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._write_loop, name="kv-tiers", daemon=True)
@@ -119,11 +128,11 @@ class LowerTiers:
         if prefetched is None or entry.kv is None:
             return 0
         have = before = entry.num_cached
-        for ref in prefetched.chunks:
+        for chunk in prefetched.chunks:
+            ref = chunk.ref
             if ref.end <= have:
                 continue
-            chunk = self.host.get(ref.key)
-            if ref.start > have or chunk is None or entry.token_ids[ref.start:ref.end] != chunk.ids:
+            if ref.start > have or entry.token_ids[ref.start:ref.end] != chunk.ids:
                 break
             offset = have - ref.start  # [layers, 2, kv_heads, n, head_dim] -> positions have..end
             entry.kv.data[:, :, :, have:ref.end].copy_(chunk.data[:, :, :, offset:], non_blocking=True)
@@ -134,27 +143,35 @@ class LowerTiers:
 
     # --- request threads -----------------------------------------------------------------
     def prefetch(self, token_ids: Sequence[int], have: int, limit: int) -> Prefetched:
-        """Bring the chunks of the longest stored prefix of `token_ids[:limit]` past position
-        `have` into host memory."""
+        """The chunks of the longest stored prefix of `token_ids[:limit]` past position `have`
+        (from host memory, or read from disk or shared)."""
         result = Prefetched()
         if limit - have < 1:
             return result
-        refs = ck.chunk_refs(self.root, token_ids, limit, tail=False)
-        for ref in refs:
-            if ref.end > have and not self._fetch(ref, token_ids):
+        staged = [0]
+        weakref.finalize(result, self._unstage, staged)
+        for ref in ck.chunk_refs(self.root, token_ids, limit, tail=False):
+            if ref.end <= have:
+                result.chunks.append(Chunk(ref, [], _NO_DATA))  # device memory has it: a placeholder
+                continue
+            chunk = self._fetch(ref, token_ids, staged)
+            if chunk is None:
                 break  # a stored sequence may end inside this chunk: its tail chunk
-            result.chunks.append(ref)
-        for tail in ck.tail_candidates(self.root, token_ids, result.end, limit):
-            if tail.end > have and self._fetch(tail, token_ids, count_miss=False):
-                result.chunks.append(tail)
+            result.chunks.append(chunk)
+        start = result.end
+        for tail in ck.tail_candidates(self.root, token_ids, start, limit):
+            chunk = self._fetch(tail, token_ids, staged, count_miss=False) if tail.end > have else None
+            if chunk is not None:
+                result.chunks.append(chunk)
                 break
         return result
 
-    def _fetch(self, ref: ChunkRef, token_ids: Sequence[int], count_miss: bool = True) -> bool:
-        """Whether the chunk is in host memory now (read from disk or shared if needed)."""
-        if ref.key in self.host:
+    def _fetch(self, ref: ChunkRef, token_ids: Sequence[int], staged: list[int],
+               count_miss: bool = True) -> Chunk | None:
+        chunk = self.host.get(ref.key)
+        if chunk is not None:
             self._count("host", hits=1)
-            return True
+            return chunk
         ids = list(token_ids[ref.start:ref.end])
         for name, store in (("disk", self.disk), ("shared", self.shared)):
             if store is None:
@@ -163,11 +180,24 @@ class LowerTiers:
                 if count_miss:
                     self._count(name, misses=1)
                 continue
+            if not self._stage(staged, self.layout.bytes_per_token * ref.num_tokens):
+                return None
             chunk = self._read(name, store, ref, ids)
             if chunk is not None:
-                self._keep_in_host(chunk)
-                return True
-        return False
+                return chunk
+        return None
+
+    def _stage(self, staged: list[int], nbytes: int) -> bool:
+        with self._lock:
+            if self.staged_bytes + nbytes > self.staging_limit:
+                return False
+            self.staged_bytes += nbytes
+            staged[0] += nbytes
+            return True
+
+    def _unstage(self, staged: list[int]) -> None:
+        with self._lock:
+            self.staged_bytes -= staged[0]
 
     def _has(self, name: str, store, key: str) -> bool:
         if name == "disk":
@@ -292,7 +322,7 @@ class LowerTiers:
         with self._lock:
             tiers = {name: dict(vars(c)) for name, c in self.counts.items()}
             out = {"write_queue_depth": self._jobs.qsize(), "write_jobs_dropped": self.dropped_jobs,
-                   "tokens_loaded": self.tokens_loaded}
+                   "tokens_loaded": self.tokens_loaded, "staged_bytes": self.staged_bytes}
         for name, store in (("host", self.host), ("disk", self.disk), ("shared", self.shared)):
             tiers[name]["enabled"] = store is not None
             if store is not None:

@@ -26,14 +26,14 @@ def weights_revision(model: torch.nn.Module) -> str:
 
 
 def host_budget(settings, layout: KVLayout) -> int:
-    """-1 (automatic): a quarter of RAM on CUDA; on CPU device memory is RAM already, so only a
-    staging area. Never less than one model window of KV (prefetched chunks wait there)."""
-    staging = layout.max_positions * layout.bytes_per_token
+    """-1 (automatic): a quarter of RAM on CUDA; on CPU device memory is RAM already, so one
+    model window of KV (what an eviction passes down on its way to disk)."""
+    window = layout.max_positions * layout.bytes_per_token
     if settings.kv_host_bytes >= 0:
-        return max(settings.kv_host_bytes, staging)
+        return settings.kv_host_bytes
     if layout.device.type == "cuda":
-        return max(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4, staging)
-    return staging
+        return max(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4, window)
+    return window
 
 
 def open_lower_tiers(settings, layout: KVLayout, fp: dict, observer: TierObserver | None) -> LowerTiers | None:
