@@ -26,7 +26,7 @@ class RequestHandle:
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self.finished = False
-        self.submitted = False
+        self.submitted = False  # abort() before submit() has nothing to abort
         self.request = build(self._sink)
 
     @classmethod
@@ -54,11 +54,13 @@ class RequestHandle:
             pass  # the loop is closed: nobody is listening any more
 
     async def submit(self) -> None:
-        """Read the request's lower-tier KV into host memory (off the loop), then queue it."""
-        if self._engine.tiers is not None:
-            await asyncio.to_thread(self._engine.prefetch, self.request)
+        """Queue the request, and read its lower-tier KV (off the loop) while it waits."""
+        loading = self._engine.tiers is not None
+        self.request.loading = loading
         self._engine.submit(self.request)
         self.submitted = True
+        if loading:
+            await asyncio.to_thread(self._engine.prefetch, self.request)
 
     async def first_event(self) -> dict:
         """The `start` event; raises the ServiceError that refused the request instead."""

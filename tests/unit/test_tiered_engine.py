@@ -47,8 +47,9 @@ def run(engine: Engine, seq_id: str, earlier: list[int], prompt: str, stateless:
     prompt_ids = encode(engine, prompt)
     req = Request(seq_id=seq_id, token_ids=earlier + prompt_ids, prompt_tokens=len(prompt_ids), sink=sink,
                   params=SamplingParams(max_tokens=GEN, temperature=0.0), stateless=stateless)
-    engine.prefetch(req)
+    req.loading = True  # as the worker does: queued, then read while it waits
     engine.submit(req)
+    engine.prefetch(req)
     sink.wait()
     _settle(engine)
     return sink

@@ -134,19 +134,22 @@ class Engine:
             time.sleep(0.002)
 
     def prefetch(self, req: Request) -> None:
-        """Blocking (tier reads): before the request is queued, read the lower-tier chunks that
-        extend what device memory holds of its context into host memory; admission copies them."""
-        if self.tiers is None:
-            return
-        limit = len(req.token_ids) - 1  # the last position is computed: its logits are needed
-        with self.lock:
-            if req.stateless:
-                match = self.store.longest_prefix(req.token_ids)
-                have = match[1] if match else 0
-            else:
-                entry = self.store.get(req.seq_id)
-                have = entry.cached_prefix(req.token_ids) if entry else 0
-        req.prefetched = self.tiers.prefetch(req.token_ids, have, limit)
+        """Blocking (tier reads), for a request submitted with `loading` set: read the lower-tier
+        chunks that extend what device memory holds of its context while it waits in the queue
+        (it is not admitted before); admission copies them into its KV."""
+        try:
+            limit = len(req.token_ids) - 1  # the last position is computed: its logits are needed
+            with self.lock:
+                if req.stateless:
+                    match = self.store.longest_prefix(req.token_ids)
+                    have = match[1] if match else 0
+                else:
+                    entry = self.store.get(req.seq_id)
+                    have = entry.cached_prefix(req.token_ids) if entry else 0
+            req.prefetched = self.tiers.prefetch(req.token_ids, have, limit)
+        finally:
+            req.loading = False
+            self._inbox.put(None)  # wakes the loop: the request may be admitted now
 
     def encode(self, text: str) -> list[int]:
         self.check_text_fits(len(text))

@@ -6,7 +6,7 @@
 - `write_behind` (engine thread, when a request ends): the chunks the shared tier does not have
   yet are copied (only the new positions, plus the chunk they start in) and queued for the
   writer. The queue is bounded; when it is full the job is dropped and counted, never waited for.
-- `prefetch` (a request's thread, before the request is queued): finds the longest prefix of
+- `prefetch` (a request's thread, while the request waits in the queue): finds the longest prefix of
   the request's ids in host, disk or shared chunks and reads them; they travel with the request
   (nothing evicts them before it is admitted; the bytes read, at most 4 model windows across
   waiting requests, are freed with it). At admission the engine thread's `load_into` copies
