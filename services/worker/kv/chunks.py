@@ -14,9 +14,11 @@ metadata, shape or dtype does not match what was asked for is rejected (never lo
 128-bit digests, but a corrupt, truncated or foreign entry must never become KV.
 """
 
+import array
 import hashlib
 import json
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,7 +30,6 @@ from safetensors.torch import save as st_save
 from services.worker.kv.store import KVLayout
 
 CHUNK_TOKENS = 64
-_ID_BYTES = struct.Struct("<q")
 
 
 class ChunkRejected(ValueError):
@@ -55,8 +56,16 @@ def fingerprint_key(fp: dict) -> bytes:
 def _digest(parent: bytes, ids: Sequence[int], tail: bool) -> bytes:
     h = hashlib.blake2b(parent, digest_size=16)
     h.update(b"t" if tail else b"f")
-    h.update(b"".join(_ID_BYTES.pack(i) for i in ids))
+    h.update(_le_int64(ids))
     return h.digest()
+
+
+def _le_int64(ids: Sequence[int]) -> bytes:
+    """The ids as little-endian int64s: the same key on every machine."""
+    packed = array.array("q", ids)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tobytes()
 
 
 def chunk_refs(root: bytes, token_ids: Sequence[int], limit: int, tail: bool = True) -> list[ChunkRef]:
