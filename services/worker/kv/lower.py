@@ -254,8 +254,7 @@ class LowerTiers:
                 elif job[0] == "forget":
                     self._forget(job[1])
                 else:
-                    for chunk in job[1]:
-                        self._store("shared", self.shared, chunk)
+                    self._share(job[1])
             except Exception:  # noqa: BLE001 - a failed write costs reuse, never the worker
                 logger.exception("KV tier write failed")
             finally:
@@ -271,6 +270,18 @@ class LowerTiers:
             self._keep_in_host(chunk)
             self.observer.on_store("host", time.perf_counter() - started, chunk.nbytes)
             self._count("host", bytes_stored=chunk.nbytes)
+
+    def _share(self, chunks: list[Chunk]) -> None:
+        """Writes the chunks the shared tier lacks (another worker, or this one before a handoff
+        or an eviction, may have written the same prefix)."""
+        try:
+            present = self.shared.contains([c.ref.key for c in chunks])
+        except Exception as exc:  # noqa: BLE001 - then write them all; failures are counted there
+            logger.info("shared KV tier unavailable: %s", exc)
+            present = [False] * len(chunks)
+        for chunk, there in zip(chunks, present):
+            if not there:
+                self._store("shared", self.shared, chunk)
 
     def _forget(self, ids: list[int]) -> None:
         keys = [ref.key for ref in ck.chunk_refs(self.root, ids, len(ids), tail=False)]

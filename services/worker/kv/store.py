@@ -182,6 +182,7 @@ class KVStore:
         entry.kv.data[:, :, :, :num_tokens] = source.kv.data[:, :, :, :num_tokens]
         entry.kv.num_tokens = num_tokens
         entry.token_ids = source.token_ids[:num_tokens]
+        entry.shared_tokens = min(source.shared_tokens, num_tokens)  # those chunks are written already
         self.touch(source)
         return True
 
