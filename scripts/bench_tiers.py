@@ -60,6 +60,18 @@ def _history(result: dict) -> int:
     return usage["context_tokens"] + usage["completion_tokens"]
 
 
+def _both_modes(label: str, run, out: Path, model_cache_dir: Path, runs: int, rng: random.Random) -> dict:
+    """`runs` runs of each mode, alternating: with tiers, then without (recompute)."""
+    resolve_model_path(MODEL, model_cache_dir)  # build the preset once, before workers start
+    result = {"tiers": [], "recompute": []}
+    for i in range(runs):
+        for mode in ("tiers", "recompute"):
+            row = run(out, model_cache_dir, mode == "tiers", rng)
+            print(f"  {label} run {i + 1} {mode}: {row}", flush=True)
+            result[mode].append(row)
+    return result
+
+
 # --- scenario 11 ---------------------------------------------------------------------------
 def _revisit_run(out: Path, model_cache_dir: Path, tiers: bool, rng: random.Random) -> dict:
     with _cluster(out, f"s11-{'tiers' if tiers else 'recompute'}", model_cache_dir, tiers, S11_KV_BYTES) as cluster:
@@ -83,14 +95,7 @@ def _revisit_run(out: Path, model_cache_dir: Path, tiers: bool, rng: random.Rand
 
 
 def scenario_revisit(out: Path, model_cache_dir: Path, runs: int, rng: random.Random) -> dict:
-    resolve_model_path(MODEL, model_cache_dir)
-    result = {"tiers": [], "recompute": []}
-    for i in range(runs):
-        for mode in ("tiers", "recompute"):
-            row = _revisit_run(out, model_cache_dir, mode == "tiers", rng)
-            print(f"  s11 run {i + 1} {mode}: {row}", flush=True)
-            result[mode].append(row)
-    return result
+    return _both_modes("s11", _revisit_run, out, model_cache_dir, runs, rng)
 
 
 def table_s11(r: dict) -> str:
@@ -136,14 +141,7 @@ def _crash_run(out: Path, model_cache_dir: Path, tiers: bool, rng: random.Random
 
 
 def scenario_crash(out: Path, model_cache_dir: Path, runs: int, rng: random.Random) -> dict:
-    resolve_model_path(MODEL, model_cache_dir)
-    result = {"tiers": [], "recompute": []}
-    for i in range(runs):
-        for mode in ("tiers", "recompute"):
-            row = _crash_run(out, model_cache_dir, mode == "tiers", rng)
-            print(f"  s12 run {i + 1} {mode}: {row}", flush=True)
-            result[mode].append(row)
-    return result
+    return _both_modes("s12", _crash_run, out, model_cache_dir, runs, rng)
 
 
 def table_s12(r: dict) -> str:
@@ -192,14 +190,7 @@ def _capacity_run(out: Path, model_cache_dir: Path, tiers: bool, rng: random.Ran
 
 
 def scenario_capacity(out: Path, model_cache_dir: Path, runs: int, rng: random.Random) -> dict:
-    resolve_model_path(MODEL, model_cache_dir)
-    result = {"tiers": [], "recompute": []}
-    for i in range(runs):
-        for mode in ("tiers", "recompute"):
-            row = _capacity_run(out, model_cache_dir, mode == "tiers", rng)
-            print(f"  s13 run {i + 1} {mode}: {row}", flush=True)
-            result[mode].append(row)
-    return result
+    return _both_modes("s13", _capacity_run, out, model_cache_dir, runs, rng)
 
 
 def table_s13(r: dict) -> str:
