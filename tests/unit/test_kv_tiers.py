@@ -182,3 +182,19 @@ def test_every_revisit_loads_its_whole_history_through_a_small_host_tier(tmp_pat
         assert torch.equal(fresh.kv.data[:, :, :, :300], entry.kv.data[:, :, :, :300])
     del prefetched
     assert tiers.stats()["staged_bytes"] == 0
+
+
+def test_a_write_behind_whose_positions_were_given_up_is_discarded(tmp_path):
+    """The writer copies from the live buffer: if the sequence gave positions up in the meantime
+    (a rolled-back turn: they will be written again), the copy is not this sequence's KV."""
+    shared = open_shared_store(str(tmp_path / "shared"), 3600, 2**30)
+    tiers = LowerTiers(LAYOUT, FP, HostTier(2**20, pin=False), None, shared)
+    kv = SequenceKV(LAYOUT, 128)
+    kv.num_tokens = 100
+    epoch = kv.epoch
+    kv.num_tokens = 40  # given up: positions 40.. will be written again
+    kv.num_tokens = 100
+    tiers._share(list(range(100)), kv, epoch, 0)
+    assert tiers.stats()["write_jobs_discarded"] == 1 and not list((tmp_path / "shared").iterdir())
+    tiers._share(list(range(100)), kv, kv.epoch, 0)
+    assert len(list((tmp_path / "shared").glob("*.kv.safetensors"))) == 2  # one full chunk and a tail

@@ -69,7 +69,10 @@ class Engine:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.store = store
-        self.tiers = tiers if config.enable_kv_reuse else None
+        # LongRoPE KV depends on the whole sequence's length, which a stored chunk does not name
+        self.tiers = tiers if config.enable_kv_reuse and loaded.rope_regime is None else None
+        if tiers is not None and self.tiers is None:
+            logger.info("KV tiers off: %s's KV depends on the sequence length (LongRoPE)", loaded.name)
         self.fingerprint: dict = {}  # set by whoever built the engine (KV handoff, tiers)
         if self.tiers is not None:
             store.spill = self.tiers.spill

@@ -3,9 +3,10 @@
 - `spill` (engine thread, at a device eviction): the evicted buffer goes to a writer thread,
   which keeps its chunks in host memory, and what host memory evicts goes to the disk tier. No
   copy on the engine thread: the buffer is no longer the sequence's, so nothing writes it.
-- `write_behind` (engine thread, when a request ends): the chunks the shared tier does not have
-  yet are copied (only the new positions, plus the chunk they start in) and queued for the
-  writer. The queue is bounded; when it is full the job is dropped and counted, never waited for.
+- `write_behind` (engine thread, when a request ends): the positions the shared tier does not
+  have yet (the new ones, plus the chunk they start in) are queued for the writer, which copies
+  them from the live buffer and discards the copy if those positions were given up meanwhile.
+  The queue is bounded; when it is full the job is dropped and counted, never waited for.
 - `prefetch` (a request's thread, while the request waits in the queue): finds the longest prefix of
   the request's ids in host, disk or shared chunks and reads them; they travel with the request
   (nothing evicts them before it is admitted; the bytes read, at most 4 model windows across
@@ -87,6 +88,7 @@ class LowerTiers:
         self.observer = observer or TierObserver()
         self.counts = {name: TierCounts() for name in TIERS}
         self.dropped_jobs = 0
+        self.discarded_writes = 0  # write-behinds whose positions were rewritten before the copy
         self.tokens_loaded = 0  # into device KV by load_into
         # Bytes read from disk or shared for requests not admitted yet: at most this many model
         # windows of KV; past it a request reads no more and computes the rest.
@@ -106,15 +108,14 @@ class LowerTiers:
             self._enqueue(("spill", entry.token_ids[:n], entry.kv.data, n, shared))
 
     def write_behind(self, entry: SequenceEntry) -> None:
-        """A request ended: queue the chunks of the entry's KV the shared tier lacks."""
+        """A request ended: queue the chunks of the entry's KV the shared tier lacks. No copy
+        here: the writer copies them from the live buffer, and discards the copy if the
+        buffer's positions were given up meanwhile (`SequenceKV.epoch`)."""
         n = entry.num_cached
         if self.shared is None or n <= entry.shared_tokens:
             return
         start = entry.shared_tokens - entry.shared_tokens % ck.CHUNK_TOKENS
-        ids = entry.token_ids[:n]
-        chunks = [Chunk(ref, ids[ref.start:ref.end], ck.chunk_kv(entry.kv.data, ref))
-                  for ref in ck.chunk_refs(self.root, ids, n) if ref.start >= start]
-        if self._enqueue(("share", chunks)):
+        if self._enqueue(("share", entry.token_ids[:n], entry.kv, entry.kv.epoch, start)):
             entry.shared_tokens = n
 
     def forget(self, token_ids: Sequence[int]) -> None:
@@ -254,7 +255,7 @@ class LowerTiers:
                 elif job[0] == "forget":
                     self._forget(job[1])
                 else:
-                    self._share(job[1])
+                    self._share(*job[1:])
             except Exception:  # noqa: BLE001 - a failed write costs reuse, never the worker
                 logger.exception("KV tier write failed")
             finally:
@@ -271,9 +272,15 @@ class LowerTiers:
             self.observer.on_store("host", time.perf_counter() - started, chunk.nbytes)
             self._count("host", bytes_stored=chunk.nbytes)
 
-    def _share(self, chunks: list[Chunk]) -> None:
-        """Writes the chunks the shared tier lacks (another worker, or this one before a handoff
-        or an eviction, may have written the same prefix)."""
+    def _share(self, ids: list[int], kv, epoch: int, start: int) -> None:
+        """Writes the chunks from `start` on that the shared tier lacks (another worker, or this
+        one before a handoff or an eviction, may have written the same prefix)."""
+        chunks = [Chunk(ref, ids[ref.start:ref.end], ck.chunk_kv(kv.data, ref))
+                  for ref in ck.chunk_refs(self.root, ids, len(ids)) if ref.start >= start]
+        if kv.epoch != epoch:  # positions rewritten during the copy: not this sequence's KV any more
+            with self._lock:
+                self.discarded_writes += 1
+            return
         try:
             present = self.shared.contains([c.ref.key for c in chunks])
         except Exception as exc:  # noqa: BLE001 - then write them all; failures are counted there
@@ -333,6 +340,7 @@ class LowerTiers:
         with self._lock:
             tiers = {name: dict(vars(c)) for name, c in self.counts.items()}
             out = {"write_queue_depth": self._jobs.qsize(), "write_jobs_dropped": self.dropped_jobs,
+                   "write_jobs_discarded": self.discarded_writes,
                    "tokens_loaded": self.tokens_loaded, "staged_bytes": self.staged_bytes}
         for name, store in (("host", self.host), ("disk", self.disk), ("shared", self.shared)):
             tiers[name]["enabled"] = store is not None

@@ -57,7 +57,20 @@ class SequenceKV:
         # rows, which attention reads faster than the paper's [seq_len, heads, head_dim].
         self.data = torch.empty((layout.num_layers, 2, layout.num_kv_heads, capacity, layout.head_dim),
                                 dtype=layout.dtype, device=layout.device)
-        self.num_tokens = 0
+        self._num_tokens = 0
+        # Moves whenever valid positions are given up, so may be written again (a reader on
+        # another thread, the tier writer, discards what it copied meanwhile).
+        self.epoch = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self._num_tokens
+
+    @num_tokens.setter
+    def num_tokens(self, n: int) -> None:
+        if n < self._num_tokens:
+            self.epoch += 1
+        self._num_tokens = n
 
     @property
     def capacity(self) -> int:
