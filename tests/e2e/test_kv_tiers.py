@@ -7,15 +7,10 @@ import uuid
 import httpx
 import pytest
 import redis
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from services.worker.model.presets import resolve_model_path
 
 from tests.conftest import require_redis_server
 from tests.redis_server import RedisServer
-from tests.support import assert_well_formed, generate, start_cluster, wait_until
-from tests.unit.test_engine import hf_greedy
+from tests.support import assert_well_formed, generate, start_cluster, transformers_greedy, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -35,13 +30,6 @@ def chunk_keys(url: str) -> list[bytes]:
         return list(client.scan_iter("kvcache:kv:*"))
 
 
-def plain_transformers(tmp_path):
-    """The model the workers serve, loaded by transformers itself (eager attention, no cache)."""
-    path = resolve_model_path("tiny-gpt2", tmp_path / "models")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-    return model, AutoTokenizer.from_pretrained(path)
-
-
 def test_a_crashed_workers_conversations_continue_from_the_shared_tier(tmp_path):
     require_redis_server()
     with RedisServer() as kv_redis, start_cluster(tmp_path, num_workers=2, WORKER_KV_SHARED_URL=kv_redis.url) as cluster:
@@ -54,7 +42,6 @@ def test_a_crashed_workers_conversations_continue_from_the_shared_tier(tmp_path)
         wait_until(lambda: len(chunk_keys(kv_redis.url)) >= 3 * (max(earlier.values()) // 64 + 1),
                    "the write-behind of every conversation")
         cluster.kill("worker-1")
-        reference = None
         for s in seqs:
             follow = generate(url, prompt=" And then?", seq_id=s, max_tokens=6, temperature=0)
             assert_well_formed(follow)
@@ -62,12 +49,7 @@ def test_a_crashed_workers_conversations_continue_from_the_shared_tier(tmp_path)
             assert follow.start["context_tokens"] == earlier[s] + len(" And then?")  # nothing lost
             assert follow.start["cached_tokens"] == follow.start["tier_tokens"] == earlier[s]  # loaded
             assert follow.start["handoff_tokens"] == 0  # its owner is gone
-            model, tokenizer = reference or plain_transformers(tmp_path)
-            reference = (model, tokenizer)
-            context = (tokenizer.encode(s + PROMPT, add_special_tokens=False) + first[s].token_ids
-                       + tokenizer.encode(" And then?", add_special_tokens=False))
-            with torch.no_grad():
-                assert follow.token_ids == hf_greedy(model, context, 6)
+            assert follow.token_ids == transformers_greedy(cluster, [s + PROMPT, first[s].token_ids, " And then?"], 6)
         stats = httpx.get(f"{cluster.worker_urls[0]}/stats", timeout=5).json()
         assert stats["kv_tiers"]["tiers"]["shared"]["hits"] >= 3 and stats["tier_tokens"] >= sum(earlier.values())
         metrics = httpx.get(f"{cluster.worker_urls[0]}/metrics", timeout=5).text
