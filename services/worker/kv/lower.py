@@ -14,6 +14,7 @@
   them into the sequence's KV, a memory copy.
 """
 
+import collections
 import logging
 import queue
 import threading
@@ -96,6 +97,7 @@ class LowerTiers:
         self.staging_limit = staging_windows * layout.max_positions * layout.bytes_per_token
         self._lock = threading.Lock()  # the counters
         self._jobs: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._forgets: collections.deque[list[int]] = collections.deque()  # DELETEd sequences' ids
         self._thread = threading.Thread(target=self._write_loop, name="kv-tiers", daemon=True)
         self._thread.start()
 
@@ -121,7 +123,11 @@ class LowerTiers:
     def forget(self, token_ids: Sequence[int]) -> None:
         """A deleted sequence: its chunks leave every tier (queued). That includes the tails its
         earlier turns wrote, and any prefix chunks other sequences shared (a cache loss only)."""
-        self._enqueue(("forget", list(token_ids)))
+        self._forgets.append(list(token_ids))  # never dropped, unlike the bounded queue's writes
+        try:
+            self._jobs.put_nowait(("wake",))
+        except queue.Full:
+            pass  # the writer is busy: it takes the deletions after its current job
 
     def load_into(self, entry: SequenceEntry, prefetched: Prefetched | None) -> int:
         """Copy prefetched chunks past the entry's cached positions into its KV (reserved by the
@@ -250,11 +256,11 @@ class LowerTiers:
         while True:
             job = self._jobs.get()
             try:
+                while self._forgets:  # deletions first: a chunk must not outlive its DELETE
+                    self._forget(self._forgets.popleft())
                 if job[0] == "spill":
                     self._spill(*job[1:])
-                elif job[0] == "forget":
-                    self._forget(job[1])
-                else:
+                elif job[0] == "share":
                     self._share(*job[1:])
             except Exception:  # noqa: BLE001 - a failed write costs reuse, never the worker
                 logger.exception("KV tier write failed")
@@ -323,7 +329,7 @@ class LowerTiers:
     def flush(self, timeout_s: float) -> bool:
         """Wait until the queued writes are done (a drain, tests); False on timeout."""
         deadline = time.monotonic() + timeout_s
-        while self._jobs.unfinished_tasks:
+        while self._jobs.unfinished_tasks or self._forgets:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.01)

@@ -246,6 +246,8 @@ class KVStore:
         entry = self.entries.get(seq_id)
         if entry is None or entry.busy:
             return False
+        if entry.kv is not None:
+            entry.kv.num_tokens = 0  # a tier write of it still queued is discarded (its epoch moves)
         self.drop_kv(entry)
         del self.entries[seq_id]
         return True

@@ -135,7 +135,9 @@ class FsspecStore:
     def __init__(self, url: str, ttl_s: float, budget_bytes: int, sweep_interval_s: float = 60.0):
         import fsspec  # only workers with an fsspec shared tier need it
 
-        self.fs, self.root = fsspec.core.url_to_fs(url)
+        # No listings cache: other workers write and delete entries all the time (gcsfs would
+        # otherwise answer `exists` from a stale listing)
+        self.fs, self.root = fsspec.core.url_to_fs(url, use_listings_cache=False)
         self.fs.makedirs(self.root, exist_ok=True)
         # On this host's own disk: the disk tier need not copy what it holds (the same medium)
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
@@ -159,9 +161,12 @@ class FsspecStore:
 
     def put(self, key: str, raw: bytes) -> None:
         path = self._path(key)
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        self.fs.pipe_file(tmp, raw)
-        self.fs.mv(tmp, path)  # atomic on a local directory; objects are whole on upload anyway
+        if self.local:  # a reader must never see half a file: write aside, then rename (atomic)
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            self.fs.pipe_file(tmp, raw)
+            self.fs.mv(tmp, path)
+        else:  # an object upload is all-or-nothing already (a move would cost a copy and a delete)
+            self.fs.pipe_file(path, raw)
         self._maybe_sweep()
 
     def remove(self, key: str) -> None:
@@ -180,7 +185,11 @@ class FsspecStore:
 
     def sweep(self) -> int:
         """Deletes expired entries, then the oldest while over budget; returns how many."""
-        entries = [e for e in self.fs.ls(self.root, detail=True) if e["name"].endswith(SUFFIX)]
+        try:
+            listing = self.fs.ls(self.root, detail=True)
+        except FileNotFoundError:  # an object store's prefix with no objects does not exist
+            return 0
+        entries = [e for e in listing if e["name"].endswith(SUFFIX)]
         entries.sort(key=_mtime)
         total, cutoff, removed = sum(e["size"] for e in entries), time.time() - self.ttl_s, 0
         for entry in entries:
