@@ -59,6 +59,7 @@ class Usage(BaseModel):
     prompt_tokens: int
     cached_tokens: int
     handoff_tokens: int = 0  # of cached_tokens, positions whose KV came from another worker
+    tier_tokens: int = 0  # of cached_tokens, positions loaded from the host, disk or shared KV tiers
     completion_tokens: int
     context_tokens: int
 

@@ -33,6 +33,24 @@ class WorkerSettings(ServiceSettings):
     # KV budget in bytes; 0 = automatic (a fraction of free GPU memory, or of RAM on CPU).
     kv_cache_bytes: int = Field(0, ge=0)
     kv_cache_memory_fraction: float = Field(0.25, gt=0, le=0.95)
+    # The KV tiers below device memory (README "KV tiers"); false: none (the benchmark's baseline:
+    # what device memory evicts is recomputed). Host memory: -1 = automatic (on CUDA a quarter of
+    # RAM, pinned; on CPU device memory already is RAM, so one model window, what an eviction
+    # passes down on its way to disk: give more RAM to kv_cache_bytes instead). 0 = none.
+    kv_tiers: bool = True
+    kv_host_bytes: int = Field(-1, ge=-1)
+    # A local directory (an emptyDir or local SSD in Kubernetes); empty = <cache>/kv-disk/<worker_id>.
+    kv_disk_dir: str = ""
+    kv_disk_bytes: int = Field(4 * 2**30, ge=0)  # 0 = no disk tier
+    # The tier every worker reads: a directory or fsspec URL (file://, gs://bucket/prefix) or
+    # redis://host:port/db. The default, a directory, is shared by the workers of one host (like
+    # the SQLite session store). Empty = no shared tier.
+    kv_shared_url: str = str(Path.home() / ".cache" / "kvcache" / "kv-shared")
+    kv_shared_bytes: int = Field(16 * 2**30, ge=0)  # fsspec sweep; Redis uses its own maxmemory
+    kv_shared_ttl_s: float = Field(24 * 3600.0, gt=0)
+    # Tier writes waiting for the writer thread; a write arriving when it is full is dropped
+    # (counted), never waited for.
+    kv_tier_write_queue: int = Field(64, ge=1)
     # false: every request recomputes its whole context (baseline for benchmarks).
     enable_kv_reuse: bool = True
     # A finished turn's last token waits this long for the sequence's next request, which then
@@ -78,4 +96,6 @@ class WorkerSettings(ServiceSettings):
         if not self.advertise_address:
             self.advertise_address = f"http://127.0.0.1:{self.port}"
         self.advertise_address = self.advertise_address.rstrip("/")
+        if not self.kv_disk_dir:
+            self.kv_disk_dir = str(Path.home() / ".cache" / "kvcache" / "kv-disk" / self.worker_id)
         return self

@@ -26,6 +26,7 @@ class RequestHandle:
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self.finished = False
+        self.submitted = False  # abort() before submit() has nothing to abort
         self.request = build(self._sink)
 
     @classmethod
@@ -52,8 +53,14 @@ class RequestHandle:
         except RuntimeError:
             pass  # the loop is closed: nobody is listening any more
 
-    def submit(self) -> None:
+    async def submit(self) -> None:
+        """Queue the request, and read its lower-tier KV (off the loop) while it waits."""
+        loading = self._engine.tiers is not None
+        self.request.loading = loading
         self._engine.submit(self.request)
+        self.submitted = True
+        if loading:
+            await asyncio.to_thread(self._engine.prefetch, self.request)
 
     async def first_event(self) -> dict:
         """The `start` event; raises the ServiceError that refused the request instead."""
@@ -70,7 +77,7 @@ class RequestHandle:
             yield event
 
     def abort(self) -> None:
-        if not self.finished:
+        if self.submitted and not self.finished:
             self._engine.abort(self.request)
 
 
@@ -78,7 +85,7 @@ async def start_request(handle: RequestHandle) -> dict:
     """Submit, and wait for `start` (so a refusal is an HTTP error before the first byte); a
     request that does not start is aborted in the engine."""
     try:
-        handle.submit()
+        await handle.submit()
         return await handle.first_event()
     except BaseException:
         handle.abort()

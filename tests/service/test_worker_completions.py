@@ -109,7 +109,7 @@ async def test_a_raw_prompt_returns_the_generate_result(client):
     assert response.status_code == 200
     result = GenerateResult.model_validate(response.json())
     assert result.seq_id == "req-1" and result.worker_id == "w-cached"
-    assert result.usage.model_dump() == {"prompt_tokens": 11, "cached_tokens": 0, "handoff_tokens": 0,
+    assert result.usage.model_dump() == {"prompt_tokens": 11, "cached_tokens": 0, "handoff_tokens": 0, "tier_tokens": 0,
                                          "completion_tokens": 5, "context_tokens": 11}
     assert result.finish_reason == "length"
     generated = await client.post("/generate", json={"prompt": "Hello there", "max_tokens": 5, "temperature": 0,

@@ -8,6 +8,11 @@ from services.coordinator.metrics import CoordinatorMetrics
 from services.coordinator.settings import CoordinatorSettings
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
+import torch
+
+from services.worker.kv.lower import LowerTiers
+from services.worker.kv.store import KVLayout
+from services.worker.kv.tiers import HostTier
 from services.worker.metrics import COUNTERS, GAUGES, WorkerMetrics
 from services.worker.settings import WorkerSettings
 
@@ -33,7 +38,9 @@ def test_configuration_table_matches_settings():
 def exported_metrics() -> set[str]:
     """Every metric family of the three services, as a query names it (counters with `_total`);
     the worker's engine metrics as exported once the model is loaded."""
-    engine_stats = dict.fromkeys([*GAUGES, *COUNTERS], 0) | {"kv_bytes_limit": 1}
+    layout = KVLayout(1, 1, 2, torch.float32, torch.device("cpu"), 8)
+    tiers = LowerTiers(layout, {}, HostTier(1024, pin=False), None, None)
+    engine_stats = dict.fromkeys([*GAUGES, *COUNTERS], 0) | {"kv_bytes_limit": 1, "kv_tiers": tiers.stats()}
     registries = (GatewayMetrics().registry, CoordinatorMetrics().registry,
                   WorkerMetrics(lambda: engine_stats).registry)
     return {f.name + ("_total" if f.type == "counter" else "") for r in registries for f in r.collect()}

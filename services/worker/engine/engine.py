@@ -19,6 +19,7 @@ from services.worker.engine.sampling import make_generator, sample_token
 from services.worker.engine.scheduler import Admission, ScheduledItem, Scheduler
 from services.worker.engine.sequence import Request, RequestTimings, Status
 from services.worker.engine.stop import StopMatcher
+from services.worker.kv.lower import LowerTiers
 from services.worker.kv.store import KVCapacityError, KVStore, SequenceEntry
 from services.worker.model.loader import LoadedModel
 from services.worker.model.runner import ModelRunner, StepInput
@@ -64,10 +65,17 @@ def _within_model_limits(config: EngineConfig, loaded: LoadedModel) -> EngineCon
 
 class Engine:
     def __init__(self, loaded: LoadedModel, store: KVStore, config: EngineConfig,
-                 observer: EngineObserver | None = None):
+                 observer: EngineObserver | None = None, tiers: LowerTiers | None = None):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.store = store
+        # LongRoPE KV depends on the whole sequence's length, which a stored chunk does not name
+        self.tiers = tiers if config.enable_kv_reuse and loaded.rope_regime is None else None
+        if tiers is not None and self.tiers is None:
+            logger.info("KV tiers off: %s's KV depends on the sequence length (LongRoPE)", loaded.name)
+        self.fingerprint: dict = {}  # set by whoever built the engine (KV handoff, tiers)
+        if self.tiers is not None:
+            store.spill = self.tiers.spill
         self.config = config
         self.observer = observer or EngineObserver()
         self.runner = ModelRunner(loaded)
@@ -83,7 +91,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.counters = dict.fromkeys(
             ("requests", "hits", "misses", "new_sequences", "stateless_requests", "prompt_tokens",
-             "prefill_tokens", "reused_tokens", "handoff_tokens", "generated_tokens", "steps", "aborted",
+             "prefill_tokens", "reused_tokens", "handoff_tokens", "tier_tokens", "generated_tokens", "steps", "aborted",
              "rejected", "prefix_cache_queries", "prefix_cache_hits"), 0)
 
     # --- called from other threads -------------------------------------------------------
@@ -119,11 +127,32 @@ class Engine:
                 if entry is None:
                     return False
                 self._end_held_tail(seq_id)
+                ids = list(entry.token_ids)
                 if self.store.delete(seq_id):
+                    if self.tiers is not None:
+                        self.tiers.forget(ids)
                     return True
                 if not self._tail_stepping(seq_id) or time.monotonic() > deadline:
                     return None
             time.sleep(0.002)
+
+    def prefetch(self, req: Request) -> None:
+        """Blocking (tier reads), for a request submitted with `loading` set: read the lower-tier
+        chunks that extend what device memory holds of its context while it waits in the queue
+        (it is not admitted before); admission copies them into its KV."""
+        try:
+            limit = len(req.token_ids) - 1  # the last position is computed: its logits are needed
+            with self.lock:
+                if req.stateless:
+                    match = self.store.longest_prefix(req.token_ids)
+                    have = match[1] if match else 0
+                else:
+                    entry = self.store.get(req.seq_id)
+                    have = entry.cached_prefix(req.token_ids) if entry else 0
+            req.prefetched = self.tiers.prefetch(req.token_ids, have, limit)
+        finally:
+            req.loading = False
+            self._inbox.put(None)  # wakes the loop: the request may be admitted now
 
     def encode(self, text: str) -> list[int]:
         self.check_text_fits(len(text))
@@ -148,6 +177,15 @@ class Engine:
         with self.lock:
             entry = self.store.get(seq_id)
             return entry.cached_prefix(token_ids) if entry else 0
+
+    def write_behind_all(self) -> None:
+        """Queue every idle sequence's KV the shared tier lacks (a drain: what nobody pulled)."""
+        if self.tiers is None:
+            return
+        with self.lock:
+            for entry in self.store.entries.values():
+                if entry.kv is not None and not entry.busy and not entry.stateless:
+                    self.tiers.write_behind(entry)
 
     def num_cached_sequences(self) -> int:
         """Sessions whose KV is held here: what a draining worker waits to hand off (stateless
@@ -206,9 +244,12 @@ class Engine:
 
     def stats(self) -> dict:
         with self.lock:
-            return {**self.store.stats(), **self.counters,
-                    "running": len(self.scheduler.running),
-                    "waiting": len(self.scheduler.waiting) + self._num_queued}
+            stats = {**self.store.stats(), **self.counters,
+                     "running": len(self.scheduler.running),
+                     "waiting": len(self.scheduler.waiting) + self._num_queued}
+        if self.tiers is not None:
+            stats["kv_tiers"] = self.tiers.stats()
+        return stats
 
     # --- engine thread ---------------------------------------------------------------------
     @property
@@ -343,6 +384,9 @@ class Engine:
             self.store.release(entry)
             return Admission.NO_ROOM
         req.entry = entry
+        if self.tiers is not None and self._kv_reusable(entry, len(req.token_ids)):
+            req.tier_tokens = self.tiers.load_into(entry, req.prefetched)
+        req.prefetched = None
         req.cached_tokens = entry.num_cached
         req.handoff_tokens = min(entry.imported_tokens, req.cached_tokens)
         entry.imported_tokens = 0
@@ -413,7 +457,7 @@ class Engine:
         req.admitted_s = time.perf_counter()
         req.sink({"type": "start", "seq_id": req.public_id or req.seq_id, "worker_id": self.config.worker_id,
                   "context_tokens": req.context_tokens, "cached_tokens": req.cached_tokens,
-                  "handoff_tokens": req.handoff_tokens})
+                  "handoff_tokens": req.handoff_tokens, "tier_tokens": req.tier_tokens})
 
     def _count_start(self, req: Request, context: int) -> None:
         known = context > req.prompt_tokens
@@ -424,6 +468,7 @@ class Engine:
             self.counters["new_sequences" if not known else ("hits" if req.cached_tokens else "misses")] += 1
         self.counters["reused_tokens"] += req.cached_tokens
         self.counters["handoff_tokens"] += req.handoff_tokens
+        self.counters["tier_tokens"] += req.tier_tokens
         self.counters["prompt_tokens"] += len(req.token_ids)  # vLLM's: the whole context it was given
         self.counters["prefill_tokens"] += len(req.token_ids) - req.cached_tokens
         if self.config.enable_kv_reuse:  # vLLM's semantics: positions looked up, and found
@@ -485,7 +530,8 @@ class Engine:
                                                                                 skip_special_tokens=True),
             "finish_reason": reason,
             "usage": {"prompt_tokens": req.prompt_tokens, "cached_tokens": req.cached_tokens,
-                      "handoff_tokens": req.handoff_tokens, "completion_tokens": len(req.generated),
+                      "handoff_tokens": req.handoff_tokens, "tier_tokens": req.tier_tokens,
+                      "completion_tokens": len(req.generated),
                       "context_tokens": req.context_tokens},
             "timings": {"ttft_ms": timings.ttft_s * ms, "prefill_ms": timings.prefill_s * ms,
                         "decode_ms": timings.decode_s * ms},
@@ -500,6 +546,8 @@ class Engine:
             self._keep_reusable_kv(req.entry)
             if not self.config.enable_kv_reuse:
                 self.store.drop_kv(req.entry)
+            elif self.tiers is not None and req.entry.kv is not None and not req.aborted:
+                self.tiers.write_behind(req.entry)
             self.store.release(req.entry)
 
     def _drop(self, req: Request) -> None:

@@ -58,6 +58,9 @@ class Request:
     generated: list[int] = field(default_factory=list)
     cached_tokens: int = 0
     handoff_tokens: int = 0
+    tier_tokens: int = 0  # positions loaded from the lower KV tiers at admission
+    prefetched: Any = None  # lower-tier chunks read for it while it waited (kv.lower.Prefetched)
+    loading: bool = False  # those chunks are being read: not admitted until they are
     context_tokens: int = 0
     aborted: bool = False
     in_inbox: bool = False
