@@ -6,7 +6,6 @@ locals {
   kv_bucket_name = var.kv_bucket_name != "" ? var.kv_bucket_name : "${var.project_id}-${var.cluster_name}-kv"
   # The worker pods' Kubernetes service account (k8s/base/serviceaccount.yaml), as a Workload
   # Identity principal: no Google service account, no key, no annotation on the manifests.
-  kv_worker_namespace       = "kvcache"
   kv_worker_service_account = "kvcache-worker"
 }
 
@@ -49,5 +48,5 @@ resource "google_storage_bucket_iam_member" "kv_workers" {
   count  = var.enable_kv_bucket ? 1 : 0
   bucket = google_storage_bucket.kv[0].name
   role   = "roles/storage.objectUser"
-  member = "principal://iam.googleapis.com/projects/${data.google_project.current[0].number}/locations/global/workloadIdentityPools/${var.project_id}.svc.id.goog/subject/ns/${local.kv_worker_namespace}/sa/${local.kv_worker_service_account}"
+  member = "principal://iam.googleapis.com/projects/${data.google_project.current[0].number}/locations/global/workloadIdentityPools/${var.project_id}.svc.id.goog/subject/ns/${var.k8s_namespace}/sa/${local.kv_worker_service_account}"
 }

@@ -177,6 +177,12 @@ variable "enable_kv_bucket" {
   default     = false
 }
 
+variable "k8s_namespace" {
+  description = "Kubernetes namespace of the deployment (scripts/deploy_gke.sh --namespace); the bucket's Workload Identity grant names the workers' service account in it."
+  type        = string
+  default     = "kvcache"
+}
+
 variable "kv_bucket_name" {
   description = "Name of the shared KV tier's bucket (globally unique); empty: <project_id>-<cluster_name>-kv."
   type        = string

@@ -139,6 +139,26 @@ def _substitute(value: str, resolved: dict[str, str]) -> str:
                   lambda m: resolved.get(m.group(1), m.group(0)), value)
 
 
+_QUANTITY_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                   "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity_bytes(quantity: str | int) -> int:
+    """A Kubernetes memory or storage quantity ("5Gi", "512Mi", "4G", 1024) in bytes."""
+    match = re.fullmatch(r"(\d+)([kMGT]i?)?", str(quantity))
+    assert match, f"unsupported quantity: {quantity}"
+    return int(match.group(1)) * _QUANTITY_UNITS[match.group(2) or ""]
+
+
+def redis_bytes(value: str) -> int:
+    """redis.conf's memory units: 1gb = 2**30 bytes, 1g = 10**9 (case-insensitive)."""
+    match = re.fullmatch(r"(\d+)(k|kb|m|mb|g|gb)?", value.lower())
+    assert match, f"unsupported redis size: {value}"
+    unit = match.group(2) or ""
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(unit[:1], 1)
+    return int(match.group(1)) * (2 ** (10 * "kmg".index(unit[0]) + 10) if unit.endswith("b") else scale)
+
+
 def _cpu_count(quantity: str) -> str:
     cores = float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
     return str(math.ceil(cores))
