@@ -532,6 +532,12 @@ def test_kv_bucket_is_granted_to_the_workers_service_account_only(docs):
     assert int(variable_default("kv_ttl_days")) * 86400 == worker_settings(docs).kv_shared_ttl_s
 
 
+def test_memorystore_session_store_never_evicts():
+    """Memorystore defaults to volatile-lru, which would drop sessions (all have a TTL) when full."""
+    memorystore_tf = (REPO_ROOT / "infra" / "memorystore.tf").read_text()
+    assert re.findall(r'"maxmemory-policy"\s*=\s*"([^"]+)"', memorystore_tf) == ["noeviction"]
+
+
 def test_secret_keys_are_created_as_documented_and_never_committed(docs):
     refs = {(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
             for w in docs if w["kind"] in ("Deployment", "StatefulSet")
