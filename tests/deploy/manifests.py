@@ -67,15 +67,20 @@ def default_port(service: str) -> int:
     return SETTINGS[service].model_fields["port"].default
 
 
-def _render_with_tool(overlay: str) -> str | None:
+def render_kustomization(directory: Path) -> str | None:
+    """`kubectl kustomize DIR` (or `kustomize build DIR`); None when neither is installed."""
     for command in (["kubectl", "kustomize"], ["kustomize", "build"]):
         if shutil.which(command[0]):
-            proc = subprocess.run([*command, str(K8S_DIR / "overlays" / overlay)],
+            proc = subprocess.run([*command, str(directory)],
                                   capture_output=True, text=True, timeout=60, check=False)
             if proc.returncode != 0:
-                raise RuntimeError(f"{' '.join(command)} {overlay} failed:\n{proc.stderr}")
+                raise RuntimeError(f"{' '.join(command)} {directory} failed:\n{proc.stderr}")
             return proc.stdout
     return None
+
+
+def _render_with_tool(overlay: str) -> str | None:
+    return render_kustomization(K8S_DIR / "overlays" / overlay)
 
 
 @functools.cache

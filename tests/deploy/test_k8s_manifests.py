@@ -5,6 +5,8 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
+import textwrap
 import time
 from pathlib import Path
 from unittest import mock
@@ -12,12 +14,13 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
+import yaml
 
 from services.localcluster import free_port
 from tests.deploy.manifests import (
     GENERIC_ENV, K8S_DIR, NAMESPACE, REPO_ROOT, SECRET_KEYS, SECRET_NAME, SETTINGS, SUBSTITUTION_ONLY_ENV,
     default_port, find, find_workload, load_docs, manifest_sets, only_container, pod_spec, quantity_bytes,
-    redis_bytes, rendered_overlays, resolve_env, sample_pod_name, selects, serves, settings_env_names, workloads,
+    redis_bytes, render_kustomization, rendered_overlays, resolve_env, sample_pod_name, selects, serves, settings_env_names, workloads,
 )
 from services.worker.kv.tiers import RedisStore, open_shared_store
 
@@ -508,15 +511,16 @@ def test_worker_memory_request_holds_the_kv_kept_in_ram(docs):
     assert in_ram + WORKER_PROCESS_RAM <= request <= quantity_bytes(container["resources"]["limits"]["memory"])
 
 
+def terraform_variable_default(name: str) -> str:
+    variables_tf = (REPO_ROOT / "infra" / "variables.tf").read_text()
+    return re.search(rf'variable "{name}" {{.*?default\s*=\s*"?([^"\n]+)"?\n', variables_tf, re.S).group(1)
+
+
 def test_kv_bucket_is_granted_to_the_workers_service_account_only(docs):
     """infra/kv_bucket.tf names the workers' Kubernetes service account and namespace as its
     Workload Identity principal; its lifecycle rule's age is the workers' TTL."""
     bucket_tf = (REPO_ROOT / "infra" / "kv_bucket.tf").read_text()
-    variables_tf = (REPO_ROOT / "infra" / "variables.tf").read_text()
-
-    def variable_default(name: str) -> str:
-        return re.search(rf'variable "{name}" {{.*?default\s*=\s*"?([^"\n]+)"?\n', variables_tf, re.S).group(1)
-
+    variable_default = terraform_variable_default
     [account] = re.findall(r'kv_worker_service_account\s*=\s*"([^"]+)"', bucket_tf)
     [member] = re.findall(r'member\s*=\s*"([^"]+)"', bucket_tf)
     assert member.endswith("/subject/ns/${var.k8s_namespace}/sa/${local.kv_worker_service_account}")
@@ -530,6 +534,31 @@ def test_kv_bucket_is_granted_to_the_workers_service_account_only(docs):
     assert runs_as == ["worker"]
     assert re.search(r"condition\s*{\s*age\s*=\s*var\.kv_ttl_days\s*}", bucket_tf)
     assert int(variable_default("kv_ttl_days")) * 86400 == worker_settings(docs).kv_shared_ttl_s
+
+
+def test_documented_bucket_overlay_points_the_workers_at_the_bucket():
+    """The kustomization in DEPLOYMENT.md's "KV tiers", rendered as a user would (from a
+    directory under k8s/): the workers' shared tier is a gs:// URL in the form of Terraform's
+    kv_shared_url output, with the bucket's TTL, and the cache Redis is gone."""
+    if shutil.which("kubectl") is None and shutil.which("kustomize") is None:
+        pytest.skip("needs kubectl or kustomize")
+    guide = (REPO_ROOT / "infra" / "DEPLOYMENT.md").read_text()
+    section = guide[guide.index("\n## KV tiers"):guide.index("\n## Troubleshooting")]
+    [block] = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    workdir = Path(tempfile.mkdtemp(prefix=".deploy-test-", dir=K8S_DIR))  # git-ignored
+    try:
+        (workdir / "kustomization.yaml").write_text(textwrap.dedent(block))
+        docs = [d for d in yaml.safe_load_all(render_kustomization(workdir)) if d]
+    finally:
+        shutil.rmtree(workdir)
+    assert not [d for d in docs if d["metadata"]["name"] == KV_STORE and d["kind"] in ("Deployment", "Service")]
+    settings = worker_settings(docs)
+    outputs_tf = (REPO_ROOT / "infra" / "outputs.tf").read_text()
+    [output] = re.findall(r'"(gs://\$\{google_storage_bucket\.kv\[0\]\.name\}[^"]*)"', outputs_tf)
+    url = urlsplit(settings.kv_shared_url)
+    assert (url.scheme, url.path) == ("gs", urlsplit(output.replace("${google_storage_bucket.kv[0].name}", "b")).path)
+    assert settings.kv_shared_bytes > 0
+    assert settings.kv_shared_ttl_s == int(terraform_variable_default("kv_ttl_days")) * 86400
 
 
 def test_memorystore_session_store_never_evicts():
