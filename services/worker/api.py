@@ -61,8 +61,9 @@ async def _start_turn(state, engine, turn: Turn, body: WorkerGenerateRequest) ->
         if body.handoff_sources and state.settings.enable_kv_reuse:
             await state.puller.pull(turn, body.handoff_sources,
                                     reserve_tokens=len(turn.token_ids) - len(turn.resumed) + body.max_tokens)
+        engine.check_token_ids(body.stop_token_ids, "stop_token_ids")
         params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
-                                top_p=body.top_p, seed=body.seed)
+                                top_p=body.top_p, seed=body.seed, **body.sampling_kwargs())
         handle = RequestHandle.for_turn(engine, turn, params, body.public_seq_id)
         return handle, await start_request(handle)
     except BaseException:

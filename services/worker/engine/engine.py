@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.common.errors import ContextTooLong, Overloaded, ServiceError, Unavailable
+from services.common.errors import ContextTooLong, InvalidRequest, Overloaded, ServiceError, Unavailable
 from services.worker.engine.detokenizer import DecodeOptions, DetokState, decode, next_text
 from services.worker.engine.sampling import logprobs_of, make_generator, process_logits, sample_token
 from services.worker.engine.scheduler import Admission, ScheduledItem, Scheduler
@@ -72,6 +72,7 @@ class Engine:
         self.observer = observer or EngineObserver()
         self.runner = ModelRunner(loaded)
         self.max_token_chars = max((len(token) for token in self.tokenizer.get_vocab()), default=1)
+        self.vocab_size = loaded.model.get_output_embeddings().weight.shape[0]
         self._token_texts: dict[int, str] = {}  # a token's text decoded alone (logprobs), engine thread only
         config = _within_model_limits(config, loaded)
         self.scheduler = Scheduler(self._admit, config.max_batch_size, config.max_batch_tokens)
@@ -140,6 +141,10 @@ class Engine:
         if num_chars > self.window * self.max_token_chars:
             raise ContextTooLong(f"a prompt of {num_chars} characters encodes to more than the model window of "
                                  f"{self.window} tokens")
+
+    def check_token_ids(self, token_ids: list[int], param: str) -> None:
+        if any(t >= self.vocab_size for t in token_ids):
+            raise InvalidRequest(f"{param} holds an id outside the vocabulary (0..{self.vocab_size - 1})", param=param)
 
     @property
     def window(self) -> int:
@@ -396,8 +401,8 @@ class Engine:
         (the copy then saves the whole prompt's compute; the KV is read between steps, on this
         thread)."""
         source = req.prompt_source
-        return (source is not None and source.status is Status.RUNNING and not source.generated
-                and not source.aborted and self.config.enable_kv_reuse)
+        return (source is not None and source.status in (Status.WAITING, Status.RUNNING)
+                and not source.generated and not source.aborted and self.config.enable_kv_reuse)
 
     def _sibling_entry(self, req: Request) -> SequenceEntry | None:
         """A new entry holding a copy of the n > 1 source's prompt KV (all but the last prompt
