@@ -224,7 +224,7 @@ async def test_logprobs_and_prompt_logprobs_in_the_stream_and_the_result(client)
     body = {"prompt": "Hello there, general", "max_tokens": 4, "temperature": 0, "logprobs": 2, "prompt_logprobs": 1}
     result = (await client.post("/completions", json=body | {"stream": False})).json()
     assert [len(e["top_logprobs"]) for e in result["logprobs"]] == [2] * 4
-    assert result["prompt_logprobs"][0] is None and len(result["prompt_logprobs"]) == len(body["prompt"])
+    assert result["prompt_logprobs"][0]["logprob"] is None and len(result["prompt_logprobs"]) == len(body["prompt"])
     events = list(parse_events((await client.post("/completions", json=body)).text.splitlines()))
     tokens = [e for e in events if e["type"] == "token"]
     assert [e["logprobs"] for e in tokens] == result["logprobs"]

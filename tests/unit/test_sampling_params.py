@@ -189,7 +189,9 @@ def test_logprobs_equal_log_softmax_of_the_transformers_forward(engine, hf_model
         assert [t["token_id"] for t in entry["top_logprobs"]] == top.indices.tolist()
         assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx(top.values.tolist(), abs=1e-4)
     prompt_lps = result.events[1]["prompt_logprobs"]
-    assert prompt_lps[0] is None and len(prompt_lps) == len(ids)
+    assert len(prompt_lps) == len(ids)
+    assert prompt_lps[0] == {"token_id": ids[0], "token": engine.tokenizer.decode(ids[:1]), "logprob": None,
+                             "top_logprobs": None}
     for i in range(1, len(ids)):
         assert prompt_lps[i]["token_id"] == ids[i]
         assert prompt_lps[i]["logprob"] == pytest.approx(float(reference[i - 1, ids[i]]), abs=1e-4)

@@ -461,7 +461,9 @@ class Engine:
         req.detok = DetokState()
         req.stop = StopMatcher(req.params.stop, include=req.params.include_stop_str_in_output) \
             if req.params.stop else None
-        req.prompt_logprobs = [None] if req.params.prompt_logprobs is not None else None
+        req.prompt_logprobs = None if req.params.prompt_logprobs is None else [  # the first token has none
+            {"token_id": req.token_ids[0], "token": self._token_text(req.token_ids[0]), "logprob": None,
+             "top_logprobs": None}]
         for i in range(len(req.resumed)):  # a migrated turn: its text so far was already sent
             req.generated.append(req.resumed[i])
             next_text(self.tokenizer, req.generated, req.detok, options=self._decode_options(req))

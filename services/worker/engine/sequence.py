@@ -80,7 +80,7 @@ class Request:
     detok: Any = None            # incremental detokenizer state
     stop: Any = None             # StopMatcher when params.stop is set
     text: str = ""               # the text released to the client so far
-    prompt_logprobs: list | None = None  # prompt_logprobs: one entry per prompt token (None first)
+    prompt_logprobs: list | None = None  # prompt_logprobs: one entry per prompt token
     dropped_stop_token: bool = False  # ended by a stop token whose text is not part of the output
     admitted_s: float = 0.0
     first_token_s: float = 0.0
