@@ -32,6 +32,7 @@ class ChoiceGroup:
                                          params=choice, sink=self._sink(i), stateless=True,
                                          prompt_source=self.requests[0] if i else None))
         self._finished = [False] * n
+        self._submitted = 0
 
     def _sink(self, choice: int):
         def sink(event: Any) -> None:  # engine thread
@@ -47,6 +48,7 @@ class ChoiceGroup:
         try:
             for request in self.requests:
                 self._engine.submit(request)
+                self._submitted += 1
             starts: dict[int, dict] = {}
             while len(starts) < len(self.requests):
                 choice, event = await self._events.get()
@@ -78,7 +80,7 @@ class ChoiceGroup:
         yield combined_done([dones[i] for i in range(len(self.requests))])
 
     def abort(self) -> None:
-        for request, finished in zip(self.requests, self._finished):
+        for request, finished in zip(self.requests[:self._submitted], self._finished):
             if not finished:
                 self._engine.abort(request)
 

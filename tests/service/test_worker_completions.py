@@ -4,6 +4,7 @@ error formats as /generate, draining, metrics and client disconnects. Outputs ar
 a worker that has KV reuse off."""
 
 import asyncio
+import threading
 
 import httpx
 import pytest
@@ -14,7 +15,7 @@ from services.common.sse import parse_events
 from services.worker.engine.sequence import SamplingParams, Status
 from services.worker.kv.prefix_index import BLOCK_TOKENS
 from services.worker.streams import RequestHandle, start_request, stream_events
-from tests.service.test_worker_api import assert_error, running_app, wait_for, worker_settings
+from tests.service.test_worker_api import WAIT_S, assert_error, running_app, wait_for, worker_settings
 from tests.unit.test_engine import Gate
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -253,3 +254,32 @@ async def test_out_of_range_sampling_parameters_are_400s(client, body, param):
     assert response.status_code in (400, 422), response.text
     if param is not None:
         assert param in response.text
+
+
+async def test_n_choices_refused_part_way_leave_nothing_running(tiny_model_cache_dir):
+    """While the engine is inside a forward (nothing leaves its inbox), the third choice finds the
+    waiting queue full: the request is a 429 and the choices already submitted are aborted."""
+    settings = worker_settings(tiny_model_cache_dir, max_waiting_requests=2, worker_id="w-n-full")
+    async with running_app(settings) as (app, client):
+        engine = app.state.worker.engine
+        gate, reached = threading.Event(), threading.Event()
+        forward = engine.runner.forward
+
+        def gated(inputs):
+            reached.set()
+            gate.wait(WAIT_S)
+            return forward(inputs)
+
+        engine.runner.forward = gated
+        try:
+            first = asyncio.create_task(client.post("/completions", json={"prompt": "one", "max_tokens": 3,
+                                                                           "stream": False}))
+            assert await asyncio.to_thread(reached.wait, WAIT_S)
+            response = await client.post("/completions", json={"prompt": "hello", "max_tokens": 50, "n": 3})
+            assert_error(response, 429, "overloaded")
+        finally:
+            engine.runner.forward = forward
+            gate.set()
+        assert (await first).status_code == 200
+        await wait_for(lambda: engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0, "an idle engine")
+        assert engine.stats()["aborted"] == 2 and engine.stats()["generated_tokens"] == 3

@@ -56,7 +56,10 @@ def warp(logits: torch.Tensor, temperature: float, top_k: int = 0, min_p: float 
     """Temperature, then min_p (drop tokens under min_p times the top probability), then top_k
     (keep the k highest, ties included): transformers' TemperatureLogitsWarper, MinPLogitsWarper
     and TopKLogitsWarper, in vLLM's order. temperature > 0."""
-    scaled = logits / temperature
+    return _filter(logits / temperature, top_k, min_p)
+
+
+def _filter(scaled: torch.Tensor, top_k: int, min_p: float) -> torch.Tensor:
     if min_p > 0.0:
         probs = torch.softmax(scaled, dim=-1)
         scaled = scaled.masked_fill(probs < min_p * probs.max(), NEG_INF)
@@ -75,7 +78,7 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
     if not torch.isfinite(scaled.max()):  # a temperature so small it overflows: its limit is greedy
         return int(torch.argmax(logits))
     if top_k or min_p:
-        scaled = warp(logits, temperature, top_k, min_p)
+        scaled = _filter(scaled, top_k, min_p)
     probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
