@@ -65,11 +65,11 @@ class SamplingFields(BaseModel):
     logprobs: NumLogprobs | None = Field(None, description=f"Each generated token's log-probability and up to "
                                                            f"{MAX_LOGPROBS} most likely alternatives.")
 
-    @model_validator(mode="after")
-    def _min_within_max(self) -> "SamplingFields":
-        if self.min_tokens > getattr(self, "max_tokens", MAX_TOKENS_LIMIT):
-            raise ValueError("min_tokens must not exceed max_tokens")
-        return self
+    def check_min_tokens(self, max_tokens: int) -> None:
+        """A 400, as vLLM answers (not in the JSON schema: it relates two fields)."""
+        if self.min_tokens > max_tokens:
+            raise InvalidRequest(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({max_tokens})",
+                                 param="min_tokens")
 
     def sampling_kwargs(self) -> dict:
         """The engine's SamplingParams fields set here."""

@@ -33,6 +33,7 @@ async def completions(body: WorkerCompletionRequest, request: Request):
     prompt_ids = await asyncio.to_thread(prompt_token_ids, engine, body)
     if not prompt_ids:
         raise InvalidRequest("the prompt encodes to no tokens")
+    body.check_min_tokens(body.max_tokens)
     engine.check_token_ids(body.stop_token_ids, "stop_token_ids")
     params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                             seed=body.seed, stop=tuple(body.stop), prompt_logprobs=body.prompt_logprobs,

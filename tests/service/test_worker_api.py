@@ -143,6 +143,8 @@ async def test_generate_takes_the_sampling_parameters_and_streams_logprobs(clien
     assert tokens_of(stopped) == tokens_of(plain)[:3] and stopped[-1]["finish_reason"] == "stop"
     response = await client.post("/generate", json={"prompt": "hi", "stop_token_ids": [10**6]})
     assert_error(response, 400, "invalid_request")
+    response = await client.post("/generate", json={"prompt": "hi", "min_tokens": 60})  # above max_tokens (50)
+    assert_error(response, 400, "invalid_request")
 
 
 async def test_seq_id_is_minted_when_absent(client):
@@ -248,7 +250,6 @@ class _Counting:
     {"prompt": "hi", "min_p": 1.5},
     {"prompt": "hi", "repetition_penalty": 0},
     {"prompt": "hi", "frequency_penalty": -2.5},
-    {"prompt": "hi", "min_tokens": 60},  # more than max_tokens (50)
     {"prompt": "hi", "logprobs": 21},
     {"prompt": "hi", "ignore_eos": "yes"},
     {"prompt": "hi", "prompt_logprobs": 1},  # stateless requests only

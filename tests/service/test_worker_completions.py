@@ -246,7 +246,7 @@ async def test_n_choices_share_the_prompt_and_end_in_one_done(client):
 
 
 @pytest.mark.parametrize("body, param", [({"stop_token_ids": [10**6]}, "stop_token_ids"),
-                                         ({"min_tokens": 20, "max_tokens": 4}, None),
+                                         ({"min_tokens": 20, "max_tokens": 4}, "min_tokens"),
                                          ({"logprobs": 21}, "logprobs"), ({"n": 17}, "n"),
                                          ({"top_k": -2}, "top_k"), ({"presence_penalty": 2.5}, "presence_penalty")])
 async def test_out_of_range_sampling_parameters_are_400s(client, body, param):

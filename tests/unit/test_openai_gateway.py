@@ -78,8 +78,9 @@ def test_vllms_sampling_parameters_reach_the_worker():
     assert chat(logprobs=True).for_worker().logprobs == 0 and chat(logprobs=False).for_worker().logprobs is None
     completion = CompletionRequest.model_validate({"model": "m", "prompt": "p", "logprobs": 3, "echo": True})
     assert (completion.for_worker().logprobs, completion.for_worker().prompt_logprobs) == (3, 3)
-    with pytest.raises(ValidationError):  # min_tokens above max_tokens
-        chat(min_tokens=10, max_tokens=5).for_worker()
+    with pytest.raises(InvalidRequest) as too_many:  # the worker's check: a 400, as vLLM answers
+        chat(min_tokens=10, max_tokens=5).for_worker().check_min_tokens(5)
+    assert too_many.value.param == "min_tokens"
 
 
 def test_guidellms_request_is_accepted():
