@@ -2,13 +2,14 @@
 (on the same logits, and in a greedy loop over the real tiny-gpt2 preset through transformers),
 or a log_softmax of the same forward through transformers (logprobs)."""
 
+import collections
 import dataclasses
 import itertools
 
 import pytest
 import torch
 from transformers import (MinNewTokensLengthLogitsProcessor, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
-                          SequenceBiasLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper)
+                          SequenceBiasLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from services.worker.engine.detokenizer import DecodeOptions, DetokState, decode, next_text
 from services.worker.engine.engine import Engine
@@ -80,6 +81,24 @@ def test_top_k_1_and_min_p_1_sample_only_the_top_token():
     assert {sample_token(logits, 1.5, 1.0, gen, top_k=1) for _ in range(50)} == {top}
     assert {sample_token(logits, 1.5, 1.0, gen, min_p=1.0) for _ in range(50)} == {top}
     assert len({sample_token(logits, 1.5, 1.0, gen, top_k=3) for _ in range(200)}) == 3
+
+
+def test_sampled_frequencies_follow_transformers_top_k_top_p_distribution():
+    """sample_token draws among the top k alone: its frequencies match the distribution that
+    transformers' TopKLogitsWarper then TopPLogitsWarper leave (5 standard deviations)."""
+    logits, n = random_logits(5) / 3, 6000
+    expected = hf(TopPLogitsWarper(0.8), [0], hf(TopKLogitsWarper(6), [0], logits / 0.9)).softmax(-1)
+    gen = make_generator(1, torch.device("cpu"))
+    counts = collections.Counter(sample_token(logits, 0.9, 0.8, gen, top_k=6) for _ in range(n))
+    assert set(counts) <= set(torch.nonzero(expected).flatten().tolist())
+    for token, p in enumerate(expected.tolist()):
+        assert abs(counts[token] / n - p) <= 5 * (p * (1 - p) / n) ** 0.5 + 1e-9, token
+
+
+def test_top_k_keeps_every_token_tied_at_the_kth_value():
+    logits = torch.tensor([5.0, 3.0, 3.0, 3.0, 1.0])
+    gen = make_generator(2, torch.device("cpu"))
+    assert {sample_token(logits, 1.0, 1.0, gen, top_k=2) for _ in range(300)} == {0, 1, 2, 3}
 
 
 # --- through the engine, against transformers' greedy loop with the same processors ------------
