@@ -84,14 +84,14 @@ class ChunkRelay:
         kind, reply = event["type"], self.reply
         if kind == "start":
             self.metrics.ttfb_s.observe(time.perf_counter() - self.started_s)
-            self.usage = {"prompt_tokens": event.get("context_tokens", 0), "cached_tokens": event.get("cached_tokens", 0),
-                          "completion_tokens": 0}
+            self.usage = {"prompt_tokens": event.get("context_tokens", 0),
+                          "cached_tokens": event.get("cached_tokens", 0), "completion_tokens": 0}
             return [chunk for i in range(reply.n) if (chunk := reply.opening_chunk(i, self.usage)) is not None]
         if kind == "token":
             return self._token_chunks(event)
         if kind == "done":
-            return [reply.final_chunk(c["finish_reason"], c["index"], usage=self.usage) for c in worker_choices(event)] \
-                + ([reply.usage_chunk(event["usage"])] if reply.include_usage else [])
+            final = [reply.final_chunk(c["finish_reason"], c["index"], usage=self.usage) for c in worker_choices(event)]
+            return final + ([reply.usage_chunk(event["usage"])] if reply.include_usage else [])
         if kind == "error":
             error = event.get("error") if isinstance(event.get("error"), dict) else {}
             failure = HTTPStatusError(500, str(error.get("type") or "internal_error"),
@@ -108,7 +108,8 @@ class ChunkRelay:
         chunks = self._echo(choice, event)
         entries = [event["logprobs"]] if self.reply.logprobs and "logprobs" in event else None
         if text or entries is not None:
-            chunks.append(self.reply.text_chunk(text, choice, entries, self._advance(choice, entries), usage=self.usage))
+            offset = self._advance(choice, entries)
+            chunks.append(self.reply.text_chunk(text, choice, entries, offset, usage=self.usage))
         return chunks
 
     def _echo(self, choice: int, event: dict) -> list[dict]:

@@ -30,11 +30,11 @@ router = APIRouter()
 async def completions(body: WorkerCompletionRequest, request: Request):
     state = request.app.state.worker
     engine = state.require_serving()
+    body.check_min_tokens(body.max_tokens)
+    engine.check_token_ids(body.stop_token_ids, "stop_token_ids")
     prompt_ids = await asyncio.to_thread(prompt_token_ids, engine, body)
     if not prompt_ids:
         raise InvalidRequest("the prompt encodes to no tokens")
-    body.check_min_tokens(body.max_tokens)
-    engine.check_token_ids(body.stop_token_ids, "stop_token_ids")
     params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                             seed=body.seed, stop=tuple(body.stop), prompt_logprobs=body.prompt_logprobs,
                             **body.sampling_kwargs())
