@@ -133,16 +133,43 @@ async def stream_events(handle: RequestHandle, start: dict, on_done: OnDone = _u
 
 
 async def collect_result(handle: RequestHandle, on_done: OnDone = _unchanged, on_close: OnClose = _nothing) -> dict:
-    """The `done` event's fields (a `stream: false` body); an error event raises instead."""
+    """The `done` event's fields (a `stream: false` body), with the token events' `logprobs` and
+    `prompt_logprobs` when asked for (per choice when n > 1); an error event raises instead."""
+    logprobs = Logprobs()
     try:
         async for event in handle.events():
+            if event["type"] == "token":
+                logprobs.add(event)
             if event["type"] == "done":
                 event = await on_done(event)
             if event["type"] == "error":
                 raise ServiceError(event["error"]["message"])
             if event["type"] == "done":
-                return {k: v for k, v in event.items() if k != "type"}
+                return logprobs.attach({k: v for k, v in event.items() if k != "type"})
     finally:
         handle.abort()
         await on_close()
     raise ServiceError("generation ended without a result")
+
+
+class Logprobs:
+    """The logprobs of a request's token events, per choice, for its one JSON result."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[int, list[dict]] = {}
+        self.prompt: dict[int, list] = {}
+
+    def add(self, event: dict) -> None:
+        choice = event.get("choice", 0)
+        if "logprobs" in event:
+            self.tokens.setdefault(choice, []).append(event["logprobs"])
+        if "prompt_logprobs" in event:
+            self.prompt[choice] = event["prompt_logprobs"]
+
+    def attach(self, result: dict) -> dict:
+        for choice, target in enumerate(result.get("choices") or [result]):
+            if choice in self.tokens:
+                target["logprobs"] = self.tokens[choice]
+            if choice in self.prompt:
+                target["prompt_logprobs"] = self.prompt[choice]
+        return result

@@ -131,6 +131,23 @@ async def test_stream_event_order_and_fields(client):
     assert result.text == "".join(e["token"] for e in tokens)
 
 
+async def test_generate_takes_the_sampling_parameters_and_streams_logprobs(client):
+    """The engine tests compare each parameter with transformers; here they reach it from /generate."""
+    _, plain = await stream(client, prompt="Hello there", max_tokens=8, temperature=0)
+    _, penalized = await stream(client, prompt="Hello there", max_tokens=8, temperature=0, repetition_penalty=2.0,
+                                frequency_penalty=1.0, top_k=5, min_p=0.01, ignore_eos=True, min_tokens=2,
+                                logprobs=3, skip_special_tokens=False)
+    assert tokens_of(penalized) != tokens_of(plain)
+    assert all(len(e["logprobs"]["top_logprobs"]) == 3 for e in penalized if e["type"] == "token")
+    _, stopped = await stream(client, prompt="Hello there", max_tokens=8, temperature=0,
+                              stop_token_ids=[tokens_of(plain)[2]])
+    assert tokens_of(stopped) == tokens_of(plain)[:3] and stopped[-1]["finish_reason"] == "stop"
+    response = await client.post("/generate", json={"prompt": "hi", "stop_token_ids": [10**6]})
+    assert_error(response, 400, "invalid_request")
+    response = await client.post("/generate", json={"prompt": "hi", "min_tokens": 60})  # above max_tokens (50)
+    assert_error(response, 400, "invalid_request")
+
+
 async def test_seq_id_is_minted_when_absent(client):
     response, events = await stream(client, prompt="no id", max_tokens=2, temperature=0)
     seq_id = response.headers["x-seq-id"]
@@ -230,6 +247,13 @@ class _Counting:
     {"prompt": "hi", "seed": -1},
     {"prompt": "hi", "unknown": 1},
     {"prompt": 5},
+    {"prompt": "hi", "top_k": -2},
+    {"prompt": "hi", "min_p": 1.5},
+    {"prompt": "hi", "repetition_penalty": 0},
+    {"prompt": "hi", "frequency_penalty": -2.5},
+    {"prompt": "hi", "logprobs": 21},
+    {"prompt": "hi", "ignore_eos": "yes"},
+    {"prompt": "hi", "prompt_logprobs": 1},  # stateless requests only
 ])
 async def test_bad_bodies_are_422(client, body):
     assert_error(await client.post("/generate", json=body), 422, "invalid_request")

@@ -51,3 +51,13 @@ def test_metrics_tables_list_every_metric():
     section = text[text.index("## Metrics"):text.index("## Configuration")]
     documented = set(re.findall(r"^\| `(kvcache_[a-z0-9_]+)` \|", section, flags=re.MULTILINE))
     assert documented == exported_metrics()
+
+
+def test_the_v1_section_lists_every_accepted_no_op():
+    from services.gateway.openai_schemas import NO_OP_PARAMETERS
+
+    text = README.read_text()
+    section = text[text.index("### OpenAI-compatible API (`/v1`)"):text.index("### Routing and bounded loads")]
+    listed = {name for line in section.splitlines() if "accepted no-ops" in line
+              for name in re.findall(r"`([a-z_]+)`", line.split("|")[1])}
+    assert listed == set(NO_OP_PARAMETERS)

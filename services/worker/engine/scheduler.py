@@ -20,6 +20,7 @@ class Admission(Enum):
     ADMITTED = auto()
     REJECTED = auto()  # the engine already told the request why
     NO_ROOM = auto()   # KV budget full for now; retry when running requests finish
+    DEFER = auto()     # waits for another request (an n > 1 sibling's prompt); others may go first
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,10 @@ class Scheduler:
             if result is Admission.NO_ROOM:
                 self.waiting.insert(skipped, req)  # back in place: nobody overtakes it for memory
                 return
+            if result is Admission.DEFER:
+                self.waiting.insert(skipped, req)
+                skipped += 1
+                continue
             if result is Admission.ADMITTED:
                 req.status = Status.RUNNING
                 self.running.append(req)
