@@ -143,6 +143,8 @@ class Engine:
         chunks that extend what device memory holds of its context while it waits in the queue
         (it is not admitted before); admission copies them into its KV."""
         try:
+            if not self._loads_from_tiers(req):
+                return
             limit = len(req.token_ids) - 1  # the last position is computed: its logits are needed
             with self.lock:
                 if req.stateless:
@@ -155,6 +157,10 @@ class Engine:
         finally:
             req.loading = False
             self._inbox.put(None)  # wakes the loop: the request may be admitted now
+
+    def _loads_from_tiers(self, req: Request) -> bool:
+        """Prompt logprobs need every prompt position computed: no KV from anywhere."""
+        return self.tiers is not None and req.params.prompt_logprobs is None
 
     def encode(self, text: str) -> list[int]:
         self.check_text_fits(len(text))
@@ -409,7 +415,7 @@ class Engine:
             self.store.release(entry)
             return Admission.NO_ROOM
         req.entry = entry
-        if self.tiers is not None and self._kv_reusable(entry, len(req.token_ids)):
+        if self._loads_from_tiers(req) and self._kv_reusable(entry, len(req.token_ids)):
             req.tier_tokens = self.tiers.load_into(entry, req.prefetched)
         req.prefetched = None
         req.cached_tokens = entry.num_cached
