@@ -153,7 +153,9 @@ class Engine:
                 else:
                     entry = self.store.get(req.seq_id)
                     have = entry.cached_prefix(req.token_ids) if entry else 0
-            req.prefetched = self.tiers.prefetch(req.token_ids, have, limit)
+            earlier = len(req.token_ids) - req.prompt_tokens - len(req.resumed)
+            if req.stateless or have < earlier:  # a session whose history is here: nothing to find
+                req.prefetched = self.tiers.prefetch(req.token_ids, have, limit)
         finally:
             req.loading = False
             self._inbox.put(None)  # wakes the loop: the request may be admitted now

@@ -151,48 +151,62 @@ class LowerTiers:
     # --- request threads -----------------------------------------------------------------
     def prefetch(self, token_ids: Sequence[int], have: int, limit: int) -> Prefetched:
         """The chunks of the longest stored prefix of `token_ids[:limit]` past position `have`
-        (from host memory, or read from disk or shared)."""
+        (from host memory, or read from disk or shared). Each store is asked once for all the
+        full chunks, then once for the tail chunks that may follow the last one found."""
         result = Prefetched()
         if limit - have < 1:
             return result
         staged = [0]
         weakref.finalize(result, self._unstage, staged)
-        for ref in ck.chunk_refs(self.root, token_ids, limit, tail=False):
-            if ref.end <= have:
-                result.chunks.append(Chunk(ref, [], _NO_DATA))  # device memory has it: a placeholder
-                continue
-            chunk = self._fetch(ref, token_ids, staged)
+        full = ck.chunk_refs(self.root, token_ids, limit, tail=False)
+        result.chunks = [Chunk(r, [], _NO_DATA) for r in full if r.end <= have]  # device memory has these
+        wanted = [r for r in full if r.end > have]
+        where = self._locate(wanted, count_misses=True)
+        for ref in wanted:
+            chunk = self._load(ref, where.get(ref.key), token_ids, staged)
             if chunk is None:
                 break  # a stored sequence may end inside this chunk: its tail chunk
             result.chunks.append(chunk)
-        start = result.end
-        for tail in ck.tail_candidates(self.root, token_ids, start, limit):
-            chunk = self._fetch(tail, token_ids, staged, count_miss=False) if tail.end > have else None
-            if chunk is not None:
-                result.chunks.append(chunk)
-                break
+        tails = [t for t in ck.tail_candidates(self.root, token_ids, result.end, limit) if t.end > have]
+        where = self._locate(tails, count_misses=False)
+        tail = next((t for t in tails if t.key in where), None)  # the longest stored
+        chunk = self._load(tail, where[tail.key], token_ids, staged) if tail else None
+        if chunk is not None:
+            result.chunks.append(chunk)
         return result
 
-    def _fetch(self, ref: ChunkRef, token_ids: Sequence[int], staged: list[int],
-               count_miss: bool = True) -> Chunk | None:
-        chunk = self.host.get(ref.key)
-        if chunk is not None:
-            self._count("host", hits=1)
-            return chunk
-        ids = list(token_ids[ref.start:ref.end])
-        for name, store in (("disk", self.disk), ("shared", self.shared)):
-            if store is None:
+    def _locate(self, refs: list[ChunkRef], count_misses: bool) -> dict[str, str]:
+        """Which tier holds each chunk (the fastest that has it)."""
+        where: dict[str, str] = {}
+        for name, store in (("host", self.host), ("disk", self.disk), ("shared", self.shared)):
+            keys = [r.key for r in refs if r.key not in where]
+            if store is None or not keys:
                 continue
-            if not self._has(name, store, ref.key):
-                if count_miss:
-                    self._count(name, misses=1)
-                continue
-            if not self._stage(staged, self.layout.bytes_per_token * ref.num_tokens):
-                return None
-            chunk = self._read(name, store, ref, ids)
+            present = self._contains(name, store, keys)
+            where.update((key, name) for key, there in zip(keys, present) if there)
+            if count_misses:
+                self._count(name, misses=present.count(False))
+        return where
+
+    def _contains(self, name: str, store, keys: list[str]) -> list[bool]:
+        if name != "shared":
+            return [key in store for key in keys]
+        try:
+            return store.contains(keys)
+        except Exception as exc:  # noqa: BLE001 - a shared tier that is down only costs reuse
+            self._count(name, errors=1)
+            logger.info("shared KV tier unavailable: %s", exc)
+            return [False] * len(keys)
+
+    def _load(self, ref: ChunkRef, tier: str | None, token_ids: Sequence[int], staged: list[int]) -> Chunk | None:
+        if tier == "host":
+            chunk = self.host.get(ref.key)  # None if evicted since
             if chunk is not None:
-                return chunk
-        return None
+                self._count("host", hits=1)
+            return chunk
+        if tier is None or not self._stage(staged, self.layout.bytes_per_token * ref.num_tokens):
+            return None
+        return self._read(tier, self.disk if tier == "disk" else self.shared, ref, list(token_ids[ref.start:ref.end]))
 
     def _stage(self, staged: list[int], nbytes: int) -> bool:
         with self._lock:
@@ -205,16 +219,6 @@ class LowerTiers:
     def _unstage(self, staged: list[int]) -> None:
         with self._lock:
             self.staged_bytes -= staged[0]
-
-    def _has(self, name: str, store, key: str) -> bool:
-        if name == "disk":
-            return key in store
-        try:
-            return store.contains([key])[0]
-        except Exception as exc:  # noqa: BLE001 - a shared tier that is down only costs reuse
-            self._count(name, errors=1)
-            logger.info("shared KV tier unavailable: %s", exc)
-            return False
 
     def _read(self, name: str, store, ref: ChunkRef, ids: list[int]) -> Chunk | None:
         started = time.perf_counter()
