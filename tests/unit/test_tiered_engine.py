@@ -148,3 +148,21 @@ def test_another_model_revision_finds_nothing(loaded_tiny, hf_model, tmp_path):
         result = run(second, "a", earlier, NEXT)
         assert result.start["tier_tokens"] == 0
         expect_model_output(hf_model, earlier + encode(second, NEXT), result)
+
+
+def test_a_drain_writes_what_the_shared_tier_lacks(loaded_tiny, hf_model, tmp_path):
+    """A write-behind that was dropped (full queue) is made good by the drain's write_behind_all,
+    and another worker then continues from it."""
+    shared = tmp_path / "shared"
+    with tiered_engine(loaded_tiny, tmp_path, shared_dir=shared) as first:
+        run(first, "a", [], LONG_A)
+        earlier = history(first, "a")
+        for path in shared.glob("*.kv.safetensors"):
+            path.unlink()
+        first.store.get("a").shared_tokens = 0  # as if its write had been dropped
+        first.write_behind_all()
+        assert first.tiers.flush(10) and list(shared.glob("*.kv.safetensors"))
+    with tiered_engine(loaded_tiny, tmp_path, shared_dir=shared) as second:
+        result = run(second, "a", earlier, NEXT)
+        assert result.start["tier_tokens"] == len(earlier)
+        expect_model_output(hf_model, earlier + encode(second, NEXT), result)
