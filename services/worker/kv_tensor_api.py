@@ -17,7 +17,9 @@ from services.common.kv_tensor_schemas import (MAX_LAYERS, KVDeleteResponse, KVG
                                                body_doc, parsed_body)
 from services.common.schemas import SEQ_ID_PATTERN
 from services.worker.kv.tensor_codec import InvalidTensor, TensorTooLarge, decode_tensor, encode_tensor
+from services.worker.kv.tensor_tier import TensorTier
 from services.worker.kv.tensors import KVTensorStore, OverBudget, ShapeMismatch
+from services.worker.kv.tiers import open_shared_store
 
 router = APIRouter(prefix="/kv", tags=["KV tensors"])
 SeqIdPath = Annotated[str, Path(pattern=SEQ_ID_PATTERN)]
@@ -38,7 +40,11 @@ class KVShapeMismatch(InvalidRequest):
 
 
 def new_store(settings) -> KVTensorStore:
-    return KVTensorStore(settings.kv_tensor_bytes, settings.kv_tensor_max_bytes)
+    """With a shared KV tier, evicted sequences go there (kv.tensor_tier)."""
+    shared = open_shared_store(settings.kv_shared_url, settings.kv_shared_ttl_s, settings.kv_shared_bytes) \
+        if settings.kv_tiers else None
+    return KVTensorStore(settings.kv_tensor_bytes, settings.kv_tensor_max_bytes,
+                         TensorTier(shared) if shared is not None else None)
 
 
 def _service_error(exc: Exception) -> ServiceError:

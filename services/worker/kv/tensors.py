@@ -60,12 +60,18 @@ class Counters:
     refused: int = 0
     evicted_seqs: int = 0
     evicted_bytes: int = 0
+    tier_saves: int = 0  # evicted sequences written to the tier
+    tier_loads: int = 0  # sequences read back from it
 
 
 class KVTensorStore:
-    def __init__(self, budget_bytes: int, max_tensor_bytes: int) -> None:
+    def __init__(self, budget_bytes: int, max_tensor_bytes: int, tier=None) -> None:
         self.budget_bytes = budget_bytes
         self.max_tensor_bytes = max_tensor_bytes
+        # kv.tensor_tier.TensorTier: evicted sequences go there and come back on their next use.
+        # Its I/O happens under the lock (a tier write of an evicted sequence must not race a
+        # read of it): the tier is a local directory or Redis, milliseconds.
+        self.tier = tier
         self.counters = Counters()
         self._seqs: OrderedDict[str, SeqKV] = OrderedDict()  # least recently used first
         self._nbytes = 0
@@ -75,6 +81,7 @@ class KVTensorStore:
         """Replaces the layer's K and V (tensors the store may keep: not copied). Its seq_len."""
         _check_pair(k, v)
         with self._lock:
+            self._restore(seq_id)
             self._check_tensor_bytes(k.shape[0], k, v)
             self._write(seq_id, layer, LayerKV(k, v, k.shape[0]))
             self.counters.puts += 1
@@ -84,6 +91,7 @@ class KVTensorStore:
         """Adds positions at the end of the layer (a put if it holds nothing). Its new seq_len."""
         _check_pair(k, v)
         with self._lock:
+            self._restore(seq_id)
             seq = self._seqs.get(seq_id)
             old = seq.layers.get(layer) if seq is not None else None
             if old is None:
@@ -99,6 +107,7 @@ class KVTensorStore:
         """K and V, [seq_len, ...]: views that later appends never change (they write past
         seq_len, or into a new buffer), so they can be encoded outside the lock."""
         with self._lock:
+            self._restore(seq_id)
             entry = self._entry(seq_id, layer)
             if entry is None:
                 self.counters.misses += 1
@@ -109,13 +118,17 @@ class KVTensorStore:
 
     def length(self, seq_id: str, layer: int) -> int:
         with self._lock:
+            self._restore(seq_id)
             entry = self._entry(seq_id, layer)
             return entry.length if entry is not None else 0
 
     def delete(self, seq_id: str) -> int:
-        """Removes every layer of the sequence; how many it held."""
+        """Removes every layer of the sequence, here and in the tier; how many it held."""
         with self._lock:
+            self._restore(seq_id)
             seq = self._seqs.pop(seq_id, None)
+            if self.tier is not None:
+                self.tier.forget(seq_id, list(seq.layers) if seq else None)
             if seq is None:
                 return 0
             self._nbytes -= seq.nbytes
@@ -127,6 +140,17 @@ class KVTensorStore:
             return {"kv_tensor_seqs": len(self._seqs), "kv_tensor_layers": num_layers,
                     "kv_tensor_bytes": self._nbytes, "kv_tensor_budget_bytes": self.budget_bytes,
                     **{f"kv_tensor_{name}": value for name, value in vars(self.counters).items()}}
+
+    def _restore(self, seq_id: str) -> None:
+        """(Under the lock.) A sequence not in memory that the tier holds comes back whole."""
+        if self.tier is None or seq_id in self._seqs:
+            return
+        layers = self.tier.load(seq_id)
+        if layers is None:
+            return
+        self.counters.tier_loads += 1
+        for layer, (k, v) in layers.items():
+            self._write(seq_id, layer, LayerKV(k, v, k.shape[0]))
 
     def _entry(self, seq_id: str, layer: int) -> LayerKV | None:
         seq = self._seqs.get(seq_id)
@@ -188,6 +212,9 @@ class KVTensorStore:
             self._nbytes -= evicted.nbytes
             self.counters.evicted_seqs += 1
             self.counters.evicted_bytes += evicted.nbytes
+            if self.tier is not None:
+                self.tier.save(victim, {n: (e.k[:e.length], e.v[:e.length]) for n, e in evicted.layers.items()})
+                self.counters.tier_saves += 1
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
