@@ -46,9 +46,13 @@ class ChoiceGroup:
         """Submit every choice and wait for every `start` (so a refusal is an HTTP error before
         the first byte); returns the first. A group that does not start is aborted."""
         try:
+            first = self.requests[0]  # the others copy its prompt's KV once it is computed
+            first.loading = self._engine.tiers is not None
             for request in self.requests:
                 self._engine.submit(request)
                 self._submitted += 1
+            if first.loading:  # its lower-tier KV, read while it waits (RequestHandle.submit)
+                await asyncio.to_thread(self._engine.prefetch, first)
             starts: dict[int, dict] = {}
             while len(starts) < len(self.requests):
                 choice, event = await self._events.get()
