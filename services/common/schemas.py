@@ -103,10 +103,16 @@ class WorkerGenerateRequest(GenerateRequest):
     resume: Resume | None = None
 
 
+ModelName = Annotated[str, Field(min_length=1, max_length=256)]
+
+
 class RegisterRequest(BaseModel):
     worker_id: str = Field(..., pattern=WORKER_ID_PATTERN)
     address: str = Field(..., min_length=1, max_length=512, pattern=r"^https?://")
     model_name: str | None = None
+    # The names clients may use for the model (WORKER_SERVED_MODEL_NAME); empty: model_name.
+    served_model_names: list[ModelName] = Field([], max_length=16)
+    max_model_len: int | None = Field(None, ge=1)  # the model's window, in tokens
     # A worker that registers while draining (the coordinator restarted meanwhile) stays off the ring.
     draining: bool = False
 
@@ -135,6 +141,12 @@ class RingWorker(BaseModel):
     last_heartbeat_age_s: float
     load: int = 0                 # its last reported load (requests in progress)
     load_reports: int = 0         # how many load reports it sent: a new one resets a router's estimate
+    served_model_names: list[str] = []
+    max_model_len: int | None = None
+
+    def model_names(self) -> list[str]:
+        """What clients may call its model: the served names, else the model's own name."""
+        return self.served_model_names or ([self.model_name] if self.model_name else [])
 
 
 class RingSnapshot(BaseModel):
@@ -202,3 +214,35 @@ class WorkerCompletionRequest(BaseModel):
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
         return self
+
+
+# --- vLLM's tokenizer endpoints: gateway `POST /tokenize|/detokenize` -> any worker ---
+
+MAX_DETOKENIZE_TOKENS = 131_072
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body: a `prompt` (raw text) or `messages` (through the chat template)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelName | None = Field(None, description="If given, must name the served model.")
+    prompt: str | None = Field(None, min_length=1, max_length=4_000_000)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=1024)
+    add_special_tokens: StrictBool | None = Field(
+        None, description="Default true for a prompt, false for messages (the template writes its own).")
+    add_generation_prompt: StrictBool = Field(True, description="Messages only: end with the assistant's opening.")
+    return_token_strs: StrictBool = Field(False, description="Also return each token's string.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of messages or prompt")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelName | None = Field(None, description="If given, must name the served model.")
+    tokens: list[Annotated[int, Field(ge=0), NotBoolOrString]] = Field(..., max_length=MAX_DETOKENIZE_TOKENS)
