@@ -230,6 +230,18 @@ class KVStore:
         del self.entries[seq_id]
         return True
 
+    def drop_stateless(self) -> dict:
+        """Forgets every idle stateless entry (pure prefix cache; sessions are kept). A running
+        request's entry stays: it is in use, and cached again when the request ends."""
+        dropped = freed_bytes = running = 0
+        for entry in [e for e in self.entries.values() if e.stateless]:
+            if entry.busy:
+                running += 1
+                continue
+            freed_bytes += entry.kv.nbytes if entry.kv else 0
+            dropped += self.delete(entry.seq_id)
+        return {"dropped_entries": dropped, "freed_bytes": freed_bytes, "running_entries": running}
+
     def stats(self) -> dict:
         cached = [e for e in self.entries.values() if e.kv is not None]
         return {

@@ -116,7 +116,7 @@ async def test_stream_event_order_and_fields(client):
                                     temperature=0)
     assert response.headers["x-seq-id"] == "api-order"
     start, tokens, done = events[0], events[1:-1], events[-1]
-    assert start == {"type": "start", "seq_id": "api-order", "worker_id": "w-api",
+    assert start == {"type": "start", "seq_id": "api-order", "worker_id": "w-api", "prompt": "Hello there",
                      "context_tokens": 11, "cached_tokens": 0, "handoff_tokens": 0}
     assert [e["type"] for e in tokens] == ["token"] * 6
     assert [e["index"] for e in tokens] == list(range(6))

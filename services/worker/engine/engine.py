@@ -125,6 +125,11 @@ class Engine:
                     return None
             time.sleep(0.002)
 
+    def reset_prefix_cache(self) -> dict:
+        """Drops the stateless (prefix cache) entries; conversations keep their KV."""
+        with self.lock:
+            return self.store.drop_stateless()
+
     def encode(self, text: str) -> list[int]:
         self.check_text_fits(len(text))
         return self.tokenizer.encode(text, add_special_tokens=False)
