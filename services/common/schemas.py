@@ -221,24 +221,29 @@ class WorkerCompletionRequest(BaseModel):
 MAX_DETOKENIZE_TOKENS = 131_072
 
 
-class TokenizeRequest(BaseModel):
-    """vLLM's /tokenize body: a `prompt` (raw text) or `messages` (through the chat template)."""
-
+class _TokenizeBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: ModelName | None = Field(None, description="If given, must name the served model.")
-    prompt: str | None = Field(None, min_length=1, max_length=4_000_000)
-    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=1024)
-    add_special_tokens: StrictBool | None = Field(
-        None, description="Default true for a prompt, false for messages (the template writes its own).")
-    add_generation_prompt: StrictBool = Field(True, description="Messages only: end with the assistant's opening.")
     return_token_strs: StrictBool = Field(False, description="Also return each token's string.")
 
-    @model_validator(mode="after")
-    def _one_input(self) -> "TokenizeRequest":
-        if (self.messages is None) == (self.prompt is None):
-            raise ValueError("give exactly one of messages or prompt")
-        return self
+
+class TokenizePromptRequest(_TokenizeBase):
+    """vLLM's /tokenize body for raw text."""
+
+    prompt: str = Field(..., min_length=1, max_length=4_000_000)
+    add_special_tokens: StrictBool = Field(True, description="As the tokenizer adds them (vLLM's default).")
+
+
+class TokenizeChatRequest(_TokenizeBase):
+    """vLLM's /tokenize body for messages, rendered with the chat template /v1/chat/completions uses."""
+
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=1024)
+    add_generation_prompt: StrictBool = Field(True, description="End with the assistant's opening.")
+    add_special_tokens: Literal[False] = Field(False, description="The chat template writes its own.")
+
+
+TokenizeRequest = TokenizePromptRequest | TokenizeChatRequest
 
 
 class DetokenizeRequest(BaseModel):

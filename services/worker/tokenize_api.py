@@ -7,7 +7,7 @@ import asyncio
 from fastapi import APIRouter, Request
 
 from services.common.errors import InvalidRequest
-from services.common.schemas import DetokenizeRequest, TokenizeRequest
+from services.common.schemas import DetokenizeRequest, TokenizeChatRequest, TokenizeRequest
 from services.worker.chat_template import chat_prompt_ids
 from services.worker.engine.engine import Engine
 
@@ -35,16 +35,12 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
 def tokenized(engine: Engine, body: TokenizeRequest) -> dict:
     """Blocking. A prompt is encoded as vLLM does (special tokens added unless asked not to);
     messages go through the chat template generation uses."""
-    if body.messages is not None:
-        if body.add_special_tokens:
-            raise InvalidRequest("add_special_tokens applies to a prompt only: the chat template writes "
-                                 "its own special tokens", param="add_special_tokens")
+    if isinstance(body, TokenizeChatRequest):
         engine.check_text_fits(sum(len(m.content) for m in body.messages))
         tokens = chat_prompt_ids(engine.tokenizer, [m.model_dump() for m in body.messages],
                                  add_generation_prompt=body.add_generation_prompt)
     else:
         engine.check_text_fits(len(body.prompt))
-        add_special = True if body.add_special_tokens is None else body.add_special_tokens
-        tokens = engine.tokenizer.encode(body.prompt, add_special_tokens=add_special)
+        tokens = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     token_strs = engine.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
     return {"count": len(tokens), "max_model_len": engine.window, "tokens": tokens, "token_strs": token_strs}

@@ -33,7 +33,7 @@ async def test_tokenize_and_detokenize_are_relayed_to_a_worker(cluster):  # noqa
     response = await cluster.gateway.post("/tokenize", json={"model": "tiny", "prompt": "ab cde"})
     assert response.status_code == 200
     assert response.json() == {"count": 2, "max_model_len": 64, "tokens": [2, 3], "token_strs": None}
-    assert cluster.workers["w1"].requests[-1] == {"prompt": "ab cde", "add_generation_prompt": True,
+    assert cluster.workers["w1"].requests[-1] == {"prompt": "ab cde", "add_special_tokens": True,
                                                   "return_token_strs": False}
     back = await cluster.gateway.post("/detokenize", json={"tokens": [2, 3]})
     assert back.json() == {"prompt": "xx xxx"}

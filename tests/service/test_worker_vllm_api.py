@@ -53,6 +53,8 @@ async def test_tokenize_a_prompt(client, engine):
                     "token_strs": engine.tokenizer.convert_ids_to_tokens(expected)}
     plain = (await client.post("/tokenize", json={"prompt": "Hello world", "model": "gpt2"})).json()
     assert plain["tokens"] == expected and plain["token_strs"] is None
+    bare = (await client.post("/tokenize", json={"prompt": "Hello world", "add_special_tokens": False})).json()
+    assert bare["tokens"] == engine.tokenizer.encode("Hello world", add_special_tokens=False)
 
 
 async def test_tokenize_messages_as_generation_renders_them(client, engine):
@@ -76,7 +78,8 @@ async def test_detokenize_round_trips(client, engine):
     ("/tokenize", {"prompt": "hi", "messages": CHAT}, 422),
     ("/tokenize", {}, 422),
     ("/tokenize", {"prompt": "hi", "extra": 1}, 422),
-    ("/tokenize", {"messages": CHAT, "add_special_tokens": True}, 400),
+    ("/tokenize", {"messages": CHAT, "add_special_tokens": True}, 422),
+    ("/tokenize", {"prompt": "hi", "add_generation_prompt": False}, 422),
     ("/detokenize", {"tokens": [1, -1]}, 422),
     ("/detokenize", {"tokens": ["1"]}, 422),
     ("/detokenize", {"tokens": [10**9]}, 400),
