@@ -78,6 +78,9 @@ class GenerateResult(BaseModel):
     finish_reason: Literal["stop", "length"]
     usage: Usage
     timings: Timings
+    # /generate only, the reference implementation's names: text, and usage.completion_tokens
+    generated_text: str | None = None
+    tokens_generated: int | None = None
 
 
 class Resume(BaseModel):

@@ -81,7 +81,8 @@ async def _finish(state, turn: Turn, handle: RequestHandle, event: dict) -> dict
                               rollback_on_failure=True)
     except ServiceError as exc:
         return {"type": "error", "error": {"type": exc.error_type, "message": exc.message}}
-    return event
+    # the reference implementation's names for text and usage.completion_tokens
+    return event | {"generated_text": event["text"], "tokens_generated": event["usage"]["completion_tokens"]}
 
 
 async def _close(state, turn: Turn, handle: RequestHandle) -> None:

@@ -128,6 +128,7 @@ async def test_stream_event_order_and_fields(client):
     assert result.usage.model_dump() == {"prompt_tokens": 11, "cached_tokens": 0, "handoff_tokens": 0,
                                          "completion_tokens": 6, "context_tokens": 11}
     assert result.text == "".join(e["token"] for e in tokens)
+    assert (result.generated_text, result.tokens_generated) == (result.text, 6)  # the reference's names
 
 
 async def test_seq_id_is_minted_when_absent(client):
