@@ -30,6 +30,7 @@ from services.gateway.upstream import (Disconnected, Saturated, UpstreamClient, 
 
 NUM_ATTEMPTS = 3  # the first try, then re-routes past workers that are unreachable or draining
 STATS_TIMEOUT_S = 2.0
+FAN_OUT_TIMEOUT_S = 10.0  # a worker's engine lock may be held by a long step under load
 DRAIN_AFTER_DONE_S = 0.5  # a worker's body ends right after its terminal event
 _EVENT_END = re.compile(rb"\r?\n\r?\n")  # SSE events end with a blank line
 # A worker's 503s that mean "not here, ask again": it is leaving, or (re)starting.
@@ -234,7 +235,8 @@ class GatewayProxy:
         """POST (no body) to every registered worker at once: worker id -> (its JSON answer, or
         None and why not)."""
         workers = list(self.ring.current().workers.values())
-        answers = await asyncio.gather(*(self._short_call("POST", w.address.rstrip("/") + path) for w in workers))
+        answers = await asyncio.gather(*(self._short_call("POST", w.address.rstrip("/") + path, FAN_OUT_TIMEOUT_S)
+                                         for w in workers))
         return {w.worker_id: answer for w, answer in zip(workers, answers)}
 
     async def delete_sequence(self, seq_id: str) -> JSONResponse:
@@ -350,12 +352,12 @@ class GatewayProxy:
             return None  # a worker that is gone holds no KV
 
     async def _worker_stats(self, address: str) -> tuple[dict | None, str | None]:
-        return await self._short_call("GET", f"{address.rstrip('/')}/stats")
+        return await self._short_call("GET", f"{address.rstrip('/')}/stats", STATS_TIMEOUT_S)
 
-    async def _short_call(self, method: str, url: str) -> tuple[dict | None, str | None]:
+    async def _short_call(self, method: str, url: str, timeout_s: float) -> tuple[dict | None, str | None]:
         """A worker's JSON answer to a short call, or None and why not."""
         try:
-            response = await self._client.request(method, url, timeout_s=STATS_TIMEOUT_S)
+            response = await self._client.request(method, url, timeout_s=timeout_s)
             body = json_or_none(await response.read())
         except UpstreamFailure as exc:
             return None, str(exc)
