@@ -70,6 +70,7 @@ class Figures:
     tool_input_tokens: int
     server_output_tokens: int = 0
     server_prompt_tokens: int = 0
+    server_requests: int = 0  # requests the workers started (a tool may drop one it saw end)
     first_error: str = ""  # the tool's, if any request failed
 
     @property
@@ -189,6 +190,7 @@ def run_one(args, tool: str, s: Scenario) -> Figures:
     figures = FIGURES[tool](s, out)
     figures.server_output_tokens = after["generated_tokens"] - before["generated_tokens"]
     figures.server_prompt_tokens = after["prompt_tokens"] - before["prompt_tokens"]
+    figures.server_requests = after["requests"] - before["requests"]
     return figures
 
 
@@ -258,7 +260,8 @@ def main() -> int:
     bad = [r for r in results if r.errors or not r.tokens_match]
     for r in bad:
         print(f"CHECK FAILED {r.tool} {r.run}: {r.errors} errors, output tokens tool {r.tool_output_tokens} "
-              f"vs server {r.server_output_tokens} {r.first_error}")
+              f"vs server {r.server_output_tokens}, requests tool {r.requests} vs server {r.server_requests} "
+              f"{r.first_error}")
     return 1 if failures or bad else 0
 
 
