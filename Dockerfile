@@ -16,7 +16,10 @@ RUN pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" torch==2.13.0
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY services ./services
-RUN pip install --no-cache-dir . && pip check
+# [gcs]: gcsfs, for a shared KV tier in a Cloud Storage bucket (pyproject.toml). The project's
+# own bounds pin it, as for every other dependency (DL3013 reads ".[gcs]" as an unpinned name).
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[gcs]" && pip check
 
 # One virtualenv for every target: the package depends on torch, so the gateway and coordinator
 # images carry it too; the layers are shared, so a node pulls them once.
@@ -24,8 +27,8 @@ FROM python:3.11-slim-bookworm AS runtime
 RUN groupadd --system --gid 10001 kvcache \
     && useradd --system --uid 10001 --gid kvcache --create-home --home-dir /home/kvcache \
        --shell /usr/sbin/nologin kvcache \
-    && mkdir -p /var/cache/kvcache \
-    && chown kvcache:kvcache /var/cache/kvcache
+    && mkdir -p /var/cache/kvcache /var/lib/kvcache/kv-disk /var/lib/kvcache/kv-shared \
+    && chown kvcache:kvcache /var/cache/kvcache /var/lib/kvcache/kv-disk /var/lib/kvcache/kv-shared
 COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -52,7 +55,9 @@ CMD ["kvcache-gateway"]
 
 FROM runtime AS worker
 # Presets are built here and Hugging Face downloads land in HF_HOME: mount a writable volume
-# at /var/cache/kvcache when the root filesystem is read-only.
+# at /var/cache/kvcache when the root filesystem is read-only. Likewise the KV tiers' directories
+# (WORKER_KV_DISK_DIR, and WORKER_KV_SHARED_URL when it is a directory): /var/lib/kvcache/kv-disk
+# and kv-shared exist, owned by the service's user, so a new Docker volume mounted there is too.
 ENV WORKER_HOST=0.0.0.0 \
     WORKER_PORT=8082 \
     WORKER_MODEL_CACHE_DIR=/var/cache/kvcache/models

@@ -29,6 +29,11 @@ resource "google_redis_instance" "sessions" {
   connect_mode            = "PRIVATE_SERVICE_ACCESS"
   auth_enabled            = true
   transit_encryption_mode = "DISABLED"
+  # Memorystore's default, volatile-lru, would evict sessions (every one has a TTL) when full:
+  # refuse writes instead, as the in-cluster session store does (k8s/base/redis.yaml).
+  redis_configs = {
+    "maxmemory-policy" = "noeviction"
+  }
   persistence_config {
     persistence_mode    = "RDB"
     rdb_snapshot_period = "ONE_HOUR"

@@ -19,7 +19,7 @@ output "image_registry" {
 }
 
 output "workload_identity_pool" {
-  description = "Workload Identity pool; the pods' Kubernetes service account is kvcache/kvcache."
+  description = "Workload Identity pool; the pods' Kubernetes service account is kvcache/kvcache (the workers': kvcache/kvcache-worker)."
   value       = "${var.project_id}.svc.id.goog"
 }
 
@@ -36,4 +36,14 @@ output "memorystore_host" {
 output "memorystore_port" {
   description = "Memorystore's port (when use_memorystore)."
   value       = var.use_memorystore ? google_redis_instance.sessions[0].port : null
+}
+
+output "kv_bucket" {
+  description = "The shared KV tier's bucket (when enable_kv_bucket)."
+  value       = var.enable_kv_bucket ? google_storage_bucket.kv[0].name : null
+}
+
+output "kv_shared_url" {
+  description = "The workers' WORKER_KV_SHARED_URL for the bucket (when enable_kv_bucket); see infra/DEPLOYMENT.md, \"KV tiers\"."
+  value       = var.enable_kv_bucket ? "gs://${google_storage_bucket.kv[0].name}/kv" : null
 }

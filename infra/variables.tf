@@ -170,3 +170,32 @@ variable "memorystore_memory_size_gb" {
     error_message = "memorystore_memory_size_gb must be between 1 and 300."
   }
 }
+
+variable "enable_kv_bucket" {
+  description = "Create a Cloud Storage bucket for the workers' shared KV tier (WORKER_KV_SHARED_URL = output kv_shared_url) instead of the in-cluster cache Redis (k8s/base/redis-kv.yaml)."
+  type        = bool
+  default     = false
+}
+
+variable "k8s_namespace" {
+  description = "Kubernetes namespace of the deployment (scripts/deploy_gke.sh --namespace); the bucket's Workload Identity grant names the workers' service account in it."
+  type        = string
+  default     = "kvcache"
+}
+
+variable "kv_bucket_name" {
+  description = "Name of the shared KV tier's bucket (globally unique); empty: <project_id>-<cluster_name>-kv."
+  type        = string
+  default     = ""
+}
+
+variable "kv_ttl_days" {
+  description = "The bucket deletes KV chunks this many days after they were written; set the workers' WORKER_KV_SHARED_TTL_S to the same time (days * 86400)."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.kv_ttl_days >= 1 && floor(var.kv_ttl_days) == var.kv_ttl_days
+    error_message = "kv_ttl_days must be a whole number of days, at least 1 (a lifecycle rule's age is in days)."
+  }
+}

@@ -64,10 +64,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_elastic  # noqa: E402
 import bench_openai  # noqa: E402
 import bench_routing  # noqa: E402
+import bench_tiers  # noqa: E402
 import load_run  # noqa: E402
 
 MODEL = "gpt2-small-random"
-ALL_SCENARIOS = list(range(1, 11))
+ALL_SCENARIOS = list(range(1, 14))
 # One client for the whole run: building an httpx.Client loads CA certificates (tens of ms).
 CLIENT = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=32))
 CACHED_CONTEXT = 990   # GPT-2's window is 1024: 990 cached + 16 new + 16 generated = 1022
@@ -271,7 +272,7 @@ def machine() -> str:
 def parse_scenarios(value: str) -> list[int]:
     chosen = sorted({int(x) for x in value.split(",") if x.strip()})
     if not chosen or not set(chosen) <= set(ALL_SCENARIOS):
-        raise argparse.ArgumentTypeError("comma-separated scenario numbers, 1 to 10")
+        raise argparse.ArgumentTypeError("comma-separated scenario numbers, 1 to 13")
     return chosen
 
 
@@ -346,6 +347,7 @@ def main() -> None:
     parser.add_argument("--s8-kv-mib", type=int, default=bench_openai.KV_MIB,
                         help="scenario 8's KV budget per worker (another than the default is kept apart as s8-<n>mib)")
     parser.add_argument("--s9-runs", type=int, default=3, help="runs of scenario 9 per mode (plain, bounded)")
+    parser.add_argument("--tier-runs", type=int, default=3, help="runs of scenarios 11-13 per mode (tiers, recompute)")
     parser.add_argument("--s10-pairs", type=int, default=bench_routing.TAX_PAIRS, help="rounds of scenario 10")
     parser.add_argument("--s3-workers", type=int, default=1,
                         help="workers of scenario 3's cluster (2: the default local cluster; kept apart as s3-2w)")
@@ -399,6 +401,12 @@ def main() -> None:
     measure(9, "skewed load, plain ring vs bounded loads",
             lambda: bench_routing.scenario_skewed_load(args.out, args.model_cache_dir, args.s9_runs))
     measure(10, "routing tax", lambda: bench_routing.scenario_routing_tax(args.out, args.model_cache_dir, args.s10_pairs))
+    measure(11, "revisits beyond device memory, tiers vs recompute",
+            lambda: bench_tiers.scenario_revisit(args.out, args.model_cache_dir, args.tier_runs, rng))
+    measure(12, "a worker crash, tiers vs recompute",
+            lambda: bench_tiers.scenario_crash(args.out, args.model_cache_dir, args.tier_runs, rng))
+    measure(13, "a working set 4x device memory, tiers vs recompute",
+            lambda: bench_tiers.scenario_capacity(args.out, args.model_cache_dir, args.tier_runs, rng))
     results.setdefault("machine", machine())
     md = ""
     classic = table(results)
@@ -407,6 +415,7 @@ def main() -> None:
                f"{results.get('reps', args.reps)} runs (min-max).\n\n{classic}\n")
     for key, render in (("s3-2w", table_s3_cluster), ("s6", bench_elastic.table_s6), ("s7", bench_elastic.table_s7),
                         ("s9", bench_routing.table_s9), ("s10", bench_routing.table_s10),
+                        ("s11", bench_tiers.table_s11), ("s12", bench_tiers.table_s12), ("s13", bench_tiers.table_s13),
                         *((k, bench_openai.table_s8) for k in sorted(results) if k.startswith(("s8-", "s8b")) or k == "s8")):
         if key in results:
             md += f"\n{render(results[key])}\n"

@@ -126,7 +126,10 @@ class LocalCluster:
         env = {"WORKER_PORT": str(self._ports[name]), "WORKER_ID": name,
                "WORKER_COORDINATOR_URL": self.coordinator_url, "WORKER_HEARTBEAT_INTERVAL_S": "1",
                "WORKER_REGISTER_WITH_COORDINATOR": str(self.start_coordinator).lower(),
-               "WORKER_SESSION_STORE_URL": self.session_store_url, "WORKER_INTERNAL_TOKEN": self.internal_token}
+               "WORKER_SESSION_STORE_URL": self.session_store_url, "WORKER_INTERNAL_TOKEN": self.internal_token,
+               # The KV tiers live beside the session store: this cluster's own, like its sessions
+               "WORKER_KV_SHARED_URL": os.environ.get("WORKER_KV_SHARED_URL", str(self.log_dir.parent / "kv-shared")),
+               "WORKER_KV_DISK_DIR": os.environ.get("WORKER_KV_DISK_DIR", str(self.log_dir.parent / "kv-disk" / name))}
         if "WORKER_TORCH_THREADS" not in os.environ:  # one process per core, not cores per process
             env["WORKER_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, len(self._ports))))
         return {**env, **self.worker_env}

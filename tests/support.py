@@ -1,5 +1,6 @@
 """Helpers shared by the end-to-end, stress and cache-performance suites (real HTTP)."""
 
+import functools
 import os
 import socket
 import subprocess
@@ -153,3 +154,30 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     status_line, *lines = head.decode().split("\r\n")
     headers = dict(line.lower().split(": ", 1) for line in lines)
     return int(status_line.split()[1]), headers, body
+
+
+@functools.cache
+def _plain_transformers(model_dir: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    return model.eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def transformers_greedy(cluster: LocalCluster, texts_and_ids: list, max_tokens: int) -> list[int]:
+    """What plain transformers generates greedily after a context given as pieces: texts (encoded
+    as the worker encodes a prompt) and lists of token ids (a turn's generated tokens). The
+    reference for a cluster's output that neither the cluster's KV nor its tiers can touch."""
+    import torch
+
+    from tests.unit.test_engine import hf_greedy
+
+    model_dir = resolve_model_path(cluster.worker_env["WORKER_MODEL_NAME"],
+                                   Path(cluster.worker_env["WORKER_MODEL_CACHE_DIR"]))
+    model, tokenizer = _plain_transformers(str(model_dir))
+    context = []
+    for piece in texts_and_ids:
+        context += tokenizer.encode(piece, add_special_tokens=False) if isinstance(piece, str) else list(piece)
+    with torch.no_grad():
+        return hf_greedy(model, context, max_tokens)

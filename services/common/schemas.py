@@ -27,6 +27,15 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED), NotBoolOrString]
 TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT), NotBoolOrString]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0), NotBoolOrString]
 TopP = Annotated[float, Field(gt=0.0, le=1.0), NotBoolOrString]
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
+TopK = Annotated[int, Field(ge=-1, le=1_000_000), NotBoolOrString]
+MinP = Annotated[float, Field(ge=0.0, le=1.0), NotBoolOrString]
+MinTokens = Annotated[int, Field(ge=0, le=MAX_TOKENS_LIMIT), NotBoolOrString]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=100.0), NotBoolOrString]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0), NotBoolOrString]  # OpenAI's presence/frequency range
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1), NotBoolOrString]
+NumLogprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS), NotBoolOrString]
 
 
 def check_seq_id(seq_id: str, name: str = "seq_id") -> None:
@@ -37,7 +46,38 @@ def check_seq_id(seq_id: str, name: str = "seq_id") -> None:
                              param=None if name == "seq_id" else name)
 
 
-class GenerateRequest(BaseModel):
+class SamplingFields(BaseModel):
+    """vLLM's sampling parameters that /generate and the worker's /completions share (their
+    meaning: the README's API contract)."""
+
+    top_k: TopK = Field(0, description="Sample from the k most likely tokens; 0 or -1: all.")
+    min_p: MinP = Field(0.0, description="Drop tokens less likely than min_p times the most likely.")
+    min_tokens: MinTokens = Field(0, description="No EOS, stop token or stop string ends the generation before this many tokens.")
+    ignore_eos: StrictBool = Field(False, description="Generate past the EOS token.")
+    repetition_penalty: RepetitionPenalty = Field(1.0, description="Over the prompt and the generated tokens (1: none).")
+    presence_penalty: Penalty = Field(0.0, description="Subtracted from each generated token's logit.")
+    frequency_penalty: Penalty = Field(0.0, description="Times each generated token's count, subtracted from its logit.")
+    stop_token_ids: list[TokenId] = Field([], max_length=MAX_STOP_TOKEN_IDS,
+                                          description="Tokens that end the generation, as the EOS does.")
+    include_stop_str_in_output: StrictBool = Field(False, description="Keep the stop string or stop token's text.")
+    skip_special_tokens: StrictBool = True
+    spaces_between_special_tokens: StrictBool = True
+    logprobs: NumLogprobs | None = Field(None, description=f"Each generated token's log-probability and up to "
+                                                           f"{MAX_LOGPROBS} most likely alternatives.")
+
+    def check_min_tokens(self, max_tokens: int) -> None:
+        """A 400, as vLLM answers (not in the JSON schema: it relates two fields)."""
+        if self.min_tokens > max_tokens:
+            raise InvalidRequest(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({max_tokens})",
+                                 param="min_tokens")
+
+    def sampling_kwargs(self) -> dict:
+        """The engine's SamplingParams fields set here."""
+        fields = self.model_dump(include=set(SamplingFields.model_fields))
+        return fields | {"stop_token_ids": tuple(self.stop_token_ids), "top_k": max(self.top_k, 0)}
+
+
+class GenerateRequest(SamplingFields):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(..., min_length=1)
@@ -59,6 +99,7 @@ class Usage(BaseModel):
     prompt_tokens: int
     cached_tokens: int
     handoff_tokens: int = 0  # of cached_tokens, positions whose KV came from another worker
+    tier_tokens: int = 0  # of cached_tokens, positions loaded from the host, disk or shared KV tiers
     completion_tokens: int
     context_tokens: int
 
@@ -180,6 +221,7 @@ class RouteResponse(BaseModel):
 # --- stateless generation (the OpenAI-compatible API): gateway -> worker `POST /completions` ---
 
 MAX_STOP_SEQUENCES = 4
+MAX_N = 16  # choices per request
 
 
 class ChatMessage(BaseModel):
@@ -191,12 +233,14 @@ class ChatMessage(BaseModel):
     content: str = Field(..., max_length=1_000_000)
 
 
-class WorkerCompletionRequest(BaseModel):
+class WorkerCompletionRequest(SamplingFields):
     """A stateless request: no seq_id and no session store. Exactly one of `messages` (rendered
     with the worker's chat template, generation prompt added) or `prompt` (raw text). The worker
     reuses the longest cached token prefix (automatic prefix caching). Streams the same events as
     /generate (start, token, done, error); `stop` strings end generation with finish_reason "stop"
-    and are not part of the text."""
+    and are not part of the text (unless include_stop_str_in_output). With `n` > 1, every event
+    but the first `start` carries `choice` (0..n-1), and one `done` ends the stream, its
+    `choices` holding each choice's result."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -209,6 +253,8 @@ class WorkerCompletionRequest(BaseModel):
     stop: list[str] = Field([], max_length=MAX_STOP_SEQUENCES)
     stream: bool = True
     request_id: str | None = Field(None, min_length=1, max_length=128)
+    n: int = Field(1, ge=1, le=MAX_N)
+    prompt_logprobs: NumLogprobs | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> "WorkerCompletionRequest":

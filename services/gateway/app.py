@@ -15,6 +15,7 @@ from services.common.errors import ServiceError, error_response, install_error_h
 from services.gateway.api import router
 from services.gateway.api_keys import ApiKeyMiddleware, load_api_keys
 from services.gateway.fast_generate import FastGenerate
+from services.gateway.kv_tensor_api import router as kv_tensor_router
 from services.gateway.openai_api import router as openai_router
 from services.gateway.openai_format import is_openai_path, openai_error_body, openai_status
 from services.gateway.metrics import GatewayMetrics, RequestMetricsMiddleware
@@ -81,5 +82,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(RequestIdMiddleware, render=render_error)  # outermost: every response has one
     app.include_router(router)
     app.include_router(openai_router)
+    app.include_router(kv_tensor_router)
     app.include_router(vllm_router)
     return app

@@ -31,14 +31,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                            x_session_id: SessionHeader = None) -> Response:
     opening = chat_opening([(m.role, m.text()) for m in body.messages])
     key = session_key(x_session_id, body.model, opening)
-    reply = ChatReply(model=body.model, include_usage=body.include_usage())
+    reply = ChatReply(model=body.model, include_usage=body.include_usage(), continuous_usage=body.continuous_usage(),
+                      logprobs=bool(body.logprobs), n=body.num_choices())
     return await complete(_proxy(request), reply, body.for_worker(), key)
 
 
 @router.post("/completions", response_model=None, responses=COMPLETION_RESPONSES)
 async def completions(body: CompletionRequest, request: Request, x_session_id: SessionHeader = None) -> Response:
     key = session_key(x_session_id, body.model, prompt_opening(body.prompt_text()))
-    reply = TextReply(model=body.model, include_usage=body.include_usage())
+    reply = TextReply(model=body.model, include_usage=body.include_usage(), continuous_usage=body.continuous_usage(),
+                      logprobs=body.logprobs is not None, n=body.num_choices(),
+                      echo=body.prompt_text() if body.echo else None)
     return await complete(_proxy(request), reply, body.for_worker(), key)
 
 

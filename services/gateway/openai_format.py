@@ -39,12 +39,43 @@ def usage_object(usage: dict) -> dict:
             "prompt_tokens_details": {"cached_tokens": usage["cached_tokens"]}}
 
 
+def text_logprobs(entries: list[dict], offset: int = 0) -> dict:
+    """/v1/completions' logprobs object from the worker's entries ({token, logprob, top_logprobs});
+    `top_logprobs` holds the alternatives and the chosen token (vLLM's); `offset`: where the first
+    token's text starts in the choice's text."""
+    body = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for entry in entries:
+        body["tokens"].append(entry["token"])
+        body["token_logprobs"].append(entry["logprob"])
+        top = entry["top_logprobs"]
+        body["top_logprobs"].append(None if top is None else
+                                    {t["token"]: t["logprob"] for t in top} | {entry["token"]: entry["logprob"]})
+        body["text_offset"].append(offset)
+        offset += len(entry["token"])
+    return body
+
+
+def chat_logprobs(entries: list[dict]) -> dict:
+    """/v1/chat/completions' logprobs object: {content: [{token, logprob, bytes, top_logprobs}]}."""
+    def token(entry: dict) -> dict:
+        return {"token": entry["token"], "logprob": entry["logprob"], "bytes": list(entry["token"].encode())}
+    return {"content": [token(e) | {"top_logprobs": [token(t) for t in e["top_logprobs"]]} for e in entries]}
+
+
+def worker_choices(done: dict) -> list[dict]:
+    """A worker's result or `done` as its list of choices (n > 1 carries `choices`)."""
+    return done.get("choices") or [done | {"index": 0}]
+
+
 @dataclass
 class _Reply:
-    """One response's identity, shared by its body or all its chunks."""
+    """One response's identity and options, shared by its body or all its chunks."""
 
     model: str
     include_usage: bool = False
+    continuous_usage: bool = False  # every chunk carries the usage so far (vLLM's continuous_usage_stats)
+    logprobs: bool = False
+    n: int = 1
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -52,65 +83,81 @@ class _Reply:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": None, "choices": choices}
 
-    def _chunk(self, choices: list[dict]) -> dict:
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
         chunk = self._envelope(self.chunk_object, choices)
         if self.include_usage:
-            chunk["usage"] = None  # every chunk but the last, as OpenAI does
+            # null on every chunk but the last, as OpenAI does; the usage so far with continuous_usage
+            chunk["usage"] = usage_object(usage) if usage is not None and self.continuous_usage else None
         return chunk
 
     def usage_chunk(self, usage: dict) -> dict:
         return self._chunk([]) | {"usage": usage_object(usage)}
 
+    def result(self, done: dict) -> dict:
+        choices = [self._choice(c, done) for c in worker_choices(done)]
+        return self._envelope(self.result_object, choices) | {"usage": usage_object(done["usage"])}
+
     def __post_init__(self) -> None:
         self.id = self.id or f"{self.id_prefix}-{uuid.uuid4().hex}"
 
     chunk_object = ""
+    result_object = ""
     id_prefix = ""
 
 
 @dataclass
 class ChatReply(_Reply):
     chunk_object = "chat.completion.chunk"
+    result_object = "chat.completion"
     id_prefix = "chatcmpl"
 
-    def result(self, done: dict) -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": done["text"]},
-                  "logprobs": None, "finish_reason": done["finish_reason"]}
-        return self._envelope("chat.completion", [choice]) | {"usage": usage_object(done["usage"])}
+    def _choice(self, choice: dict, done: dict) -> dict:
+        logprobs = chat_logprobs(choice.get("logprobs", [])) if self.logprobs else None
+        return {"index": choice["index"], "message": {"role": "assistant", "content": choice["text"]},
+                "logprobs": logprobs, "finish_reason": choice["finish_reason"]}
 
-    def opening_chunk(self) -> dict | None:
-        return self._delta({"role": "assistant", "content": ""})
+    def opening_chunk(self, index: int = 0, usage: dict | None = None) -> dict | None:
+        return self._delta(index, {"role": "assistant", "content": ""}, usage=usage)
 
-    def text_chunk(self, text: str) -> dict:
-        return self._delta({"content": text})
+    def text_chunk(self, text: str, index: int = 0, entries: list[dict] | None = None, offset: int = 0,
+                   usage: dict | None = None) -> dict:
+        logprobs = chat_logprobs(entries) if entries is not None else None
+        return self._delta(index, {"content": text}, logprobs=logprobs, usage=usage)
 
-    def final_chunk(self, finish_reason: str) -> dict:
-        return self._delta({}, finish_reason)
+    def final_chunk(self, finish_reason: str, index: int = 0, usage: dict | None = None) -> dict:
+        return self._delta(index, {}, finish_reason, usage=usage)
 
-    def _delta(self, delta: dict, finish_reason: str | None = None) -> dict:
-        return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
+    def _delta(self, index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None,
+               usage: dict | None = None) -> dict:
+        return self._chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+                           usage)
 
 
 @dataclass
 class TextReply(_Reply):
     chunk_object = "text_completion"
+    result_object = "text_completion"
     id_prefix = "cmpl"
+    echo: str | None = None  # the prompt, returned before each choice's text
 
-    def result(self, done: dict) -> dict:
-        choice = {"index": 0, "text": done["text"], "logprobs": None, "finish_reason": done["finish_reason"]}
-        return self._envelope("text_completion", [choice]) | {"usage": usage_object(done["usage"])}
+    def _choice(self, choice: dict, done: dict) -> dict:
+        text = choice["text"] if self.echo is None else self.echo + choice["text"]
+        logprobs = None
+        if self.logprobs:
+            prompt = worker_choices(done)[0].get("prompt_logprobs", []) if self.echo is not None else []
+            logprobs = text_logprobs(prompt + choice.get("logprobs", []))
+        return {"index": choice["index"], "text": text, "logprobs": logprobs, "finish_reason": choice["finish_reason"]}
 
-    def opening_chunk(self) -> dict | None:
+    def opening_chunk(self, index: int = 0, usage: dict | None = None) -> dict | None:
         return None
 
-    def text_chunk(self, text: str) -> dict:
-        return self._text(text)
+    def text_chunk(self, text: str, index: int = 0, entries: list[dict] | None = None, offset: int = 0,
+                   usage: dict | None = None) -> dict:
+        logprobs = text_logprobs(entries, offset) if entries is not None else None
+        return self._chunk([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": None}], usage)
 
-    def final_chunk(self, finish_reason: str) -> dict:
-        return self._text("", finish_reason)
-
-    def _text(self, text: str, finish_reason: str | None = None) -> dict:
-        return self._chunk([{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}])
+    def final_chunk(self, finish_reason: str, index: int = 0, usage: dict | None = None) -> dict:
+        return self._chunk([{"index": index, "text": "", "logprobs": None, "finish_reason": finish_reason}], usage)
 
 
 Reply = ChatReply | TextReply

@@ -16,7 +16,7 @@ from services.common.event_stream import EventStream, FinalChunk
 from services.common.schemas import WorkerCompletionRequest
 from services.common.sse import encode_event
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.openai_format import DONE_LINE, Reply, openai_error_body
+from services.gateway.openai_format import DONE_LINE, Reply, openai_error_body, worker_choices
 from services.gateway.proxy import (GatewayProxy, StreamBroken, Upstream, close_upstream,
                                     read_result, worker_events)
 from services.gateway.session_key import SESSION_HEADER
@@ -32,7 +32,7 @@ def check_model(proxy: GatewayProxy, model: str) -> None:
 async def complete(proxy: GatewayProxy, reply: Reply, request: WorkerCompletionRequest, key: str) -> Response:
     started_s = time.perf_counter()
     check_model(proxy, reply.model)
-    upstream = await proxy.open_completion(key, request.model_dump(exclude_none=True))
+    upstream = await proxy.open_completion(key, request.model_dump(exclude_none=True, exclude_defaults=True))
     headers = {SESSION_HEADER: key}
     if not request.stream or upstream.response.status != 200:
         result = await read_result(upstream.response)  # raises the worker's error
@@ -51,6 +51,10 @@ class ChunkRelay:
         self.reply = reply
         self.metrics = metrics
         self.started_s = started_s
+        self.usage: dict = {"prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0}  # so far
+        self.offsets: dict[int, int] = {}  # choice -> its text's length in logprobs tokens so far
+        self.echoed: set[int] = set()
+        self.prompt_entries: list[dict] | None = None
 
     async def encoded(self) -> AsyncIterator[bytes]:
         outcome = "client_disconnect"
@@ -80,13 +84,13 @@ class ChunkRelay:
         kind, reply = event["type"], self.reply
         if kind == "start":
             self.metrics.ttfb_s.observe(time.perf_counter() - self.started_s)
-            opening = reply.opening_chunk()
-            return [opening] if opening else []
+            self.usage = {"prompt_tokens": event.get("context_tokens", 0),
+                          "cached_tokens": event.get("cached_tokens", 0), "completion_tokens": 0}
+            return [chunk for i in range(reply.n) if (chunk := reply.opening_chunk(i, self.usage)) is not None]
         if kind == "token":
-            text = event.get("token")
-            return [reply.text_chunk(text)] if isinstance(text, str) and text else []
+            return self._token_chunks(event)
         if kind == "done":
-            final = [reply.final_chunk(event["finish_reason"])]
+            final = [reply.final_chunk(c["finish_reason"], c["index"], usage=self.usage) for c in worker_choices(event)]
             return final + ([reply.usage_chunk(event["usage"])] if reply.include_usage else [])
         if kind == "error":
             error = event.get("error") if isinstance(event.get("error"), dict) else {}
@@ -95,3 +99,30 @@ class ChunkRelay:
             return [openai_error_body(failure)]
         return []
 
+    def _token_chunks(self, event: dict) -> list[dict]:
+        """A token's chunk (with its logprobs, when asked for, even if its text is held back),
+        after the echoed prompt on a choice's first token."""
+        choice, text = event.get("choice", 0), event.get("token")
+        text = text if isinstance(text, str) else ""
+        self.usage["completion_tokens"] += 1
+        chunks = self._echo(choice, event)
+        entries = [event["logprobs"]] if self.reply.logprobs and "logprobs" in event else None
+        if text or entries is not None:
+            offset = self._advance(choice, entries)
+            chunks.append(self.reply.text_chunk(text, choice, entries, offset, usage=self.usage))
+        return chunks
+
+    def _echo(self, choice: int, event: dict) -> list[dict]:
+        prompt = getattr(self.reply, "echo", None)
+        if prompt is None or choice in self.echoed:
+            return []
+        self.echoed.add(choice)
+        self.prompt_entries = event.get("prompt_logprobs", self.prompt_entries)  # choice 0's, shared
+        entries = self.prompt_entries if self.reply.logprobs else None
+        return [self.reply.text_chunk(prompt, choice, entries, self._advance(choice, entries), usage=self.usage)]
+
+    def _advance(self, choice: int, entries: list[dict] | None) -> int:
+        """Where `entries`' first token starts in the choice's text (completions' text_offset)."""
+        offset = self.offsets.get(choice, 0)
+        self.offsets[choice] = offset + sum(len(e["token"]) for e in entries or ())
+        return offset

@@ -32,6 +32,8 @@ async def generate(body: WorkerGenerateRequest, request: Request):
         raise ModelNotFound(f"model '{body.model_name}' is not served here; this worker serves "
                             f"{', '.join(repr(name) for name in served)}", param="model_name")
     _check_resume(body)
+    body.check_min_tokens(body.max_tokens)
+    engine.check_token_ids(body.stop_token_ids, "stop_token_ids")
     seq_id = body.seq_id or uuid.uuid4().hex
     prompt_ids = await asyncio.to_thread(engine.encode, body.prompt)
     turn = await state.turns.begin(seq_id, body.request_id or uuid.uuid4().hex, prompt_ids,
@@ -64,7 +66,7 @@ async def _start_turn(state, engine, turn: Turn, body: WorkerGenerateRequest) ->
             await state.puller.pull(turn, body.handoff_sources,
                                     reserve_tokens=len(turn.token_ids) - len(turn.resumed) + body.max_tokens)
         params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
-                                top_p=body.top_p, seed=body.seed)
+                                top_p=body.top_p, seed=body.seed, **body.sampling_kwargs())
         handle = RequestHandle.for_turn(engine, turn, params, body.public_seq_id)
         return handle, await start_request(handle)
     except BaseException:
@@ -133,7 +135,8 @@ async def stats(request: Request):
     base = {"worker_id": s.worker_id, "model_name": s.model_name, "ready": state.engine is not None,
             "enable_kv_reuse": s.enable_kv_reuse, "draining": state.drainer.draining,
             "in_flight": state.in_flight.count}
-    return {**base, **(await asyncio.to_thread(state.engine.stats) if state.engine else {})}
+    kv_tensors = await asyncio.to_thread(request.app.state.kv_tensors.stats)
+    return {**base, **kv_tensors, **(await asyncio.to_thread(state.engine.stats) if state.engine else {})}
 
 
 @open_router.get("/inference/model/info")

@@ -14,13 +14,14 @@ from services.common.auth import bearer_headers, require_bearer
 from services.common.body_limit import BodyLimit
 from services.common.errors import Draining, NotReady, error_response, install_error_handlers
 from services.common.http import make_client
-from services.worker import completions_api, internal_api, tokenize_api
+from services.worker import completions_api, internal_api, kv_tensor_api, tokenize_api
 from services.worker.api import open_router, router
 from services.worker.drain import Drainer
 from services.worker.engine.engine import Engine, EngineConfig, EngineObserver
-from services.worker.handoff import KVPuller
-from services.worker.kv_store import KVStore
-from services.worker.kv_transfer import fingerprint
+from services.worker.kv.handoff import KVPuller
+from services.worker.kv.store import KVStore
+from services.worker.kv.setup import open_lower_tiers, weights_revision
+from services.worker.kv.transfer import fingerprint
 from services.worker.load import InFlight, InFlightMiddleware
 from services.worker.metrics import WorkerMetrics
 from services.worker.model.loader import LoadedModel, load_model
@@ -80,11 +81,14 @@ def build_engine(settings: WorkerSettings, observer: EngineObserver | None = Non
         torch.set_num_threads(settings.torch_threads)
     loaded = load_model(settings.model_name, settings.model_cache_dir, settings.device, settings.dtype)
     store = KVStore(loaded.layout, kv_budget_bytes(settings, loaded))
+    fp = fingerprint(settings.model_name, loaded.layout, weights_revision(loaded.model))
+    tiers = open_lower_tiers(settings, loaded.layout, fp, observer)
     config = EngineConfig(worker_id=settings.worker_id, max_batch_size=settings.max_batch_size,
                           max_batch_tokens=settings.max_batch_tokens,
                           max_waiting_requests=settings.max_waiting_requests,
                           enable_kv_reuse=settings.enable_kv_reuse, tail_wait_s=settings.tail_wait_s)
-    engine = Engine(loaded, store, config, observer)
+    engine = Engine(loaded, store, config, observer, tiers)
+    engine.fingerprint = fp
     engine.start()
     logger.info("engine ready: KV budget %.1f MiB (%d bytes/token)", store.budget_bytes / 2**20,
                 loaded.layout.bytes_per_token)
@@ -103,7 +107,7 @@ async def _start(state: WorkerState, registration: Registration | None, client) 
         state.load_error = f"{type(exc).__name__}: {exc}"
         return
     s = state.settings
-    state.fingerprint = fingerprint(s.model_name, engine.store.layout)
+    state.fingerprint = engine.fingerprint
     state.puller = KVPuller(client, engine, s.worker_id, state.fingerprint, bearer_headers(s.internal_token),
                             state.metrics.handoff_duration.observe)
     state.engine = engine
@@ -151,6 +155,7 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="kvcache worker", lifespan=lifespan)
     app.state.worker = WorkerState(settings)
+    app.state.kv_tensors = kv_tensor_api.new_store(settings)
     install_error_handlers(app)
     app.add_middleware(InFlightMiddleware, in_flight=app.state.worker.in_flight)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
@@ -161,4 +166,5 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
     app.include_router(completions_api.router, dependencies=gateway_only)
     app.include_router(tokenize_api.router, dependencies=gateway_only)
     app.include_router(internal_api.router, dependencies=gateway_only)
+    app.include_router(kv_tensor_api.router, dependencies=gateway_only)
     return app

@@ -55,7 +55,11 @@ class Drainer:
         if others and engine is not None:  # someone may pull our KV: wait until all is taken
             await _until(lambda: engine.num_cached_sequences() == 0, deadline)
         left = engine.num_cached_sequences() if engine else 0
-        logger.info("drained in %.1f s; %d sequences' KV not pulled (their owners recompute)",
+        if left and engine.tiers is not None:  # the shared tier keeps what nobody pulled
+            await asyncio.to_thread(engine.write_behind_all)
+            flushed = await asyncio.to_thread(engine.tiers.flush, max(0.0, deadline - time.monotonic()))
+            logger.info("wrote the KV nobody pulled to the shared tier%s", "" if flushed else " (partly: timeout)")
+        logger.info("drained in %.1f s; %d sequences' KV not pulled (their next owners load it from the shared tier, or recompute)",
                     time.monotonic() - self.status.started_s, left)
         if self.registration:
             await self.registration.deregister()

@@ -10,7 +10,7 @@ from starlette.types import Receive, Scope, Send
 
 from services.common.errors import NotFound
 from services.common.schemas import check_seq_id
-from services.worker.kv_transfer import data_pieces, encode_header
+from services.worker.kv.transfer import data_pieces, encode_header
 
 router = APIRouter(prefix="/internal")
 

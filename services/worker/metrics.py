@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from services.common.metrics import PREFIX
 from services.worker.engine.engine import EngineObserver
 from services.worker.engine.sequence import RequestTimings
+from services.worker.kv.lower import TIERS, TierObserver
 
 P = f"{PREFIX}_worker_"
 # vLLM's buckets (vllm/v1/metrics/loggers.py), cut at the long end, with finer ones below
@@ -50,6 +51,7 @@ COUNTERS = {
     "prefill_tokens": ("prefill_tokens", "Context tokens computed (not reused) at admission."),
     "reused_tokens": ("reused_tokens", "Context tokens whose KV was reused (cache or handoff)."),
     "handoff_tokens": ("handoff_tokens", "Context tokens whose KV was pulled from another worker."),
+    "tier_tokens": ("tier_tokens", "Context tokens whose KV was loaded from the host, disk or shared tiers."),
     "generated_tokens": ("generation_tokens", "Tokens generated."),
     "steps": ("steps", "Engine steps (one packed forward pass each)."),
     "aborted": ("aborted", "Requests aborted while waiting or running (client gone)."),
@@ -59,7 +61,17 @@ COUNTERS = {
 }
 
 
-class WorkerMetrics(EngineObserver):
+TIER_COUNTERS = {
+    "hits": ("kv_tier_hits", "KV chunks found in the tier."),
+    "misses": ("kv_tier_misses", "KV chunks looked up in the tier and not there."),
+    "bytes_loaded": ("kv_tier_loaded_bytes", "Bytes of KV chunks read from the tier."),
+    "bytes_stored": ("kv_tier_stored_bytes", "Bytes of KV chunks written to the tier."),
+    "rejected": ("kv_tier_rejected", "Stored chunks ignored: corrupt, or another model's fingerprint."),
+    "errors": ("kv_tier_errors", "Tier reads or writes that failed (I/O, network)."),
+}
+
+
+class WorkerMetrics(EngineObserver, TierObserver):
     def __init__(self, stats_source):
         self.registry = CollectorRegistry()
         self.http_requests = self._outcomes("generate_requests", "POST /generate by outcome of its start.")
@@ -86,6 +98,13 @@ class WorkerMetrics(EngineObserver):
             "renew, delete), failures included.", ["op"], buckets=IO_BUCKETS_S, registry=self.registry)
         for op in STORE_OPS:
             self.session_store_latency.labels(op)
+        self.tier_load = Histogram(P + "kv_tier_load_seconds", "Reading one KV chunk from a tier (decode "
+                                   "included).", ["tier"], buckets=IO_BUCKETS_S, registry=self.registry)
+        self.tier_store = Histogram(P + "kv_tier_store_seconds", "Writing one KV chunk to a tier.", ["tier"],
+                                    buckets=IO_BUCKETS_S, registry=self.registry)
+        for tier in TIERS:
+            self.tier_load.labels(tier)
+            self.tier_store.labels(tier)
         self.registry.register(_EngineCollector(stats_source))
 
     def _outcomes(self, name: str, documentation: str) -> Counter:
@@ -99,6 +118,12 @@ class WorkerMetrics(EngineObserver):
 
     def observe_store_call(self, op: str, seconds: float) -> None:
         self.session_store_latency.labels(op).observe(seconds)
+
+    def on_load(self, tier: str, seconds: float, nbytes: int) -> None:
+        self.tier_load.labels(tier).observe(seconds)
+
+    def on_store(self, tier: str, seconds: float, nbytes: int) -> None:
+        self.tier_store.labels(tier).observe(seconds)
 
     def on_token_gap(self, gap_s: float) -> None:
         self.itl.observe(gap_s)
@@ -127,3 +152,23 @@ class _EngineCollector:
         for key, (name, documentation) in COUNTERS.items():
             if key in stats:
                 yield CounterMetricFamily(P + name, documentation, value=stats[key])
+        if "kv_tiers" in stats:
+            yield from _tier_metrics(stats["kv_tiers"])
+
+
+def _tier_metrics(tiers: dict):
+    """Per tier (label `tier`: host, disk, shared), from the LowerTiers stats."""
+    per_tier = tiers["tiers"]
+    for key, (name, documentation) in TIER_COUNTERS.items():
+        family = CounterMetricFamily(P + name, documentation, labels=["tier"])
+        for tier, counts in per_tier.items():
+            family.add_metric([tier], counts[key])
+        yield family
+    used = GaugeMetricFamily(P + "kv_tier_bytes", "Bytes held by the tier (host, disk).", labels=["tier"])
+    for tier in ("host", "disk"):
+        used.add_metric([tier], per_tier[tier].get("bytes", 0))
+    yield used
+    yield GaugeMetricFamily(P + "kv_tier_write_queue_depth", "Tier writes waiting for the writer thread.",
+                            value=tiers["write_queue_depth"])
+    yield CounterMetricFamily(P + "kv_tier_write_dropped", "Tier writes dropped: the write queue was full.",
+                              value=tiers["write_jobs_dropped"])

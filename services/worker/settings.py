@@ -39,6 +39,24 @@ class WorkerSettings(ServiceSettings):
     # KV budget in bytes; 0 = automatic (a fraction of free GPU memory, or of RAM on CPU).
     kv_cache_bytes: int = Field(0, ge=0)
     kv_cache_memory_fraction: float = Field(0.25, gt=0, le=0.95)
+    # The KV tiers below device memory (README "KV tiers"); false: none (the benchmark's baseline:
+    # what device memory evicts is recomputed). Host memory: -1 = automatic (on CUDA a quarter of
+    # RAM, pinned; on CPU device memory already is RAM, so one model window, what an eviction
+    # passes down on its way to disk: give more RAM to kv_cache_bytes instead). 0 = none.
+    kv_tiers: bool = True
+    kv_host_bytes: int = Field(-1, ge=-1)
+    # A local directory (an emptyDir or local SSD in Kubernetes); empty = <cache>/kv-disk/<worker_id>.
+    kv_disk_dir: str = ""
+    kv_disk_bytes: int = Field(4 * 2**30, ge=0)  # 0 = no disk tier
+    # The tier every worker reads: a directory or fsspec URL (file://, gs://bucket/prefix) or
+    # redis://host:port/db. The default, a directory, is shared by the workers of one host (like
+    # the SQLite session store). Empty = no shared tier.
+    kv_shared_url: str = str(Path.home() / ".cache" / "kvcache" / "kv-shared")
+    kv_shared_bytes: int = Field(16 * 2**30, ge=0)  # fsspec sweep; Redis uses its own maxmemory
+    kv_shared_ttl_s: float = Field(24 * 3600.0, gt=0)
+    # Tier writes waiting for the writer thread; a write arriving when it is full is dropped
+    # (counted), never waited for.
+    kv_tier_write_queue: int = Field(64, ge=1)
     # false: every request recomputes its whole context (baseline for benchmarks).
     enable_kv_reuse: bool = True
     # A finished turn's last token waits this long for the sequence's next request, which then
@@ -61,6 +79,14 @@ class WorkerSettings(ServiceSettings):
     turn_lease_s: float = Field(30.0, gt=0)
     # On SIGTERM: finish running requests, serve KV pulls, then exit, within this time.
     drain_timeout_s: float = Field(30.0, ge=0)
+    # The KV tensor API (/kv/*, README "KV tensor API"): an in-memory store per worker, apart from
+    # the engine's KV. Its byte budget over every seq_id (least recently used seq_ids are evicted
+    # whole; 0 stores nothing), the most one (seq_id, layer) K or V tensor may hold, and whether
+    # torch.save's encoding (the reference design's; loaded with weights_only=True) is taken
+    # besides "raw".
+    kv_tensor_bytes: int = Field(256 * 2**20, ge=0)
+    kv_tensor_max_bytes: int = Field(16 * 2**20, ge=1)
+    kv_tensor_allow_torch_save: bool = True
     # internal_token (WORKER_INTERNAL_TOKEN, required to start): /internal/*, DELETE /sequences/*
     # and a /generate naming handoff_sources or resume require `Authorization: Bearer <token>`;
     # the worker sends it to the coordinator and to the workers it pulls KV from.
@@ -88,4 +114,6 @@ class WorkerSettings(ServiceSettings):
         if not self.advertise_address:
             self.advertise_address = f"http://127.0.0.1:{self.port}"
         self.advertise_address = self.advertise_address.rstrip("/")
+        if not self.kv_disk_dir:
+            self.kv_disk_dir = str(Path.home() / ".cache" / "kvcache" / "kv-disk" / self.worker_id)
         return self

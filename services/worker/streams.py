@@ -26,6 +26,7 @@ class RequestHandle:
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self.finished = False
+        self.submitted = False  # abort() before submit() has nothing to abort
         self.request = build(self._sink)
 
     @classmethod
@@ -52,8 +53,14 @@ class RequestHandle:
         except RuntimeError:
             pass  # the loop is closed: nobody is listening any more
 
-    def submit(self) -> None:
+    async def submit(self) -> None:
+        """Queue the request, and read its lower-tier KV (off the loop) while it waits."""
+        loading = self._engine.tiers is not None
+        self.request.loading = loading
         self._engine.submit(self.request)
+        self.submitted = True
+        if loading:
+            await asyncio.to_thread(self._engine.prefetch, self.request)
 
     async def first_event(self) -> dict:
         """The `start` event; raises the ServiceError that refused the request instead."""
@@ -70,7 +77,7 @@ class RequestHandle:
             yield event
 
     def abort(self) -> None:
-        if not self.finished:
+        if self.submitted and not self.finished:
             self._engine.abort(self.request)
 
 
@@ -78,7 +85,7 @@ async def start_request(handle: RequestHandle) -> dict:
     """Submit, and wait for `start` (so a refusal is an HTTP error before the first byte); a
     request that does not start is aborted in the engine."""
     try:
-        handle.submit()
+        await handle.submit()
         return await handle.first_event()
     except BaseException:
         handle.abort()
@@ -126,16 +133,43 @@ async def stream_events(handle: RequestHandle, start: dict, on_done: OnDone = _u
 
 
 async def collect_result(handle: RequestHandle, on_done: OnDone = _unchanged, on_close: OnClose = _nothing) -> dict:
-    """The `done` event's fields (a `stream: false` body); an error event raises instead."""
+    """The `done` event's fields (a `stream: false` body), with the token events' `logprobs` and
+    `prompt_logprobs` when asked for (per choice when n > 1); an error event raises instead."""
+    logprobs = Logprobs()
     try:
         async for event in handle.events():
+            if event["type"] == "token":
+                logprobs.add(event)
             if event["type"] == "done":
                 event = await on_done(event)
             if event["type"] == "error":
                 raise ServiceError(event["error"]["message"])
             if event["type"] == "done":
-                return {k: v for k, v in event.items() if k != "type"}
+                return logprobs.attach({k: v for k, v in event.items() if k != "type"})
     finally:
         handle.abort()
         await on_close()
     raise ServiceError("generation ended without a result")
+
+
+class Logprobs:
+    """The logprobs of a request's token events, per choice, for its one JSON result."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[int, list[dict]] = {}
+        self.prompt: dict[int, list] = {}
+
+    def add(self, event: dict) -> None:
+        choice = event.get("choice", 0)
+        if "logprobs" in event:
+            self.tokens.setdefault(choice, []).append(event["logprobs"])
+        if "prompt_logprobs" in event:
+            self.prompt[choice] = event["prompt_logprobs"]
+
+    def attach(self, result: dict) -> dict:
+        for choice, target in enumerate(result.get("choices") or [result]):
+            if choice in self.tokens:
+                target["logprobs"] = self.tokens[choice]
+            if choice in self.prompt:
+                target["prompt_logprobs"] = self.prompt[choice]
+        return result

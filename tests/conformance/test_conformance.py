@@ -14,7 +14,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from services.worker import kv_transfer
+from services.worker.kv import transfer as kv_transfer
 from services.worker.engine.sequence import Request, SamplingParams
 from services.worker.model.loader import load_model
 from services.worker.model.model_support import UnsupportedModel

@@ -67,15 +67,20 @@ def default_port(service: str) -> int:
     return SETTINGS[service].model_fields["port"].default
 
 
-def _render_with_tool(overlay: str) -> str | None:
+def render_kustomization(directory: Path) -> str | None:
+    """`kubectl kustomize DIR` (or `kustomize build DIR`); None when neither is installed."""
     for command in (["kubectl", "kustomize"], ["kustomize", "build"]):
         if shutil.which(command[0]):
-            proc = subprocess.run([*command, str(K8S_DIR / "overlays" / overlay)],
+            proc = subprocess.run([*command, str(directory)],
                                   capture_output=True, text=True, timeout=60, check=False)
             if proc.returncode != 0:
-                raise RuntimeError(f"{' '.join(command)} {overlay} failed:\n{proc.stderr}")
+                raise RuntimeError(f"{' '.join(command)} {directory} failed:\n{proc.stderr}")
             return proc.stdout
     return None
+
+
+def _render_with_tool(overlay: str) -> str | None:
+    return render_kustomization(K8S_DIR / "overlays" / overlay)
 
 
 @functools.cache
@@ -137,6 +142,26 @@ def _substitute(value: str, resolved: dict[str, str]) -> str:
     # Kubernetes expands $(VAR) from variables defined earlier in the same list.
     return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
                   lambda m: resolved.get(m.group(1), m.group(0)), value)
+
+
+_QUANTITY_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                   "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity_bytes(quantity: str | int) -> int:
+    """A Kubernetes memory or storage quantity ("5Gi", "512Mi", "4G", 1024) in bytes."""
+    match = re.fullmatch(r"(\d+)([kMGT]i?)?", str(quantity))
+    assert match, f"unsupported quantity: {quantity}"
+    return int(match.group(1)) * _QUANTITY_UNITS[match.group(2) or ""]
+
+
+def redis_bytes(value: str) -> int:
+    """redis.conf's memory units: 1gb = 2**30 bytes, 1g = 10**9 (case-insensitive)."""
+    match = re.fullmatch(r"(\d+)(k|kb|m|mb|g|gb)?", value.lower())
+    assert match, f"unsupported redis size: {value}"
+    unit = match.group(2) or ""
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(unit[:1], 1)
+    return int(match.group(1)) * (2 ** (10 * "kmg".index(unit[0]) + 10) if unit.endswith("b") else scale)
 
 
 def _cpu_count(quantity: str) -> str:

@@ -49,6 +49,9 @@ def test_compose_env_vars_are_settings_named_as_in_the_manifests():
         allowed = settings_env_names(SETTINGS[kind]) | GENERIC_ENV
         assert set(env) <= allowed, f"{name}: not settings: {sorted(set(env) - allowed)}"
         compose_only = {f"{kind.upper()}_INTERNAL_TOKEN_FILE"}  # Kubernetes has a Secret instead
+        # The sweep budget of a directory shared tier; Kubernetes' shared tier is a Redis,
+        # whose budget is its own --maxmemory.
+        compose_only.add("WORKER_KV_SHARED_BYTES")
         assert set(env) - compose_only <= k8s_names[kind], \
             f"{name}: not in the manifests: {sorted(set(env) - compose_only - k8s_names[kind])}"
         env.pop(f"{kind.upper()}_INTERNAL_TOKEN_FILE")  # written by the internal-token service
@@ -96,6 +99,35 @@ def test_compose_workers_share_the_redis_session_store():
             assert service["depends_on"]["redis"]["condition"] == "service_healthy"
             # Compose sends SIGTERM, the worker drains, then exits before the SIGKILL.
             assert duration_s(service["stop_grace_period"]) > float(env["WORKER_DRAIN_TIMEOUT_S"]) + 5
+
+
+def volume_at(service: dict, target: str) -> str:
+    """The named volume a compose service mounts at `target` (short syntax SOURCE:TARGET)."""
+    [source] = [v.split(":")[0] for v in service["volumes"] if isinstance(v, str) and v.split(":")[1] == target]
+    return source
+
+
+def test_compose_workers_share_a_kv_directory_and_each_has_its_own_disk_tier():
+    compose = load_compose()
+    workers = {n: s for n, s in project_services().items() if service_kind(n) == "worker"}
+    shared, disks = set(), set()
+    for name, service in workers.items():
+        env = compose_env(service)
+        env.pop("WORKER_INTERNAL_TOKEN_FILE")  # written by the internal-token service
+        with mock.patch.dict(os.environ, env, clear=True):
+            settings = SETTINGS["worker"]()
+        assert "://" not in settings.kv_shared_url, "a directory: the workers of one host"
+        shared.add(volume_at(service, settings.kv_shared_url))
+        disks.add(volume_at(service, settings.kv_disk_dir))
+        assert settings.kv_disk_bytes > 0 and settings.kv_shared_bytes > 0
+    assert len(shared) == 1 and len(disks) == len(workers), (shared, disks)
+    assert shared | disks <= set(compose["volumes"])
+    # A new volume takes the ownership of the image's directory it is mounted on: the worker
+    # image must have both, owned by the user it runs as (uid 10001), or the tiers cannot write.
+    runtime = " ".join(dockerfile_stages(REPO_ROOT / "Dockerfile")["runtime"])
+    [mkdir] = re.findall(r"mkdir -p ([^&]+)&& chown kvcache:kvcache ([^&]+?)(?:&&|$)", runtime)
+    for path in (settings.kv_shared_url, settings.kv_disk_dir):
+        assert path in mkdir[0].split() and path in mkdir[1].split(), path
 
 
 def test_compose_makes_one_internal_token_for_every_service():

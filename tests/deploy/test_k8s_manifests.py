@@ -5,6 +5,8 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
+import textwrap
 import time
 from pathlib import Path
 from unittest import mock
@@ -12,13 +14,15 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
+import yaml
 
 from services.localcluster import free_port
 from tests.deploy.manifests import (
     GENERIC_ENV, K8S_DIR, NAMESPACE, REPO_ROOT, SECRET_KEYS, SECRET_NAME, SETTINGS, SUBSTITUTION_ONLY_ENV,
-    default_port, find, find_workload, load_docs, manifest_sets, only_container, pod_spec, rendered_overlays,
-    resolve_env, sample_pod_name, selects, serves, settings_env_names, workloads,
+    default_port, find, find_workload, load_docs, manifest_sets, only_container, pod_spec, quantity_bytes,
+    redis_bytes, render_kustomization, rendered_overlays, resolve_env, sample_pod_name, selects, serves, settings_env_names, workloads,
 )
+from services.worker.kv.tiers import RedisStore, open_shared_store
 
 SETS = manifest_sets()
 DASHBOARD_CONFIGMAP = "kvcache-grafana-dashboard"
@@ -327,13 +331,15 @@ def require_redis_server() -> str:
 
 
 def start_redis_as_in_the_manifest(container, env, port, data_dir) -> subprocess.Popen:
-    """The container's own command line, on a loopback port and a temporary --dir."""
+    """The container's own command line, on a loopback port, in a temporary directory (its --dir
+    if it has one)."""
     args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg) for arg in container["args"]]
     data_dir.mkdir()
-    args[args.index("--dir") + 1] = str(data_dir)
+    if "--dir" in args:
+        args[args.index("--dir") + 1] = str(data_dir)
     command = [require_redis_server(), *args, "--port", str(port), "--bind", "127.0.0.1"]
     assert container["command"] == ["redis-server"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=data_dir)
     deadline = time.monotonic() + 10
     while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode != 0:
         assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
@@ -373,6 +379,192 @@ def test_session_store_runs_as_configured_and_workers_can_log_in(docs, tmp_path)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+KV_STORE = "redis-kv"
+# RAM of a worker process beyond its KV (torch, the model, a CUDA context): the memory request
+# must hold the KV kept in RAM plus this.
+WORKER_PROCESS_RAM = 2 * 2**30
+
+
+def worker_settings(docs, pod: str = "worker-0"):
+    return settings_from_env(SETTINGS["worker"], resolve_env(only_container(find_workload(docs, "worker")), docs, pod))
+
+
+def test_only_workers_reach_the_kv_store_and_it_is_not_the_session_store(docs):
+    store = find_workload(docs, KV_STORE)
+    labels = store["spec"]["template"]["metadata"]["labels"]
+    rules = [rule for p in docs if p["kind"] == "NetworkPolicy" and p["spec"]["podSelector"]
+             and selects(p["spec"]["podSelector"]["matchLabels"], labels) for rule in p["spec"]["ingress"]]
+    assert rules == [{"from": [pods_named("worker")], "ports": [{"protocol": "TCP", "port": 6379}]}]
+    session_labels = find_workload(docs, "redis")["spec"]["template"]["metadata"]["labels"]
+    assert not selects(find(docs, "Service", KV_STORE)["spec"]["selector"], session_labels)
+    assert not selects(find(docs, "Service", "redis")["spec"]["selector"], labels)
+    settings = worker_settings(docs)
+    kv_url, session_url = urlsplit(settings.kv_shared_url), urlsplit(settings.session_store_url)
+    assert kv_url.scheme == "redis" and kv_url.hostname.split(".")[0] == KV_STORE
+    assert kv_url.hostname != session_url.hostname  # never KV in the noeviction session store
+
+
+def test_kv_store_is_a_bounded_cache_private_and_unprivileged(docs):
+    store = find_workload(docs, KV_STORE)
+    container = only_container(store)
+    args = container["args"]
+    assert (args[args.index("--save") + 1], args[args.index("--appendonly") + 1]) == ("", "no")
+    assert args[args.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    password = next(e for e in container["env"] if e["name"] == "REDIS_PASSWORD")
+    assert password["valueFrom"]["secretKeyRef"] == {"name": SECRET_NAME, "key": "redis-password"}
+    limit = quantity_bytes(container["resources"]["limits"]["memory"])
+    # Headroom for fragmentation and the buffers of multi-MB values: never OOM-killed for data.
+    assert 0 < redis_bytes(args[args.index("--maxmemory") + 1]) <= 0.8 * limit
+    assert quantity_bytes(container["resources"]["requests"]["memory"]) == limit
+    assert not pod_spec(store).get("volumes") and not container.get("volumeMounts")  # nothing persisted
+    assert container["livenessProbe"] and container["readinessProbe"]
+    spec = pod_spec(store)
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] > 0
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert spec["automountServiceAccountToken"] is False
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False and security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"]["drop"] == ["ALL"]
+    labels = store["spec"]["template"]["metadata"]["labels"]
+    service = find(docs, "Service", KV_STORE)
+    assert [p["port"] for p in service["spec"]["ports"]] == [6379] and selects(service["spec"]["selector"], labels)
+    assert any(selects(b["spec"]["selector"]["matchLabels"], labels)
+               for b in docs if b["kind"] == "PodDisruptionBudget")
+
+
+def test_kv_store_runs_as_configured_and_evicts_chunks_rather_than_refusing_them(docs, tmp_path):
+    """The KV Redis's command line on a real redis-server, written to by the worker's own shared
+    store at the worker's WORKER_KV_SHARED_URL: chunks expire after the TTL, and a full store
+    drops the least recently used instead of failing the write (as the session store would)."""
+    container = only_container(find_workload(docs, KV_STORE))
+    env = resolve_env(container, docs, "redis-kv-0")
+    port = free_port()
+    proc = start_redis_as_in_the_manifest(container, env, port, tmp_path / "data")
+    try:
+        settings = worker_settings(docs)
+        url = urlsplit(settings.kv_shared_url)
+        local_url = url._replace(netloc=f":{url.password}@127.0.0.1:{port}").geturl()
+        store = open_shared_store(local_url, settings.kv_shared_ttl_s, settings.kv_shared_bytes)
+        assert isinstance(store, RedisStore)
+        chunk = os.urandom(2**20)
+        keys = [f"{i:032x}" for i in range(40)]
+        store.put(keys[0], chunk)
+        assert store.get(keys[0]) == chunk
+        with redis.Redis.from_url(local_url) as client:
+            config = client.config_get("*")
+            args = container["args"]
+            assert (config["save"], config["appendonly"]) == ("", "no")
+            assert config["maxmemory-policy"] == "allkeys-lru"
+            assert int(config["maxmemory"]) == redis_bytes(args[args.index("--maxmemory") + 1])
+            assert 0 < client.ttl(RedisStore.PREFIX + keys[0]) <= settings.kv_shared_ttl_s
+            # Fill it: room for about 16 chunks beyond what it holds now.
+            client.config_set("maxmemory", client.info("memory")["used_memory"] + 16 * 2**20)
+            for key in keys[1:]:
+                store.put(key, chunk)  # raises on an OOM error reply (noeviction)
+            assert client.info("stats")["evicted_keys"] > 0
+        held = store.contains(keys)  # Redis's LRU is sampled: which older chunks went varies
+        assert held[-1] and sum(held) < len(keys)
+        with redis.Redis(port=port) as anonymous, pytest.raises(redis.AuthenticationError):
+            anonymous.ping()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_worker_disk_tier_has_a_bounded_volume_of_its_own(docs):
+    statefulset = find(docs, "StatefulSet", "worker")
+    container = only_container(statefulset)
+    volumes = {v["name"]: v for v in pod_spec(statefulset)["volumes"]}
+    settings = worker_settings(docs)
+    env = resolve_env(container, docs, "worker-0")
+
+    def under(path: str, mount: dict) -> bool:
+        return path == mount["mountPath"] or path.startswith(mount["mountPath"].rstrip("/") + "/")
+
+    [mount] = [m for m in container["volumeMounts"] if under(settings.kv_disk_dir, m)]
+    others = (str(settings.model_cache_dir), env["HF_HOME"], "/tmp")
+    assert not any(under(path, mount) for path in others), "the tier's volume must hold the tier alone"
+    # The budget plus a chunk being written fits: over its sizeLimit the kubelet evicts the pod.
+    size_limit = quantity_bytes(volumes[mount["name"]]["emptyDir"]["sizeLimit"])
+    assert 0 < settings.kv_disk_bytes <= size_limit - 2**26
+    resources = container["resources"]
+    size_limits = sum(quantity_bytes(v["emptyDir"]["sizeLimit"]) for v in volumes.values() if "emptyDir" in v)
+    assert size_limits <= quantity_bytes(resources["limits"]["ephemeral-storage"])
+    assert settings.kv_disk_bytes < quantity_bytes(resources["requests"]["ephemeral-storage"])
+
+
+def test_worker_memory_request_holds_the_kv_kept_in_ram(docs):
+    container = only_container(find(docs, "StatefulSet", "worker"))
+    settings = worker_settings(docs)
+    if settings.device.startswith("cuda"):
+        # -1 would be a quarter of the node's RAM whatever the pod's limit, pinned (unreclaimable).
+        assert settings.kv_host_bytes >= 0
+        in_ram = settings.kv_host_bytes
+    else:
+        # Device KV is RAM (0 would be a fraction of the node's); the host tier only stages.
+        assert settings.kv_cache_bytes > 0 and settings.kv_host_bytes == -1
+        in_ram = settings.kv_cache_bytes
+    request = quantity_bytes(container["resources"]["requests"]["memory"])
+    assert in_ram + WORKER_PROCESS_RAM <= request <= quantity_bytes(container["resources"]["limits"]["memory"])
+
+
+def terraform_variable_default(name: str) -> str:
+    variables_tf = (REPO_ROOT / "infra" / "variables.tf").read_text()
+    return re.search(rf'variable "{name}" {{.*?default\s*=\s*"?([^"\n]+)"?\n', variables_tf, re.S).group(1)
+
+
+def test_kv_bucket_is_granted_to_the_workers_service_account_only(docs):
+    """infra/kv_bucket.tf names the workers' Kubernetes service account and namespace as its
+    Workload Identity principal; its lifecycle rule's age is the workers' TTL."""
+    bucket_tf = (REPO_ROOT / "infra" / "kv_bucket.tf").read_text()
+    variable_default = terraform_variable_default
+    [account] = re.findall(r'kv_worker_service_account\s*=\s*"([^"]+)"', bucket_tf)
+    [member] = re.findall(r'member\s*=\s*"([^"]+)"', bucket_tf)
+    assert member.endswith("/subject/ns/${var.k8s_namespace}/sa/${local.kv_worker_service_account}")
+    assert variable_default("k8s_namespace") == NAMESPACE
+    assert re.findall(r'role\s*=\s*"([^"]+)"', bucket_tf) == ["roles/storage.objectUser"]
+    statefulset = find(docs, "StatefulSet", "worker")
+    assert pod_spec(statefulset)["serviceAccountName"] == account
+    assert find(docs, "ServiceAccount", account)["automountServiceAccountToken"] is False
+    runs_as = [w["metadata"]["name"] for w in docs if w["kind"] in ("Deployment", "StatefulSet")
+               and pod_spec(w).get("serviceAccountName") == account]
+    assert runs_as == ["worker"]
+    assert re.search(r"condition\s*{\s*age\s*=\s*var\.kv_ttl_days\s*}", bucket_tf)
+    assert int(variable_default("kv_ttl_days")) * 86400 == worker_settings(docs).kv_shared_ttl_s
+
+
+def test_documented_bucket_overlay_points_the_workers_at_the_bucket():
+    """The kustomization in DEPLOYMENT.md's "KV tiers", rendered as a user would (from a
+    directory under k8s/): the workers' shared tier is a gs:// URL in the form of Terraform's
+    kv_shared_url output, with the bucket's TTL, and the cache Redis is gone."""
+    if shutil.which("kubectl") is None and shutil.which("kustomize") is None:
+        pytest.skip("needs kubectl or kustomize")
+    guide = (REPO_ROOT / "infra" / "DEPLOYMENT.md").read_text()
+    section = guide[guide.index("\n## KV tiers"):guide.index("\n## Troubleshooting")]
+    [block] = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    workdir = Path(tempfile.mkdtemp(prefix=".deploy-test-", dir=K8S_DIR))  # git-ignored
+    try:
+        (workdir / "kustomization.yaml").write_text(textwrap.dedent(block))
+        docs = [d for d in yaml.safe_load_all(render_kustomization(workdir)) if d]
+    finally:
+        shutil.rmtree(workdir)
+    assert not [d for d in docs if d["metadata"]["name"] == KV_STORE and d["kind"] in ("Deployment", "Service")]
+    settings = worker_settings(docs)
+    outputs_tf = (REPO_ROOT / "infra" / "outputs.tf").read_text()
+    [output] = re.findall(r'"(gs://\$\{google_storage_bucket\.kv\[0\]\.name\}[^"]*)"', outputs_tf)
+    url = urlsplit(settings.kv_shared_url)
+    assert (url.scheme, url.path) == ("gs", urlsplit(output.replace("${google_storage_bucket.kv[0].name}", "b")).path)
+    assert settings.kv_shared_bytes > 0
+    assert settings.kv_shared_ttl_s == int(terraform_variable_default("kv_ttl_days")) * 86400
+
+
+def test_memorystore_session_store_never_evicts():
+    """Memorystore defaults to volatile-lru, which would drop sessions (all have a TTL) when full."""
+    memorystore_tf = (REPO_ROOT / "infra" / "memorystore.tf").read_text()
+    assert re.findall(r'"maxmemory-policy"\s*=\s*"([^"]+)"', memorystore_tf) == ["noeviction"]
 
 
 def test_secret_keys_are_created_as_documented_and_never_committed(docs):

@@ -122,9 +122,12 @@ def test_a_stop_sequence_ends_the_answer_before_it(api):
 
 
 def test_unsupported_parameters_are_400_in_openais_shape(api):
-    with pytest.raises(openai.BadRequestError) as n2:
-        api.chat.completions.create(model=MODEL, messages=MESSAGES, n=2)
-    assert n2.value.body["param"] == "n" and n2.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as n17:
+        api.chat.completions.create(model=MODEL, messages=MESSAGES, n=17)
+    assert n17.value.body["param"] == "n" and n17.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as unknown:
+        api.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"guided_json": {}})
+    assert unknown.value.body["param"] == "guided_json"
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     with pytest.raises(openai.BadRequestError) as tools:
         api.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[tool])
@@ -136,6 +139,95 @@ def test_unsupported_parameters_are_400_in_openais_shape(api):
     with pytest.raises(openai.NotFoundError) as model:
         api.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert model.value.body["code"] == "model_not_found"
+
+
+# --- vLLM's sampling parameters through the SDK (each is compared with transformers in tests/unit) ---
+PROMPT = "The coordinator keeps"
+
+
+def test_chat_logprobs_with_top_logprobs_streamed_and_not(api):
+    reply = api.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
+                                        logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens == 6
+    assert "".join(t.token for t in content) == reply.choices[0].message.content
+    for token in content:
+        assert token.logprob <= 0 and token.bytes == list(token.token.encode())
+        assert len(token.top_logprobs) == 3
+        assert [t.logprob for t in token.top_logprobs] == sorted((t.logprob for t in token.top_logprobs), reverse=True)
+    chunks = list(api.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
+                                              logprobs=True, top_logprobs=3, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [(t.token, round(t.logprob, 4)) for t in content]
+
+
+def test_completion_logprobs_with_echo_score_the_prompt(api):
+    """lm-evaluation-harness's log-likelihood request: max_tokens 1, logprobs, echo."""
+    reply = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1, temperature=0, logprobs=2, echo=True)
+    choice = reply.choices[0]
+    assert choice.text.startswith(PROMPT)
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == reply.usage.prompt_tokens + 1 == len(PROMPT) + 1  # byte-level tokenizer
+    assert "".join(logprobs.tokens) == choice.text
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert all(lp <= 0 for lp in logprobs.token_logprobs[1:])
+    assert all(logprobs.tokens[i] in logprobs.top_logprobs[i] for i in range(1, len(logprobs.tokens)))
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
+    streamed = list(api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1, temperature=0, logprobs=2,
+                                           echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == choice.text
+    tokens = [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
+    assert tokens[0] is None and tokens[1:] == pytest.approx(logprobs.token_logprobs[1:], abs=1e-5)
+
+
+def reused_tokens(cluster) -> int:
+    return httpx.get(f"{cluster.gateway_url}/stats", timeout=10).json()["totals"]["reused_tokens"]
+
+
+def test_n_choices_share_the_prompt_and_a_seed_repeats_them(api, cluster):
+    prompt = PROMPT * 8
+    before = reused_tokens(cluster)
+    reply = api.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=1.0, n=3, seed=11)
+    assert reused_tokens(cluster) - before >= 2 * (len(prompt) - 1)  # choices 1 and 2 copied choice 0's prompt KV
+    texts = [c.text for c in reply.choices]
+    assert [c.index for c in reply.choices] == [0, 1, 2] and len(set(texts)) == 3
+    assert reply.usage.completion_tokens == 24
+    again = api.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=1.0, n=3, seed=11)
+    assert [c.text for c in again.choices] == texts
+    chunks = list(api.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, temperature=1.0, n=2,
+                                              seed=3, stream=True))
+    finished = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason}
+    assert finished == {0: "length", 1: "length"}
+
+
+def test_vllm_sampling_parameters_in_extra_body(api):
+    def text(**extra) -> str:
+        return api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0,
+                                      extra_body=extra).choices[0].text
+
+    greedy = text()
+    assert text(top_k=1, temperature=1.0, seed=2) == greedy
+    assert text(repetition_penalty=2.0) != greedy
+    assert text(min_p=0.05, top_k=40, ignore_eos=True, min_tokens=4, skip_special_tokens=True,
+                spaces_between_special_tokens=True) == greedy
+    stop = greedy[3:5]
+    assert text(stop=[stop], include_stop_str_in_output=True) == greedy[:greedy.index(stop) + 2]
+    stopped = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0,
+                                     extra_body={"stop_token_ids": [ord(greedy[2])]}).choices[0]
+    assert stopped.finish_reason == "stop" and stopped.text == greedy[:greedy.index(greedy[2])]
+
+
+def test_guidellms_streams_with_continuous_usage_succeed(api):
+    """GuideLLM 0.8.1 sends ignore_eos and stream_options.continuous_usage_stats with every request."""
+    chunks = list(api.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=6, max_completion_tokens=6, stream=True, stop=None,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True}))
+    *body, last = chunks
+    assert last.choices == [] and last.usage.completion_tokens == 6
+    assert all(c.usage is not None for c in body)
+    counts = [c.usage.completion_tokens for c in body]
+    assert counts == sorted(counts) and counts[-1] == 6
+    assert {c.usage.prompt_tokens for c in chunks} == {last.usage.prompt_tokens}
 
 
 def test_api_keys_guard_every_route_but_health_and_metrics(keyed_gateway):

@@ -640,7 +640,8 @@ async def test_openapi_documents_every_route_and_there_is_no_debug_endpoint(clus
     paths = schema["paths"]
     assert set(paths) == {"/generate", "/sequences/{seq_id}", "/stats", "/health", "/metrics", "/v1/models",
                           "/v1/models/{model_id}", "/v1/chat/completions", "/v1/completions", "/tokenize",
-                          "/detokenize", "/reset_prefix_cache", "/version"}
+                          "/detokenize", "/reset_prefix_cache", "/version",
+                          "/kv/put", "/kv/get", "/kv/append", "/kv/{seq_id}/{layer}/length", "/kv/{seq_id}"}
     for path, kind in (("/generate", "GenerateResult"), ("/v1/chat/completions", "ChatCompletion"),
                        ("/v1/completions", "TextCompletion")):
         content = paths[path]["post"]["responses"]["200"]["content"]

@@ -30,10 +30,11 @@ KV_BYTES = 16 * 2**20
 
 
 def worker_settings(cache_dir, **overrides) -> WorkerSettings:
-    store = Path(tempfile.mkdtemp(prefix="kvcache-sessions-")) / "sessions.db"  # a fresh store per app
+    run_dir = Path(tempfile.mkdtemp(prefix="kvcache-worker-"))  # a fresh store and KV tiers per app
     values = dict(register_with_coordinator=False, model_name="tiny-gpt2", model_cache_dir=cache_dir,
                   device="cpu", dtype="float32", kv_cache_bytes=KV_BYTES, worker_id="w-api",
-                  port=18082, max_batch_size=8, session_store_url=f"sqlite:///{store}")
+                  port=18082, max_batch_size=8, session_store_url=f"sqlite:///{run_dir / 'sessions.db'}",
+                  kv_disk_dir=str(run_dir / "kv-disk"), kv_shared_url=str(run_dir / "kv-shared"))
     return WorkerSettings(**{**values, **overrides})
 
 
@@ -117,7 +118,7 @@ async def test_stream_event_order_and_fields(client):
     assert response.headers["x-seq-id"] == "api-order"
     start, tokens, done = events[0], events[1:-1], events[-1]
     assert start == {"type": "start", "seq_id": "api-order", "worker_id": "w-api", "prompt": "Hello there",
-                     "context_tokens": 11, "cached_tokens": 0, "handoff_tokens": 0}
+                     "context_tokens": 11, "cached_tokens": 0, "handoff_tokens": 0, "tier_tokens": 0}
     assert [e["type"] for e in tokens] == ["token"] * 6
     assert [e["index"] for e in tokens] == list(range(6))
     assert all(set(e) == {"type", "index", "token", "token_id"} for e in tokens)
@@ -125,10 +126,27 @@ async def test_stream_event_order_and_fields(client):
     result = GenerateResult.model_validate({k: v for k, v in done.items() if k != "type"})
     assert result.seq_id == "api-order" and result.worker_id == "w-api"
     assert result.finish_reason == "length"
-    assert result.usage.model_dump() == {"prompt_tokens": 11, "cached_tokens": 0, "handoff_tokens": 0,
+    assert result.usage.model_dump() == {"prompt_tokens": 11, "cached_tokens": 0, "handoff_tokens": 0, "tier_tokens": 0,
                                          "completion_tokens": 6, "context_tokens": 11}
     assert result.text == "".join(e["token"] for e in tokens)
     assert (result.generated_text, result.tokens_generated) == (result.text, 6)  # the reference's names
+
+
+async def test_generate_takes_the_sampling_parameters_and_streams_logprobs(client):
+    """The engine tests compare each parameter with transformers; here they reach it from /generate."""
+    _, plain = await stream(client, prompt="Hello there", max_tokens=8, temperature=0)
+    _, penalized = await stream(client, prompt="Hello there", max_tokens=8, temperature=0, repetition_penalty=2.0,
+                                frequency_penalty=1.0, top_k=5, min_p=0.01, ignore_eos=True, min_tokens=2,
+                                logprobs=3, skip_special_tokens=False)
+    assert tokens_of(penalized) != tokens_of(plain)
+    assert all(len(e["logprobs"]["top_logprobs"]) == 3 for e in penalized if e["type"] == "token")
+    _, stopped = await stream(client, prompt="Hello there", max_tokens=8, temperature=0,
+                              stop_token_ids=[tokens_of(plain)[2]])
+    assert tokens_of(stopped) == tokens_of(plain)[:3] and stopped[-1]["finish_reason"] == "stop"
+    response = await client.post("/generate", json={"prompt": "hi", "stop_token_ids": [10**6]})
+    assert_error(response, 400, "invalid_request")
+    response = await client.post("/generate", json={"prompt": "hi", "min_tokens": 60})  # above max_tokens (50)
+    assert_error(response, 400, "invalid_request")
 
 
 async def test_seq_id_is_minted_when_absent(client):
@@ -230,6 +248,13 @@ class _Counting:
     {"prompt": "hi", "seed": -1},
     {"prompt": "hi", "unknown": 1},
     {"prompt": 5},
+    {"prompt": "hi", "top_k": -2},
+    {"prompt": "hi", "min_p": 1.5},
+    {"prompt": "hi", "repetition_penalty": 0},
+    {"prompt": "hi", "frequency_penalty": -2.5},
+    {"prompt": "hi", "logprobs": 21},
+    {"prompt": "hi", "ignore_eos": "yes"},
+    {"prompt": "hi", "prompt_logprobs": 1},  # stateless requests only
 ])
 async def test_bad_bodies_are_422(client, body):
     assert_error(await client.post("/generate", json=body), 422, "invalid_request")
@@ -340,7 +365,7 @@ async def test_closing_the_stream_aborts_the_request(worker, engine):
         turn = await state.turns.begin("api-disc", "turn-disc", engine.encode("disconnect me"),
                                        max_tokens=500, window=engine.window)
         handle = RequestHandle.for_turn(engine, turn, SamplingParams(max_tokens=500, temperature=0))
-        handle.submit()
+        await handle.submit()
         start = await handle.first_event()
         events = _stream(state, turn, handle, start)
         assert b'"start"' in await events.__anext__()

@@ -4,6 +4,7 @@ error formats as /generate, draining, metrics and client disconnects. Outputs ar
 a worker that has KV reuse off."""
 
 import asyncio
+import threading
 
 import httpx
 import pytest
@@ -12,9 +13,9 @@ import pytest_asyncio
 from services.common.schemas import GenerateResult
 from services.common.sse import parse_events
 from services.worker.engine.sequence import SamplingParams, Status
-from services.worker.prefix_index import BLOCK_TOKENS
+from services.worker.kv.prefix_index import BLOCK_TOKENS
 from services.worker.streams import RequestHandle, start_request, stream_events
-from tests.service.test_worker_api import assert_error, running_app, wait_for, worker_settings
+from tests.service.test_worker_api import WAIT_S, assert_error, running_app, wait_for, worker_settings
 from tests.unit.test_engine import Gate
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -109,7 +110,7 @@ async def test_a_raw_prompt_returns_the_generate_result(client):
     assert response.status_code == 200
     result = GenerateResult.model_validate(response.json())
     assert result.seq_id == "req-1" and result.worker_id == "w-cached"
-    assert result.usage.model_dump() == {"prompt_tokens": 11, "cached_tokens": 0, "handoff_tokens": 0,
+    assert result.usage.model_dump() == {"prompt_tokens": 11, "cached_tokens": 0, "handoff_tokens": 0, "tier_tokens": 0,
                                          "completion_tokens": 5, "context_tokens": 11}
     assert result.finish_reason == "length"
     generated = await client.post("/generate", json={"prompt": "Hello there", "max_tokens": 5, "temperature": 0,
@@ -203,3 +204,82 @@ async def test_refused_while_draining_or_loading(tiny_model_cache_dir):
     unloaded = running_app(worker_settings(tiny_model_cache_dir), ready=False).app  # lifespan not run
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=unloaded), base_url="http://w") as client:
         assert_error(await client.post("/completions", json={"prompt": "hi"}), 503, "worker_not_ready")
+
+
+# --- vLLM's sampling parameters, logprobs and n over HTTP (the engine tests compare each with transformers) ---
+async def test_sampling_parameters_reach_the_engine(client):
+    prompt = "The quick brown fox jumps over the lazy dog. "
+    plain = await complete(client, prompt=prompt, max_tokens=16)
+    penalized = await complete(client, prompt=prompt, max_tokens=16, repetition_penalty=1.8,
+                               presence_penalty=1.5, frequency_penalty=0.5)
+    assert penalized["text"] != plain["text"]
+    top1 = await complete(client, prompt=prompt, max_tokens=16, temperature=1.0, top_k=1, seed=4, stream=False)
+    assert top1["text"] == plain["text"]  # top_k 1 is greedy at any temperature
+    kept = await complete(client, prompt=prompt, max_tokens=16, stop=[plain["text"][3:5]],
+                          include_stop_str_in_output=True, ignore_eos=True, min_tokens=1,
+                          skip_special_tokens=False, spaces_between_special_tokens=False)
+    assert kept["text"] == plain["text"][:5] and kept["finish_reason"] == "stop"
+
+
+async def test_logprobs_and_prompt_logprobs_in_the_stream_and_the_result(client):
+    body = {"prompt": "Hello there, general", "max_tokens": 4, "temperature": 0, "logprobs": 2, "prompt_logprobs": 1}
+    result = (await client.post("/completions", json=body | {"stream": False})).json()
+    assert [len(e["top_logprobs"]) for e in result["logprobs"]] == [2] * 4
+    assert result["prompt_logprobs"][0]["logprob"] is None and len(result["prompt_logprobs"]) == len(body["prompt"])
+    events = list(parse_events((await client.post("/completions", json=body)).text.splitlines()))
+    tokens = [e for e in events if e["type"] == "token"]
+    assert [e["logprobs"] for e in tokens] == result["logprobs"]
+    assert tokens[0]["prompt_logprobs"] == result["prompt_logprobs"]
+
+
+async def test_n_choices_share_the_prompt_and_end_in_one_done(client):
+    body = {"prompt": SYSTEM, "max_tokens": 6, "temperature": 1.0, "seed": 5, "n": 3}
+    result = (await client.post("/completions", json=body | {"stream": False})).json()
+    assert [c["index"] for c in result["choices"]] == [0, 1, 2]
+    assert [c["usage"]["cached_tokens"] for c in result["choices"]][1:] == [result["usage"]["prompt_tokens"] - 1] * 2
+    assert result["usage"]["completion_tokens"] == sum(c["usage"]["completion_tokens"] for c in result["choices"])
+    events = list(parse_events((await client.post("/completions", json=body)).text.splitlines()))
+    assert [e["type"] for e in events].count("start") == 1 and events[-1]["type"] == "done"
+    for i, choice in enumerate(events[-1]["choices"]):
+        assert "".join(e["token"] for e in events if e.get("choice") == i and e["type"] == "token") == choice["text"]
+        assert choice["text"] == result["choices"][i]["text"]  # seeded: seed + i for choice i
+
+
+@pytest.mark.parametrize("body, param", [({"stop_token_ids": [10**6]}, "stop_token_ids"),
+                                         ({"min_tokens": 20, "max_tokens": 4}, "min_tokens"),
+                                         ({"logprobs": 21}, "logprobs"), ({"n": 17}, "n"),
+                                         ({"top_k": -2}, "top_k"), ({"presence_penalty": 2.5}, "presence_penalty")])
+async def test_out_of_range_sampling_parameters_are_400s(client, body, param):
+    response = await client.post("/completions", json={"prompt": "hi", "max_tokens": 4, **body})
+    assert response.status_code in (400, 422), response.text
+    if param is not None:
+        assert param in response.text
+
+
+async def test_n_choices_refused_part_way_leave_nothing_running(tiny_model_cache_dir):
+    """While the engine is inside a forward (nothing leaves its inbox), the third choice finds the
+    waiting queue full: the request is a 429 and the choices already submitted are aborted."""
+    settings = worker_settings(tiny_model_cache_dir, max_waiting_requests=2, worker_id="w-n-full")
+    async with running_app(settings) as (app, client):
+        engine = app.state.worker.engine
+        gate, reached = threading.Event(), threading.Event()
+        forward = engine.runner.forward
+
+        def gated(inputs):
+            reached.set()
+            gate.wait(WAIT_S)
+            return forward(inputs)
+
+        engine.runner.forward = gated
+        try:
+            first = asyncio.create_task(client.post("/completions", json={"prompt": "one", "max_tokens": 3,
+                                                                           "stream": False}))
+            assert await asyncio.to_thread(reached.wait, WAIT_S)
+            response = await client.post("/completions", json={"prompt": "hello", "max_tokens": 50, "n": 3})
+            assert_error(response, 429, "overloaded")
+        finally:
+            engine.runner.forward = forward
+            gate.set()
+        assert (await first).status_code == 200
+        await wait_for(lambda: engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0, "an idle engine")
+        assert engine.stats()["aborted"] == 2 and engine.stats()["generated_tokens"] == 3

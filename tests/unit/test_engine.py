@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from services.common.errors import ContextTooLong, Overloaded, ServiceError, Unavailable
 from services.worker.engine.engine import Engine, EngineConfig
 from services.worker.engine.sequence import Request, SamplingParams, Status
-from services.worker.kv_store import KVStore
+from services.worker.kv.store import KVStore
 from services.worker.model.presets import resolve_model_path
 from tests import support
 from tests.support import EventsView
@@ -166,7 +166,7 @@ def test_continuation_through_cache_equals_recompute(engine, hf_model):
     first = generate(engine, "s", PROMPT_A, max_tokens=k)
     a_ids = encode(engine, PROMPT_A)
     assert first.start == {"type": "start", "seq_id": "s", "worker_id": "w-test",
-                           "context_tokens": len(a_ids), "cached_tokens": 0, "handoff_tokens": 0}
+                           "context_tokens": len(a_ids), "cached_tokens": 0, "handoff_tokens": 0, "tier_tokens": 0}
     second = generate(engine, "s", PROMPT_B, max_tokens=k)
     b_ids = encode(engine, PROMPT_B)
     earlier = len(a_ids) + k
@@ -174,9 +174,9 @@ def test_continuation_through_cache_equals_recompute(engine, hf_model):
     # continuation finds the whole earlier context cached.
     assert second.start["cached_tokens"] == earlier
     assert second.start["context_tokens"] == earlier + len(b_ids)
-    assert second.done["usage"] == {"prompt_tokens": len(b_ids), "cached_tokens": earlier, "handoff_tokens": 0,
+    assert second.done["usage"] == {"prompt_tokens": len(b_ids), "cached_tokens": earlier, "handoff_tokens": 0, "tier_tokens": 0,
                                     "completion_tokens": k, "context_tokens": earlier + len(b_ids)}
-    assert first.done["usage"] == {"prompt_tokens": len(a_ids), "cached_tokens": 0, "handoff_tokens": 0,
+    assert first.done["usage"] == {"prompt_tokens": len(a_ids), "cached_tokens": 0, "handoff_tokens": 0, "tier_tokens": 0,
                                    "completion_tokens": k, "context_tokens": len(a_ids)}
     context = a_ids + first.token_ids
     fresh = recompute(engine, context, PROMPT_B, k)

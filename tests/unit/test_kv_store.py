@@ -7,8 +7,8 @@ import weakref
 import pytest
 import torch
 
-from services.worker import kv_store
-from services.worker.kv_store import (BLOCK_TOKENS, STATELESS_KEY_PREFIX, KVCapacityError, KVLayout, KVStore,
+from services.worker.kv import store as kv_store
+from services.worker.kv.store import (BLOCK_TOKENS, STATELESS_KEY_PREFIX, KVCapacityError, KVLayout, KVStore,
                                       SequenceKV)
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32,
@@ -367,7 +367,10 @@ def test_drop_stateless_keeps_sessions_and_running_entries():
     store.acquire(running)
     store.reserve(running, 16)
     freed = sum(e.kv.nbytes for e in idle)
-    assert store.drop_stateless() == {"dropped_entries": 2, "freed_bytes": freed, "running_entries": 1}
+    forgotten = []
+    assert store.drop_stateless(forgotten.append) == {"dropped_entries": 2, "freed_bytes": freed,
+                                                      "running_entries": 1}
+    assert forgotten == [list(range(32))] * 2  # their chunks leave the lower tiers too
     assert set(store.entries) == {"conversation", running.seq_id}
     assert store.get("conversation").kv is session.kv and len(store.index) == 1  # the session, still indexed
     assert store.longest_prefix(list(range(32))) == (session, 32)

@@ -10,8 +10,8 @@ import pytest
 from services.worker.chat_template import chat_prompt_ids
 from services.worker.engine.engine import Engine
 from services.worker.engine.sequence import Request, SamplingParams
-from services.worker.kv_store import STATELESS_KEY_PREFIX
-from services.worker.prefix_index import BLOCK_TOKENS
+from services.worker.kv.store import STATELESS_KEY_PREFIX
+from services.worker.kv.prefix_index import BLOCK_TOKENS
 from tests.unit.test_engine import hf_model  # noqa: F401 - a fixture
 from tests.unit.test_engine import Collector, encode, generate, hf_greedy, make_engine, wait_idle
 

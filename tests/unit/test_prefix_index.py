@@ -1,9 +1,9 @@
 """Prefix index: chained block hashes, longest match verified against the real ids (collisions),
 exact lengths past the last full block, update and removal."""
 
-from services.worker import prefix_index
-from services.worker.kv_store import common_prefix_len
-from services.worker.prefix_index import BLOCK_TOKENS, PrefixIndex, block_hashes
+from services.worker.kv import prefix_index
+from services.worker.kv.store import common_prefix_len
+from services.worker.kv.prefix_index import BLOCK_TOKENS, PrefixIndex, block_hashes
 
 B = BLOCK_TOKENS
 

@@ -8,6 +8,11 @@ from services.coordinator.metrics import CoordinatorMetrics
 from services.coordinator.settings import CoordinatorSettings
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
+import torch
+
+from services.worker.kv.lower import LowerTiers
+from services.worker.kv.store import KVLayout
+from services.worker.kv.tiers import HostTier
 from services.worker.metrics import COUNTERS, GAUGES, WorkerMetrics
 from services.worker.settings import WorkerSettings
 
@@ -33,7 +38,9 @@ def test_configuration_table_matches_settings():
 def exported_metrics() -> set[str]:
     """Every metric family of the three services, as a query names it (counters with `_total`);
     the worker's engine metrics as exported once the model is loaded."""
-    engine_stats = dict.fromkeys([*GAUGES, *COUNTERS], 0) | {"kv_bytes_limit": 1}
+    layout = KVLayout(1, 1, 2, torch.float32, torch.device("cpu"), 8)
+    tiers = LowerTiers(layout, {}, HostTier(1024, pin=False), None, None)
+    engine_stats = dict.fromkeys([*GAUGES, *COUNTERS], 0) | {"kv_bytes_limit": 1, "kv_tiers": tiers.stats()}
     registries = (GatewayMetrics().registry, CoordinatorMetrics().registry,
                   WorkerMetrics(lambda: engine_stats).registry)
     return {f.name + ("_total" if f.type == "counter" else "") for r in registries for f in r.collect()}
@@ -44,3 +51,13 @@ def test_metrics_tables_list_every_metric():
     section = text[text.index("## Metrics"):text.index("## Configuration")]
     documented = set(re.findall(r"^\| `(kvcache_[a-z0-9_]+)` \|", section, flags=re.MULTILINE))
     assert documented == exported_metrics()
+
+
+def test_the_v1_section_lists_every_accepted_no_op():
+    from services.gateway.openai_schemas import NO_OP_PARAMETERS
+
+    text = README.read_text()
+    section = text[text.index("### OpenAI-compatible API (`/v1`)"):text.index("### Routing and bounded loads")]
+    listed = {name for line in section.splitlines() if "accepted no-ops" in line
+              for name in re.findall(r"`([a-z_]+)`", line.split("|")[1])}
+    assert listed == set(NO_OP_PARAMETERS)

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 from services.worker.engine.scheduler import Admission, Scheduler
 from services.worker.engine.sequence import Request, SamplingParams, Status
-from services.worker.kv_store import SequenceEntry
+from services.worker.kv.store import SequenceEntry
 
 
 class FakeEngine:

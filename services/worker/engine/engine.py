@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from services.common.errors import ContextTooLong, Overloaded, ServiceError, Unavailable
-from services.worker.engine.detokenizer import DetokState, next_text
-from services.worker.engine.sampling import make_generator, sample_token
+from services.common.errors import ContextTooLong, InvalidRequest, Overloaded, ServiceError, Unavailable
+from services.worker.engine.detokenizer import DecodeOptions, DetokState, decode, next_text
+from services.worker.engine.sampling import logprobs_of, make_generator, process_logits, sample_token
 from services.worker.engine.scheduler import Admission, ScheduledItem, Scheduler
 from services.worker.engine.sequence import Request, RequestTimings, Status
 from services.worker.engine.stop import StopMatcher
-from services.worker.kv_store import KVCapacityError, KVStore, SequenceEntry
+from services.worker.kv.lower import LowerTiers
+from services.worker.kv.store import KVCapacityError, KVStore, SequenceEntry
 from services.worker.model.loader import LoadedModel
 from services.worker.model.runner import ModelRunner, StepInput
 
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5  # the engine thread checks for stop this often when idle
 TAIL_STEP_WAIT_S = 5.0  # the longest a DELETE waits for a finished request's last-token step
+RESET_FLUSH_S = 5.0  # the longest a prefix-cache reset waits for the tiers to forget its chunks
 
 
 @dataclass(frozen=True)
@@ -64,14 +66,23 @@ def _within_model_limits(config: EngineConfig, loaded: LoadedModel) -> EngineCon
 
 class Engine:
     def __init__(self, loaded: LoadedModel, store: KVStore, config: EngineConfig,
-                 observer: EngineObserver | None = None):
+                 observer: EngineObserver | None = None, tiers: LowerTiers | None = None):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.store = store
+        # LongRoPE KV depends on the whole sequence's length, which a stored chunk does not name
+        self.tiers = tiers if config.enable_kv_reuse and loaded.rope_regime is None else None
+        if tiers is not None and self.tiers is None:
+            logger.info("KV tiers off: %s's KV depends on the sequence length (LongRoPE)", loaded.name)
+        self.fingerprint: dict = {}  # set by whoever built the engine (KV handoff, tiers)
+        if self.tiers is not None:
+            store.spill = self.tiers.spill
         self.config = config
         self.observer = observer or EngineObserver()
         self.runner = ModelRunner(loaded)
         self.max_token_chars = max((len(token) for token in self.tokenizer.get_vocab()), default=1)
+        self.vocab_size = loaded.model.get_output_embeddings().weight.shape[0]
+        self._token_texts: dict[int, str] = {}  # a token's text decoded alone (logprobs), engine thread only
         config = _within_model_limits(config, loaded)
         self.scheduler = Scheduler(self._admit, config.max_batch_size, config.max_batch_tokens)
         self.lock = threading.Lock()  # guards scheduler + store against readers (stats, delete)
@@ -83,7 +94,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.counters = dict.fromkeys(
             ("requests", "hits", "misses", "new_sequences", "stateless_requests", "prompt_tokens",
-             "prefill_tokens", "reused_tokens", "handoff_tokens", "generated_tokens", "steps", "aborted",
+             "prefill_tokens", "reused_tokens", "handoff_tokens", "tier_tokens", "generated_tokens", "steps", "aborted",
              "rejected", "prefix_cache_queries", "prefix_cache_hits"), 0)
 
     # --- called from other threads -------------------------------------------------------
@@ -119,16 +130,52 @@ class Engine:
                 if entry is None:
                     return False
                 self._end_held_tail(seq_id)
+                ids = list(entry.token_ids)
                 if self.store.delete(seq_id):
+                    if self.tiers is not None:
+                        self.tiers.forget(ids)
                     return True
                 if not self._tail_stepping(seq_id) or time.monotonic() > deadline:
                     return None
             time.sleep(0.002)
 
     def reset_prefix_cache(self) -> dict:
-        """Drops the stateless (prefix cache) entries; conversations keep their KV."""
+        """Blocking. Drops the stateless (prefix cache) entries and their chunks in the lower
+        tiers (as a DELETE does a sequence's: a prefix chunk a conversation shares goes too, a
+        cache loss only); conversations keep their device KV. Waits for the tiers' writer, so
+        that the next request finds none of it."""
+        forget = self.tiers.forget if self.tiers is not None else None
         with self.lock:
-            return self.store.drop_stateless()
+            result = self.store.drop_stateless(forget)
+        if self.tiers is not None and not self.tiers.flush(RESET_FLUSH_S):
+            logger.warning("prefix cache reset: the KV tiers' writer did not finish in %.0f s", RESET_FLUSH_S)
+        return result
+
+    def prefetch(self, req: Request) -> None:
+        """Blocking (tier reads), for a request submitted with `loading` set: read the lower-tier
+        chunks that extend what device memory holds of its context while it waits in the queue
+        (it is not admitted before); admission copies them into its KV."""
+        try:
+            if not self._loads_from_tiers(req):
+                return
+            limit = len(req.token_ids) - 1  # the last position is computed: its logits are needed
+            with self.lock:
+                if req.stateless:
+                    match = self.store.longest_prefix(req.token_ids)
+                    have = match[1] if match else 0
+                else:
+                    entry = self.store.get(req.seq_id)
+                    have = entry.cached_prefix(req.token_ids) if entry else 0
+            earlier = len(req.token_ids) - req.prompt_tokens - len(req.resumed)
+            if req.stateless or have < earlier:  # a session whose history is here: nothing to find
+                req.prefetched = self.tiers.prefetch(req.token_ids, have, limit)
+        finally:
+            req.loading = False
+            self._inbox.put(None)  # wakes the loop: the request may be admitted now
+
+    def _loads_from_tiers(self, req: Request) -> bool:
+        """Prompt logprobs need every prompt position computed: no KV from anywhere."""
+        return self.tiers is not None and req.params.prompt_logprobs is None
 
     def encode(self, text: str) -> list[int]:
         self.check_text_fits(len(text))
@@ -145,6 +192,10 @@ class Engine:
             raise ContextTooLong(f"a prompt of {num_chars} characters encodes to more than the model window of "
                                  f"{self.window} tokens")
 
+    def check_token_ids(self, token_ids: list[int], param: str) -> None:
+        if any(t >= self.vocab_size for t in token_ids):
+            raise InvalidRequest(f"{param} holds an id outside the vocabulary (0..{self.vocab_size - 1})", param=param)
+
     @property
     def window(self) -> int:
         return self.store.layout.max_positions
@@ -153,6 +204,15 @@ class Engine:
         with self.lock:
             entry = self.store.get(seq_id)
             return entry.cached_prefix(token_ids) if entry else 0
+
+    def write_behind_all(self) -> None:
+        """Queue every idle sequence's KV the shared tier lacks (a drain: what nobody pulled)."""
+        if self.tiers is None:
+            return
+        with self.lock:
+            for entry in self.store.entries.values():
+                if entry.kv is not None and not entry.busy and not entry.stateless:
+                    self.tiers.write_behind(entry)
 
     def num_cached_sequences(self) -> int:
         """Sessions whose KV is held here: what a draining worker waits to hand off (stateless
@@ -211,9 +271,12 @@ class Engine:
 
     def stats(self) -> dict:
         with self.lock:
-            return {**self.store.stats(), **self.counters,
-                    "running": len(self.scheduler.running),
-                    "waiting": len(self.scheduler.waiting) + self._num_queued}
+            stats = {**self.store.stats(), **self.counters,
+                     "running": len(self.scheduler.running),
+                     "waiting": len(self.scheduler.waiting) + self._num_queued}
+        if self.tiers is not None:
+            stats["kv_tiers"] = self.tiers.stats()
+        return stats
 
     # --- engine thread ---------------------------------------------------------------------
     @property
@@ -302,7 +365,8 @@ class Engine:
 
     def _run_step(self, batch: list[ScheduledItem]) -> None:
         inputs = [StepInput(item.request.entry.kv, self._feed_ids(item), item.samples,
-                            len(item.request.entry.token_ids)) for item in batch]
+                            len(item.request.entry.token_ids), self._wants_prompt_logits(item.request))
+                  for item in batch]
         try:
             logits = self.runner.forward(inputs)
         except Exception as exc:  # noqa: BLE001 - a failed step must not kill the engine
@@ -311,14 +375,30 @@ class Engine:
             return
         with self.lock:
             self.counters["steps"] += 1
-            sampled = 0
+            row = 0
             for item, step_input in zip(batch, inputs):
+                rows = logits[row:row + step_input.num_logit_rows]  # [num_logit_rows, vocab]
+                row += step_input.num_logit_rows
+                start = item.request.entry.kv.num_tokens
                 item.request.entry.kv.num_tokens += item.num_tokens
+                if step_input.all_logits:
+                    self._on_prompt_logits(item.request, start, rows)
                 if step_input.sample:
-                    self._on_token(item.request, logits[sampled])
-                    sampled += 1
+                    self._on_token(item.request, rows[-1])
                 elif item.request.status is Status.COMPLETING:
                     self._finish(item.request)
+
+    @staticmethod
+    def _wants_prompt_logits(req: Request) -> bool:
+        return req.params.prompt_logprobs is not None and req.status is Status.RUNNING and not req.generated
+
+    def _on_prompt_logits(self, req: Request, start: int, rows: torch.Tensor) -> None:
+        """Prompt logprobs from a prefill chunk's logits at positions start..: row j predicts the
+        prompt token at start + j + 1."""
+        targets = req.token_ids[start + 1:start + 1 + rows.shape[0]]
+        if targets:
+            req.prompt_logprobs.extend(self._logprob_entries(rows[:len(targets)], targets,
+                                                             req.params.prompt_logprobs))
 
     @staticmethod
     def _feed_ids(item: ScheduledItem) -> list[int]:
@@ -330,6 +410,8 @@ class Engine:
         if req.aborted:
             self._drop(req)
             return Admission.REJECTED
+        if self._source_prefilling(req):
+            return Admission.DEFER
         context = len(req.token_ids) - len(req.resumed)
         error = self._size_error(context, req.params.max_tokens)
         if error is not None:  # refused before anything is evicted for it
@@ -348,6 +430,9 @@ class Engine:
             self.store.release(entry)
             return Admission.NO_ROOM
         req.entry = entry
+        if self._loads_from_tiers(req) and self._kv_reusable(entry, len(req.token_ids)):
+            req.tier_tokens = self.tiers.load_into(entry, req.prefetched)
+        req.prefetched = None
         req.cached_tokens = entry.num_cached
         req.handoff_tokens = min(entry.imported_tokens, req.cached_tokens)
         entry.imported_tokens = 0
@@ -376,11 +461,39 @@ class Engine:
         self.store.acquire(entry)
         return entry
 
+    def _source_prefilling(self, req: Request) -> bool:
+        """An n > 1 sibling waits while the request whose prompt KV it copies is still prefilling
+        (the copy then saves the whole prompt's compute; the KV is read between steps, on this
+        thread)."""
+        source = req.prompt_source
+        return (source is not None and source.status in (Status.WAITING, Status.RUNNING)
+                and not source.generated and not source.aborted and self.config.enable_kv_reuse)
+
+    def _sibling_entry(self, req: Request) -> SequenceEntry | None:
+        """A new entry holding a copy of the n > 1 source's prompt KV (all but the last prompt
+        token, whose logits the sibling computes itself), or None if it has none to give."""
+        source = req.prompt_source
+        if source is None or source.entry is None or source.entry.kv is None:
+            return None
+        length = min(source.entry.cached_prefix(req.token_ids), len(req.token_ids) - 1)
+        if length <= 0 or not self._kv_reusable(source.entry, len(req.token_ids)):
+            return None
+        entry = self.store.new_stateless(protect=source.entry)
+        if not self.store.copy_prefix(source.entry, entry, length, len(req.token_ids) + req.params.max_tokens):
+            self.store.delete(entry.seq_id)
+            return None
+        return entry
+
     def _stateless_entry(self, req: Request) -> SequenceEntry:
         """The next turn of a cached conversation adopts the stateless entry whose whole KV
         starts its prompt (no copy); any other request gets a new entry, into which the longest
-        cached prefix (of any idle entry, sessions included, read only) is copied."""
-        match = self.store.longest_prefix(req.token_ids) if self.config.enable_kv_reuse else None
+        cached prefix (of any idle entry, sessions included, read only) is copied. Prompt
+        logprobs need every prompt position computed: no reuse."""
+        sibling = self._sibling_entry(req) if self.config.enable_kv_reuse else None
+        if sibling is not None:
+            return sibling
+        reuse = self.config.enable_kv_reuse and req.params.prompt_logprobs is None
+        match = self.store.longest_prefix(req.token_ids) if reuse else None
         if match is None:
             return self.store.new_stateless()
         source, length = match
@@ -411,14 +524,18 @@ class Engine:
         req.context_tokens = context
         req.sampler = make_generator(req.params.seed, self.store.layout.device)
         req.detok = DetokState()
-        req.stop = StopMatcher(req.params.stop) if req.params.stop else None
+        req.stop = StopMatcher(req.params.stop, include=req.params.include_stop_str_in_output) \
+            if req.params.stop else None
+        req.prompt_logprobs = None if req.params.prompt_logprobs is None else [  # the first token has none
+            {"token_id": req.token_ids[0], "token": self._token_text(req.token_ids[0]), "logprob": None,
+             "top_logprobs": None}]
         for i in range(len(req.resumed)):  # a migrated turn: its text so far was already sent
             req.generated.append(req.resumed[i])
-            next_text(self.tokenizer, req.generated, req.detok)
+            next_text(self.tokenizer, req.generated, req.detok, options=self._decode_options(req))
         req.admitted_s = time.perf_counter()
         req.sink({"type": "start", "seq_id": req.public_id or req.seq_id, "worker_id": self.config.worker_id,
                   "context_tokens": req.context_tokens, "cached_tokens": req.cached_tokens,
-                  "handoff_tokens": req.handoff_tokens})
+                  "handoff_tokens": req.handoff_tokens, "tier_tokens": req.tier_tokens})
 
     def _count_start(self, req: Request, context: int) -> None:
         known = context > req.prompt_tokens
@@ -429,6 +546,7 @@ class Engine:
             self.counters["new_sequences" if not known else ("hits" if req.cached_tokens else "misses")] += 1
         self.counters["reused_tokens"] += req.cached_tokens
         self.counters["handoff_tokens"] += req.handoff_tokens
+        self.counters["tier_tokens"] += req.tier_tokens
         self.counters["prompt_tokens"] += len(req.token_ids)  # vLLM's: the whole context it was given
         self.counters["prefill_tokens"] += len(req.token_ids) - req.cached_tokens
         if self.config.enable_kv_reuse:  # vLLM's semantics: positions looked up, and found
@@ -444,8 +562,11 @@ class Engine:
 
     # --- tokens and endings ----------------------------------------------------------------
     def _on_token(self, req: Request, logits: torch.Tensor) -> None:
+        # logits: [vocab], the model's raw output (logprobs are reported from it, as vLLM does)
         p = req.params
-        token = sample_token(logits, p.temperature, p.top_p, req.sampler)
+        processed = process_logits(self.runner.suppress(logits), p, req.entry.token_ids, req.generated,
+                                   self._stop_token_ids(req))
+        token = sample_token(processed, p.temperature, p.top_p, req.sampler, p.top_k, p.min_p)
         now = time.perf_counter()
         if req.last_token_s:
             self.observer.on_token_gap(now - req.last_token_s)
@@ -455,21 +576,54 @@ class Engine:
         req.entry.token_ids.append(token)
         self._keep_reusable_kv(req.entry)
         self.counters["generated_tokens"] += 1
-        finish = ("stop" if token == self.loaded.eos_token_id
-                  else "length" if len(req.generated) >= p.max_tokens else None)
+        stop_token = token in self._stop_token_ids(req)
+        req.dropped_stop_token = stop_token and not p.include_stop_str_in_output
+        finish = "stop" if stop_token else "length" if len(req.generated) >= p.max_tokens else None
         text, stopped = self._release_text(req, final=finish is not None)
-        req.sink({"type": "token", "index": len(req.generated) - 1, "token_id": token, "token": text})
+        event = {"type": "token", "index": len(req.generated) - 1, "token_id": token, "token": text}
+        if p.logprobs is not None:
+            event["logprobs"] = self._logprob_entries(logits.unsqueeze(0), [token], p.logprobs)[0]
+        if req.prompt_logprobs is not None and len(req.generated) == 1:
+            event["prompt_logprobs"] = req.prompt_logprobs
+        req.sink(event)
         if finish or stopped:
             self._done(req, "stop" if stopped else finish)
 
+    def _stop_token_ids(self, req: Request) -> tuple[int, ...]:
+        """The tokens that end this request's generation: the EOS (unless ignore_eos) and its stop_token_ids."""
+        eos = self.loaded.eos_token_id
+        if req.params.ignore_eos or eos is None:
+            return req.params.stop_token_ids
+        return (eos, *req.params.stop_token_ids)
+
+    @staticmethod
+    def _decode_options(req: Request) -> DecodeOptions:
+        return DecodeOptions(req.params.skip_special_tokens, req.params.spaces_between_special_tokens)
+
     def _release_text(self, req: Request, final: bool) -> tuple[str, bool]:
-        """The text the newest token lets the client see, and whether a stop string was hit."""
-        text = next_text(self.tokenizer, req.generated, req.detok, final=final)
+        """The text the newest token lets the client see, and whether a stop string was hit. A
+        stop token's own text is not part of the output (vLLM's), unless include_stop_str_in_output;
+        stop strings count only once min_tokens were generated."""
+        ids = req.generated[:-1] if req.dropped_stop_token else req.generated
+        text = next_text(self.tokenizer, ids, req.detok, final=final, options=self._decode_options(req))
         stopped = False
-        if req.stop is not None:
+        if req.stop is not None and len(req.generated) > req.params.min_tokens:
             text, stopped = req.stop.push(text, final=final)
         req.text += text
         return text, stopped
+
+    def _logprob_entries(self, rows: torch.Tensor, token_ids: list[int], num_top: int) -> list[dict]:
+        """One {token_id, token, logprob, top_logprobs} per row: the chosen token's log-probability
+        and the `num_top` most likely, each token's text decoded alone (vLLM's)."""
+        return [{"token_id": tid, "token": self._token_text(tid), "logprob": lp,
+                 "top_logprobs": [{"token_id": i, "token": self._token_text(i), "logprob": v} for i, v in top]}
+                for tid, (lp, top) in zip(token_ids, logprobs_of(rows, token_ids, num_top))]
+
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def _done(self, req: Request, reason: str) -> None:
         timings = req.timings()
@@ -486,15 +640,19 @@ class Engine:
         ms = 1000.0
         return {
             "seq_id": req.public_id or req.seq_id, "worker_id": self.config.worker_id,
-            "text": req.text if req.stop is not None else self.tokenizer.decode(req.generated,
-                                                                                skip_special_tokens=True),
+            "text": req.text if req.stop is not None else self._final_text(req),
             "finish_reason": reason,
             "usage": {"prompt_tokens": req.prompt_tokens, "cached_tokens": req.cached_tokens,
-                      "handoff_tokens": req.handoff_tokens, "completion_tokens": len(req.generated),
+                      "handoff_tokens": req.handoff_tokens, "tier_tokens": req.tier_tokens,
+                      "completion_tokens": len(req.generated),
                       "context_tokens": req.context_tokens},
             "timings": {"ttft_ms": timings.ttft_s * ms, "prefill_ms": timings.prefill_s * ms,
                         "decode_ms": timings.decode_s * ms},
         }
+
+    def _final_text(self, req: Request) -> str:
+        ids = req.generated[:-1] if req.dropped_stop_token else req.generated
+        return decode(self.tokenizer, ids, self._decode_options(req))
 
     def _finish(self, req: Request) -> None:
         if req.status is Status.FINISHED:  # the entry is released once (it may be adopted next)
@@ -505,6 +663,8 @@ class Engine:
             self._keep_reusable_kv(req.entry)
             if not self.config.enable_kv_reuse:
                 self.store.drop_kv(req.entry)
+            elif self.tiers is not None and req.entry.kv is not None and not req.aborted:
+                self.tiers.write_behind(req.entry)
             self.store.release(req.entry)
 
     def _drop(self, req: Request) -> None:

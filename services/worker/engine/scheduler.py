@@ -2,7 +2,7 @@
 
 Policy: FIFO admission while there are free slots (`max_batch_size`), skipping a request whose
 sequence is busy with an earlier request (it waits for that one and continues after it;
-stateless requests have no sequence to wait for). Each step has a token budget
+stateless requests have no sequence to wait for) or whose KV is still being read from a tier. Each step has a token budget
 (`max_batch_tokens`): every decoding request gets its one token first, so running generations
 never stall; the rest of the budget goes to prompt prefill in chunks, oldest first. A long
 prompt therefore takes several steps, each shared with the decodes.
@@ -20,6 +20,7 @@ class Admission(Enum):
     ADMITTED = auto()
     REJECTED = auto()  # the engine already told the request why
     NO_ROOM = auto()   # KV budget full for now; retry when running requests finish
+    DEFER = auto()     # waits for another request (an n > 1 sibling's prompt); others may go first
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,8 @@ class Scheduler:
         for req in list(self.waiting):
             if len(self.running) >= self.max_batch_size:
                 return
-            if not req.stateless and req.seq_id in busy:
-                skipped += 1
+            if req.loading or (not req.stateless and req.seq_id in busy):
+                skipped += 1  # its KV is still being read from a tier, or its sequence is busy
                 continue
             # Dequeued before admit: a request told it is rejected no longer counts as waiting.
             self.waiting.remove(req)
@@ -79,6 +80,10 @@ class Scheduler:
             if result is Admission.NO_ROOM:
                 self.waiting.insert(skipped, req)  # back in place: nobody overtakes it for memory
                 return
+            if result is Admission.DEFER:
+                self.waiting.insert(skipped, req)
+                skipped += 1
+                continue
             if result is Admission.ADMITTED:
                 req.status = Status.RUNNING
                 self.running.append(req)

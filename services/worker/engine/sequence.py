@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Any
 
-from services.worker.kv_store import SequenceEntry
+from services.worker.kv.store import SequenceEntry
 
 # Receives event dicts, or a ServiceError before the `start` event. Must be thread-safe.
 EventSink = Callable[[Any], None]
@@ -17,8 +17,21 @@ class SamplingParams:
     max_tokens: int = 50
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0         # 0: every token
+    min_p: float = 0.0
     seed: int | None = None
-    stop: tuple[str, ...] = ()  # strings that end generation; they are not part of the text
+    stop: tuple[str, ...] = ()  # strings that end generation; not part of the text unless included
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end generation (as the EOS does)
+    include_stop_str_in_output: bool = False  # the stop string or stop token's text is kept
+    min_tokens: int = 0    # no EOS, stop token or stop string ends generation before this many
+    ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    logprobs: int | None = None         # alternatives per generated token (0: the token's own only)
+    prompt_logprobs: int | None = None  # the same for each prompt token (stateless requests only)
 
 
 @dataclass(frozen=True)
@@ -52,12 +65,17 @@ class Request:
     # and the engine picks the entry (the longest cached prefix) at admission.
     stateless: bool = False
     public_id: str | None = None  # the seq_id the events name, when not seq_id (gateway.tenants)
+    # n > 1: a sibling waits for this request's prompt KV and starts from a copy of it.
+    prompt_source: "Request | None" = None
     arrival_s: float = field(default_factory=time.perf_counter)
     status: Status = Status.WAITING
     entry: SequenceEntry | None = None
     generated: list[int] = field(default_factory=list)
     cached_tokens: int = 0
     handoff_tokens: int = 0
+    tier_tokens: int = 0  # positions loaded from the lower KV tiers at admission
+    prefetched: Any = None  # lower-tier chunks read for it while it waited (kv.lower.Prefetched)
+    loading: bool = False  # those chunks are being read: not admitted until they are
     context_tokens: int = 0
     aborted: bool = False
     in_inbox: bool = False
@@ -65,6 +83,8 @@ class Request:
     detok: Any = None            # incremental detokenizer state
     stop: Any = None             # StopMatcher when params.stop is set
     text: str = ""               # the text released to the client so far
+    prompt_logprobs: list | None = None  # prompt_logprobs: one entry per prompt token
+    dropped_stop_token: bool = False  # ended by a stop token whose text is not part of the output
     admitted_s: float = 0.0
     first_token_s: float = 0.0
     last_token_s: float = 0.0

@@ -2,8 +2,8 @@
 
 Text that could be the beginning of a stop string is held back until the next pieces show
 whether it is one, so a stop string never reaches the client, not even in part. When a stop
-string appears, the text before it is released and generation ends; the stop string and
-anything after it are dropped.
+string appears, the text before it is released and generation ends; the stop string (unless
+`include`: vLLM's include_stop_str_in_output) and anything after it are dropped.
 """
 
 from collections.abc import Sequence
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 @dataclass
 class StopMatcher:
     stops: Sequence[str]
+    include: bool = False  # release the stop string itself too
     held: str = ""  # a suffix of the text so far that is a proper prefix of some stop string
 
     def push(self, piece: str, final: bool = False) -> tuple[str, bool]:
@@ -22,6 +23,8 @@ class StopMatcher:
         cut = first_stop(text, self.stops)
         if cut is not None:
             self.held = ""
+            if self.include:
+                cut += max(len(s) for s in self.stops if text.startswith(s, cut))
             return text[:cut], True
         keep = 0 if final else held_suffix_len(text, self.stops)
         self.held = text[len(text) - keep:]

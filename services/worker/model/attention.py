@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from services.worker.kv_store import SequenceKV
+from services.worker.kv.store import SequenceKV
 from services.worker.model.model_support import AttentionSpec
 
 ATTN_IMPLEMENTATION = "kvcache_packed"

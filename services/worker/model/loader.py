@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from services.worker.kv_store import KVLayout
+from services.worker.kv.store import KVLayout
 from services.worker.model import longrope
 from services.worker.model.attention import ATTN_IMPLEMENTATION
 from services.worker.model.model_support import AttentionSpec, inspect_model
@@ -51,7 +51,7 @@ def pick_dtype(dtype: str, device: torch.device, model_type: str = "", model_dty
     if device.type != "cuda":
         return torch.float32
     if bf16_supported is None:
-        bf16_supported = torch.cuda.is_bf16_supported()
+        bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)  # a T4 emulates it: slow
     if bf16_supported:
         return torch.bfloat16
     choice = model_dtype if model_dtype in (torch.float16, torch.float32) else torch.float16

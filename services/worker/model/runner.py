@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.worker.kv_store import SequenceKV
+from services.worker.kv.store import SequenceKV
 from services.worker.model.attention import Segment, Step, run_step
 from services.worker.model.loader import LoadedModel
 
@@ -15,6 +15,11 @@ class StepInput:
     token_ids: list[int]   # new tokens, at positions kv.num_tokens ...
     sample: bool           # return logits at the last new token
     sequence_tokens: int = 0  # all the sequence's known tokens (LongRoPE picks its factors by it)
+    all_logits: bool = False  # return logits at every new token (prompt logprobs), the last one included
+
+    @property
+    def num_logit_rows(self) -> int:
+        return len(self.token_ids) if self.all_logits else int(self.sample)
 
 
 class ModelRunner:
@@ -28,7 +33,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inputs: list[StepInput]) -> torch.Tensor:
         """Writes every input's K/V into its buffer (callers advance kv.num_tokens) and returns
-        float32 logits `[num_sampled, vocab]` for the inputs with sample=True, in order."""
+        the model's float32 logits `[sum of num_logit_rows, vocab]`, in order (raw: `suppress`
+        applies the model's never-sampled ids)."""
         segments, ids, positions, keep = [], [], [], []
         offset = 0
         for item in inputs:
@@ -36,9 +42,11 @@ class ModelRunner:
             segments.append(Segment(item.kv, start, n, offset))
             ids.extend(item.token_ids)
             positions.extend(range(start, start + n))
+            if item.all_logits:
+                keep.extend(range(offset, offset + n))
+            elif item.sample:
+                keep.append(offset + n - 1)
             offset += n
-            if item.sample:
-                keep.append(offset - 1)
         input_ids = torch.tensor([ids], device=self.device)          # [1, T]
         position_ids = torch.tensor([positions], device=self.device)  # [1, T]
         # Only the sampled positions go through the LM head (it is the largest matmul).
@@ -48,9 +56,11 @@ class ModelRunner:
         out = run_step(step, self.model, input_ids=input_ids, position_ids=position_ids, use_cache=False,
                        logits_to_keep=logits_to_keep)
         logits = out.logits[0].float()  # [len(keep), vocab]
-        if self.suppress_bias is not None:  # never sampled, at any temperature (as in transformers' generate)
-            logits.add_(self.suppress_bias)
         return logits if keep else logits[:0]
+
+    def suppress(self, logits: torch.Tensor) -> torch.Tensor:
+        """The ids the model never samples, at any temperature, masked (as in transformers' generate)."""
+        return logits if self.suppress_bias is None else logits + self.suppress_bias
 
     def _long_rope(self, inputs: list[StepInput]) -> torch.Tensor | None:
         if self.rope_regime is None:

@@ -16,7 +16,7 @@ import httpx
 from services.common.http import path_segment
 from services.common.schemas import WorkerRef
 from services.worker.engine.engine import Engine
-from services.worker.kv_transfer import (KVFormatError, KVHeader, as_kv, expected_data_bytes, header_length,
+from services.worker.kv.transfer import (KVFormatError, KVHeader, as_kv, expected_data_bytes, header_length,
                                          parse_header)
 from services.worker.turns import Turn
 

@@ -15,11 +15,12 @@ it from the index (drop_kv).
 
 import itertools
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from services.worker.prefix_index import PrefixIndex
+from services.worker.kv.prefix_index import PrefixIndex
 
 BLOCK_TOKENS = 64  # capacity granularity
 STATELESS_KEY_PREFIX = "~"  # outside the seq_id alphabet: never a session's key
@@ -56,7 +57,20 @@ class SequenceKV:
         # rows, which attention reads faster than the paper's [seq_len, heads, head_dim].
         self.data = torch.empty((layout.num_layers, 2, layout.num_kv_heads, capacity, layout.head_dim),
                                 dtype=layout.dtype, device=layout.device)
-        self.num_tokens = 0
+        self._num_tokens = 0
+        # Moves whenever valid positions are given up, so may be written again (a reader on
+        # another thread, the tier writer, discards what it copied meanwhile).
+        self.epoch = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self._num_tokens
+
+    @num_tokens.setter
+    def num_tokens(self, n: int) -> None:
+        if n < self._num_tokens:
+            self.epoch += 1
+        self._num_tokens = n
 
     @property
     def capacity(self) -> int:
@@ -94,6 +108,7 @@ class SequenceEntry:
     busy: bool = False  # a request is running on it, or its KV is being copied: never evicted
     imported_tokens: int = 0  # positions pulled from another worker, not yet used by a request
     stateless: bool = False  # pure cache: never exported, never in the session store
+    shared_tokens: int = 0  # leading positions whose chunks are written (or queued) to the shared tier
 
     @property
     def num_cached(self) -> int:
@@ -108,12 +123,16 @@ class SequenceEntry:
         common prefix only, and at least the last position is left to compute (its logits)."""
         if self.kv is not None:
             self.kv.num_tokens = min(self.cached_prefix(token_ids), len(token_ids) - 1)
+        self.shared_tokens = min(self.shared_tokens, common_prefix_len(self.token_ids, token_ids))
         self.token_ids = list(token_ids)
 
 
 class KVStore:
-    def __init__(self, layout: KVLayout, budget_bytes: int, max_sequences: int = 100_000):
+    def __init__(self, layout: KVLayout, budget_bytes: int, max_sequences: int = 100_000,
+                 spill: Callable[[SequenceEntry], None] | None = None):
         self.layout = layout
+        # Told of each idle entry evicted for room, before its KV is dropped (the lower tiers).
+        self.spill = spill
         self.budget_bytes = budget_bytes
         self.max_sequences = max_sequences
         self.entries: OrderedDict[str, SequenceEntry] = OrderedDict()
@@ -176,6 +195,7 @@ class KVStore:
         entry.kv.data[:, :, :, :num_tokens] = source.kv.data[:, :, :, :num_tokens]
         entry.kv.num_tokens = num_tokens
         entry.token_ids = source.token_ids[:num_tokens]
+        entry.shared_tokens = min(source.shared_tokens, num_tokens)  # those chunks are written already
         self.touch(source)
         return True
 
@@ -226,20 +246,27 @@ class KVStore:
         entry = self.entries.get(seq_id)
         if entry is None or entry.busy:
             return False
+        if entry.kv is not None:
+            entry.kv.num_tokens = 0  # a tier write of it still queued is discarded (its epoch moves)
         self.drop_kv(entry)
         del self.entries[seq_id]
         return True
 
-    def drop_stateless(self) -> dict:
-        """Forgets every idle stateless entry (pure prefix cache; sessions are kept). A running
-        request's entry stays: it is in use, and cached again when the request ends."""
+    def drop_stateless(self, forget: Callable[[list[int]], None] | None = None) -> dict:
+        """Forgets every idle stateless entry (pure prefix cache; sessions are kept), and passes
+        each one's token ids to `forget` (the lower tiers). A running request's entry stays: it is
+        in use, and cached again when the request ends."""
         dropped = freed_bytes = running = 0
         for entry in [e for e in self.entries.values() if e.stateless]:
             if entry.busy:
                 running += 1
                 continue
             freed_bytes += entry.kv.nbytes if entry.kv else 0
-            dropped += self.delete(entry.seq_id)
+            ids = list(entry.token_ids)
+            if self.delete(entry.seq_id):
+                dropped += 1
+                if forget is not None:
+                    forget(ids)
         return {"dropped_entries": dropped, "freed_bytes": freed_bytes, "running_entries": running}
 
     def stats(self) -> dict:
@@ -272,6 +299,8 @@ class KVStore:
         for entry in list(self.entries.values()):  # LRU first
             if entry.busy or entry.kv is None or entry.seq_id in keep:
                 continue
+            if self.spill is not None:
+                self.spill(entry)
             self.drop_kv(entry)
             if entry.stateless:  # nothing left of a pure cache entry
                 del self.entries[entry.seq_id]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.worker.kv_store import KVLayout
+from services.worker.kv.store import KVLayout
 
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _MAX_HEADER_BYTES = 64 * 2**20  # token ids of a long sequence are the bulk of it
@@ -25,10 +25,11 @@ class KVFormatError(ValueError):
     """The bytes are not a KV export this worker can use."""
 
 
-def fingerprint(model_name: str, layout: KVLayout) -> dict:
-    """What must match for KV to be interchangeable between two workers."""
-    return {"model": model_name, "dtype": _DTYPES[layout.dtype], "layers": layout.num_layers,
-            "kv_heads": layout.num_kv_heads, "head_dim": layout.head_dim}
+def fingerprint(model_name: str, layout: KVLayout, revision: str | None = None) -> dict:
+    """What must match for KV to be interchangeable between two workers (and the KV tiers):
+    the model's name and weights revision, dtype and KV layout."""
+    return {"model": model_name, "revision": revision, "dtype": _DTYPES[layout.dtype],
+            "layers": layout.num_layers, "kv_heads": layout.num_kv_heads, "head_dim": layout.head_dim}
 
 
 @dataclass(frozen=True)
