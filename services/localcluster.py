@@ -240,10 +240,10 @@ class LocalCluster:
     def registered_workers(self) -> set[str]:
         """Ids of the workers the coordinator has as active members (empty if unreachable)."""
         try:
-            workers = httpx.get(f"{self.coordinator_url}/workers", timeout=2).json()["workers"]
-        except (httpx.HTTPError, ValueError, KeyError):
+            workers = httpx.get(f"{self.coordinator_url}/workers", timeout=2).json()
+        except (httpx.HTTPError, ValueError):
             return set()
-        return {w["worker_id"] for w in workers if w.get("state", "active") == "active"}
+        return {worker_id for worker_id, w in workers.items() if w.get("state", "active") == "active"}
 
     def _wait_registered(self, names: set[str], deadline: float) -> None:
         while not names <= self.registered_workers():

@@ -119,6 +119,9 @@ class GenerateResult(BaseModel):
     finish_reason: Literal["stop", "length"]
     usage: Usage
     timings: Timings
+    # /generate only, the reference implementation's names: text, and usage.completion_tokens
+    generated_text: str | None = None
+    tokens_generated: int | None = None
 
 
 class Resume(BaseModel):
@@ -144,10 +147,16 @@ class WorkerGenerateRequest(GenerateRequest):
     resume: Resume | None = None
 
 
+ModelName = Annotated[str, Field(min_length=1, max_length=256)]
+
+
 class RegisterRequest(BaseModel):
     worker_id: str = Field(..., pattern=WORKER_ID_PATTERN)
     address: str = Field(..., min_length=1, max_length=512, pattern=r"^https?://")
     model_name: str | None = None
+    # The names clients may use for the model (WORKER_SERVED_MODEL_NAME); empty: model_name.
+    served_model_names: list[ModelName] = Field([], max_length=16)
+    max_model_len: int | None = Field(None, ge=1)  # the model's window, in tokens
     # A worker that registers while draining (the coordinator restarted meanwhile) stays off the ring.
     draining: bool = False
 
@@ -176,6 +185,12 @@ class RingWorker(BaseModel):
     last_heartbeat_age_s: float
     load: int = 0                 # its last reported load (requests in progress)
     load_reports: int = 0         # how many load reports it sent: a new one resets a router's estimate
+    served_model_names: list[str] = []
+    max_model_len: int | None = None
+
+    def model_names(self) -> list[str]:
+        """What clients may call its model: the served names, else the model's own name."""
+        return self.served_model_names or ([self.model_name] if self.model_name else [])
 
 
 class RingSnapshot(BaseModel):
@@ -248,3 +263,40 @@ class WorkerCompletionRequest(SamplingFields):
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
         return self
+
+
+# --- vLLM's tokenizer endpoints: gateway `POST /tokenize|/detokenize` -> any worker ---
+
+MAX_DETOKENIZE_TOKENS = 131_072
+
+
+class _TokenizeBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelName | None = Field(None, description="If given, must name the served model.")
+    return_token_strs: StrictBool = Field(False, description="Also return each token's string.")
+
+
+class TokenizePromptRequest(_TokenizeBase):
+    """vLLM's /tokenize body for raw text."""
+
+    prompt: str = Field(..., min_length=1, max_length=4_000_000)
+    add_special_tokens: StrictBool = Field(True, description="As the tokenizer adds them (vLLM's default).")
+
+
+class TokenizeChatRequest(_TokenizeBase):
+    """vLLM's /tokenize body for messages, rendered with the chat template /v1/chat/completions uses."""
+
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=1024)
+    add_generation_prompt: StrictBool = Field(True, description="End with the assistant's opening.")
+    add_special_tokens: Literal[False] = Field(False, description="The chat template writes its own.")
+
+
+TokenizeRequest = TokenizePromptRequest | TokenizeChatRequest
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelName | None = Field(None, description="If given, must name the served model.")
+    tokens: list[Annotated[int, Field(ge=0), NotBoolOrString]] = Field(..., max_length=MAX_DETOKENIZE_TOKENS)

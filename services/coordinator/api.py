@@ -43,7 +43,8 @@ def parse_exclude(exclude: str) -> list[str]:
 @membership_router.post("/register")
 async def register(body: RegisterRequest, request: Request) -> dict:
     membership = _membership(request)
-    info = membership.register(body.worker_id, body.address, body.model_name, draining=body.draining)
+    info = membership.register(body.worker_id, body.address, body.model_name, draining=body.draining,
+                               served_model_names=body.served_model_names, max_model_len=body.max_model_len)
     return {"worker_id": info.worker_id, "address": info.address, "model_name": info.model_name,
             "epoch": membership.epoch, "ttl_s": membership.ttl_s}
 
@@ -81,8 +82,10 @@ async def drain(body: DrainRequest, request: Request) -> dict:
 
 
 @router.get("/route/{seq_id}")
+@router.get("/kv/route/{seq_id}", include_in_schema=False)  # the reference implementation's path
 async def route(seq_id: str, request: Request, exclude: str = "") -> RouteResponse:
-    """`exclude`: comma-separated ids of workers the caller could not reach."""
+    """`exclude`: comma-separated ids of workers the caller could not reach. Also served at
+    `/kv/route/{seq_id}` (the reference implementation's path), with the same body."""
     route_requests = _metrics(request).route_requests
     try:
         check_seq_id(seq_id)
@@ -117,13 +120,15 @@ async def ring(request: Request, after: int = -1, instance: str = "",
 
 @router.get("/workers")
 async def workers(request: Request) -> dict:
+    """The registered workers as a map `{worker_id: {...}}` (the reference implementation's
+    shape); the membership epoch is in /stats and /ring."""
     membership = _membership(request)
     now = membership.now()
-    return {"epoch": membership.epoch, "workers": [
-        {"worker_id": w.worker_id, "address": w.address, "model_name": w.model_name,
-         "state": w.state, "age_s": round(now - w.registered_at, 3),
-         "last_heartbeat_age_s": round(now - w.last_heartbeat, 3)}
-        for w in membership.workers()]}
+    return {w.worker_id: {"worker_id": w.worker_id, "address": w.address, "model_name": w.model_name,
+                          "served_model_names": list(w.served_model_names), "state": w.state,
+                          "age_s": round(now - w.registered_at, 3),
+                          "last_heartbeat_age_s": round(now - w.last_heartbeat, 3), "load": w.load}
+            for w in membership.workers()}
 
 
 @router.get("/stats")

@@ -46,6 +46,8 @@ class WorkerInfo:
     state: WorkerState = "active"
     load: int = 0          # requests in progress, as last reported
     load_reports: int = 0
+    served_model_names: tuple[str, ...] = ()  # what clients may call its model (default: model_name)
+    max_model_len: int | None = None          # its model's window, in tokens
 
 
 class Peer(NamedTuple):
@@ -131,24 +133,28 @@ class Membership:
         return info
 
     def register(self, worker_id: str, address: str, model_name: str | None = None, *,
-                 draining: bool = False) -> WorkerInfo:
-        """Idempotent. A known worker is refreshed, moved if its address changed, and switched to
-        the state `draining` asks for: a restarted pod with the same id rejoins the ring."""
+                 draining: bool = False, served_model_names: Collection[str] = (),
+                 max_model_len: int | None = None) -> WorkerInfo:
+        """Idempotent. A known worker is refreshed, moved if its address changed (or its model's
+        names), and switched to the state `draining` asks for: a restarted pod with the same id
+        rejoins the ring."""
         now = self._clock()
         state: WorkerState = "draining" if draining else "active"
+        names = tuple(served_model_names)
         info = self._workers.get(worker_id)
         if info is None:
             info = WorkerInfo(worker_id, address, model_name, registered_at=now, last_heartbeat=now,
-                              state=state)
+                              state=state, served_model_names=names, max_model_len=max_model_len)
             self._workers[worker_id] = info
             if not draining:
                 self._update_ring(worker_id, on_ring=True)
             self._changed("drain" if draining else "join", info)
             return info
         info.last_heartbeat = now
-        info.model_name = model_name
-        moved = info.address != address
-        info.address = address
+        moved = (info.address, info.model_name, info.served_model_names, info.max_model_len) != \
+            (address, model_name, names, max_model_len)
+        info.address, info.model_name = address, model_name
+        info.served_model_names, info.max_model_len = names, max_model_len
         if info.state != state:
             self._set_state(info, state)
         elif moved:
@@ -218,7 +224,8 @@ class Membership:
         workers = [{"worker_id": w.worker_id, "address": w.address, "model_name": w.model_name,
                     "state": w.state, "age_s": round(now - w.registered_at, 3),
                     "last_heartbeat_age_s": round(now - w.last_heartbeat, 3), "load": w.load,
-                    "load_reports": w.load_reports} for w in self.workers()]
+                    "load_reports": w.load_reports, "served_model_names": list(w.served_model_names),
+                    "max_model_len": w.max_model_len} for w in self.workers()]
         return {"version": self.version, "epoch": self.epoch, "vnodes": self.ring.vnodes,
                 "workers": workers, "retired": [ring.workers for ring in self.retired_rings()]}
 

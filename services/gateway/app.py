@@ -20,12 +20,14 @@ from services.gateway.openai_api import router as openai_router
 from services.gateway.openai_format import is_openai_path, openai_error_body, openai_status
 from services.gateway.metrics import GatewayMetrics, RequestMetricsMiddleware
 from services.gateway.placement import Placer
+from services.gateway.request_id import RequestIdMiddleware
 from services.gateway.proxy import GatewayProxy
 from services.gateway.ring_sync import RingSync
 from services.gateway.routing import CoordinatorClient
 from services.gateway.settings import GatewaySettings
 from services.gateway.tenants import load_tenants
 from services.gateway.upstream import UpstreamClient
+from services.gateway.vllm_api import router as vllm_router
 
 DESCRIPTION = ("Routes each request to the worker that holds its KV cache. `/generate` continues a "
                "server-side conversation (`seq_id`); `/v1/*` is OpenAI-compatible and stateless, with "
@@ -76,8 +78,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                        render=render_error)
     app.add_middleware(ApiKeyMiddleware, keys=load_api_keys(settings.api_keys.get_secret_value()),
                        tenants=load_tenants(settings.tenants_file))
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: counts the 401s too
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # counts the 401s too
+    app.add_middleware(RequestIdMiddleware, render=render_error)  # outermost: every response has one
     app.include_router(router)
     app.include_router(openai_router)
     app.include_router(kv_tensor_router)
+    app.include_router(vllm_router)
     return app

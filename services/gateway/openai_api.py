@@ -49,7 +49,7 @@ async def completions(body: CompletionRequest, request: Request, x_session_id: S
 async def list_models(request: Request) -> ModelList:
     served = _proxy(request).served_models()
     return ModelList.model_validate(
-        {"object": "list", "data": [model_object(name, created) for name, created in sorted(served.items())]})
+        {"object": "list", "data": [model_object(name, *model) for name, model in sorted(served.items())]})
 
 
 @router.get("/models/{model_id:path}", responses=V1_ERRORS)
@@ -57,4 +57,4 @@ async def retrieve_model(model_id: str, request: Request) -> Model:
     served = _proxy(request).served_models()
     if model_id not in served:
         raise ModelNotFound(f"model '{model_id}' is not served here", param="model")
-    return Model.model_validate(model_object(model_id, served[model_id]))
+    return Model.model_validate(model_object(model_id, *served[model_id]))

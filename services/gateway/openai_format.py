@@ -163,5 +163,8 @@ class TextReply(_Reply):
 Reply = ChatReply | TextReply
 
 
-def model_object(model_id: str, created: int) -> dict:
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "kvcache"}
+def model_object(model_id: str, created: int, root: str | None = None, max_model_len: int | None = None) -> dict:
+    """OpenAI's model object with vLLM's additions: `root` (the model a served name stands for)
+    and `max_model_len` (its window, in tokens)."""
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "kvcache",
+            "root": root or model_id, "parent": None, "max_model_len": max_model_len}

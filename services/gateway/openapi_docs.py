@@ -3,7 +3,7 @@ every error status, with the body each error has."""
 
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from services.common.schemas import GenerateResult
 
@@ -157,6 +157,9 @@ class Model(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    root: str = Field(description="The model this name stands for (WORKER_MODEL_NAME).")
+    parent: None = None
+    max_model_len: int | None = Field(None, description="The model's window, in tokens (prompt and output).")
 
 
 class ModelList(BaseModel):

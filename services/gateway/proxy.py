@@ -30,6 +30,7 @@ from services.gateway.upstream import (Disconnected, Saturated, UpstreamClient, 
 
 NUM_ATTEMPTS = 3  # the first try, then re-routes past workers that are unreachable or draining
 STATS_TIMEOUT_S = 2.0
+FAN_OUT_TIMEOUT_S = 10.0  # a worker's engine lock may be held by a long step under load
 DRAIN_AFTER_DONE_S = 0.5  # a worker's body ends right after its terminal event
 _EVENT_END = re.compile(rb"\r?\n\r?\n")  # SSE events end with a blank line
 # A worker's 503s that mean "not here, ask again": it is leaving, or (re)starting.
@@ -38,6 +39,12 @@ _REROUTE_ERRORS = frozenset({Draining.error_type, NotReady.error_type})
 
 class StreamBroken(Exception):
     """The worker's stream ended before its terminal event (the worker died or the link broke)."""
+
+
+class ServedModel(NamedTuple):
+    created: int                # Unix time
+    root: str                   # the model the name stands for (WORKER_MODEL_NAME)
+    max_model_len: int | None   # its window, in tokens
 
 
 class RawEvent(NamedTuple):
@@ -190,15 +197,47 @@ class GatewayProxy:
         worker that holds the conversation's KV)."""
         return await self._send(key, "/completions", payload)
 
-    def served_models(self) -> dict[str, int]:
-        """Model name -> creation time (the Unix time its longest-serving worker registered)."""
-        models: dict[str, int] = {}
+    def served_models(self) -> dict[str, ServedModel]:
+        """Each name clients may use (every active worker's served names) -> the model it names,
+        created at the Unix time its longest-serving worker registered."""
+        models: dict[str, ServedModel] = {}
         now = time.time()
         for worker in self.ring.current().workers.values():
-            if worker.model_name is not None and worker.state == "active":
-                created = int(now - worker.age_s)
-                models[worker.model_name] = min(models.get(worker.model_name, created), created)
+            if worker.state != "active":
+                continue
+            created = int(now - worker.age_s)
+            for name in worker.model_names():
+                known = models.get(name)
+                if known is None or created < known.created:
+                    models[name] = ServedModel(created, worker.model_name or name, worker.max_model_len)
         return models
+
+    async def call_any(self, path: str, body: dict) -> JSONResponse:
+        """POST to one active worker (any: every worker serves the same model), the next one if it
+        cannot be reached or is not ready; its JSON answer relayed."""
+        workers = [w for w in self.ring.current().workers.values() if w.state == "active"]
+        failure = "no worker is active"
+        for worker in workers[:NUM_ATTEMPTS]:
+            try:
+                response = await self._client.post_json(worker.address.rstrip("/") + path, body)
+                reason = await _reroute_reason(response)
+            except Unreachable as exc:
+                failure = f"worker {worker.worker_id} unreachable: {exc}"
+                continue
+            except UpstreamFailure as exc:
+                raise UpstreamError(f"worker {worker.worker_id} failed before answering: {exc}") from exc
+            if reason is None:
+                return await relay_json(response)
+            failure = f"worker {worker.worker_id}: {reason}"
+        raise Unavailable(failure, retry_after_s=1)
+
+    async def post_everywhere(self, path: str) -> dict[str, tuple[dict | None, str | None]]:
+        """POST (no body) to every registered worker at once: worker id -> (its JSON answer, or
+        None and why not)."""
+        workers = list(self.ring.current().workers.values())
+        answers = await asyncio.gather(*(self._short_call("POST", w.address.rstrip("/") + path, FAN_OUT_TIMEOUT_S)
+                                         for w in workers))
+        return {w.worker_id: answer for w, answer in zip(workers, answers)}
 
     async def delete_sequence(self, seq_id: str) -> JSONResponse:
         """Removes the sequence from the session store and from every worker's KV: every worker
@@ -313,8 +352,12 @@ class GatewayProxy:
             return None  # a worker that is gone holds no KV
 
     async def _worker_stats(self, address: str) -> tuple[dict | None, str | None]:
+        return await self._short_call("GET", f"{address.rstrip('/')}/stats", STATS_TIMEOUT_S)
+
+    async def _short_call(self, method: str, url: str, timeout_s: float) -> tuple[dict | None, str | None]:
+        """A worker's JSON answer to a short call, or None and why not."""
         try:
-            response = await self._client.request("GET", f"{address.rstrip('/')}/stats", timeout_s=STATS_TIMEOUT_S)
+            response = await self._client.request(method, url, timeout_s=timeout_s)
             body = json_or_none(await response.read())
         except UpstreamFailure as exc:
             return None, str(exc)

@@ -27,9 +27,10 @@ open_router = APIRouter()
 async def generate(body: WorkerGenerateRequest, request: Request):
     state = request.app.state.worker
     engine = state.require_serving()
-    if body.model_name is not None and body.model_name != state.settings.model_name:
+    served = state.settings.served_model_names
+    if body.model_name is not None and body.model_name not in served:
         raise ModelNotFound(f"model '{body.model_name}' is not served here; this worker serves "
-                            f"'{state.settings.model_name}'", param="model_name")
+                            f"{', '.join(repr(name) for name in served)}", param="model_name")
     _check_resume(body)
     body.check_min_tokens(body.max_tokens)
     engine.check_token_ids(body.stop_token_ids, "stop_token_ids")
@@ -44,6 +45,7 @@ async def generate(body: WorkerGenerateRequest, request: Request):
         result = await collect_result(handle, partial(_finish, state, turn, handle),
                                       partial(_close, state, turn, handle))
         return JSONResponse(result, headers=headers)
+    start["prompt"] = body.prompt  # this turn's prompt text, as the reference implementation's start event
     return EventStream(_stream(state, turn, handle, start), headers=headers)
 
 
@@ -81,7 +83,8 @@ async def _finish(state, turn: Turn, handle: RequestHandle, event: dict) -> dict
                               rollback_on_failure=True)
     except ServiceError as exc:
         return {"type": "error", "error": {"type": exc.error_type, "message": exc.message}}
-    return event
+    # the reference implementation's names for text and usage.completion_tokens
+    return event | {"generated_text": event["text"], "tokens_generated": event["usage"]["completion_tokens"]}
 
 
 async def _close(state, turn: Turn, handle: RequestHandle) -> None:
@@ -134,6 +137,35 @@ async def stats(request: Request):
             "in_flight": state.in_flight.count}
     kv_tensors = await asyncio.to_thread(request.app.state.kv_tensors.stats)
     return {**base, **kv_tensors, **(await asyncio.to_thread(state.engine.stats) if state.engine else {})}
+
+
+@open_router.get("/inference/model/info")
+async def model_info(request: Request):
+    """The loaded model and its KV budget (the reference implementation's route, extended):
+    `loaded` false, and no model_info, while the model loads or if it failed to."""
+    state = request.app.state.worker
+    s = state.settings
+    base = {"loaded": state.engine is not None, "worker_id": s.worker_id}
+    if state.engine is None:
+        return base | {"model_name": s.model_name, "error": state.load_error}
+    return base | await asyncio.to_thread(describe_model, state.engine, s.model_name, s.served_model_names)
+
+
+def describe_model(engine, model_name: str, served_model_names: list[str]) -> dict:
+    """Blocking (reads the engine's stats under its lock)."""
+    layout = engine.store.layout
+    stats = engine.stats()
+    model_info = {"model_name": model_name, "served_model_names": served_model_names,
+                  "architecture": type(engine.loaded.model).__name__, "num_layers": layout.num_layers,
+                  "num_kv_heads": layout.num_kv_heads, "head_dim": layout.head_dim,
+                  "device": str(layout.device), "dtype": str(layout.dtype).removeprefix("torch."),
+                  "num_parameters": sum(p.numel() for p in engine.loaded.model.parameters()),
+                  "max_model_len": engine.window}
+    kv_cache = {"bytes_limit": stats["kv_bytes_limit"], "bytes_used": stats["kv_bytes_used"],
+                "bytes_peak": stats["kv_bytes_peak"], "bytes_per_token": stats["kv_bytes_per_token"],
+                "tokens_limit": stats["kv_bytes_limit"] // stats["kv_bytes_per_token"],
+                "cached_tokens": stats["cached_tokens"], "cached_sequences": stats["cached_sequences"]}
+    return {"model_info": model_info, "kv_cache": kv_cache}
 
 
 @open_router.get("/health")

@@ -14,7 +14,7 @@ from services.common.auth import bearer_headers, require_bearer
 from services.common.body_limit import BodyLimit
 from services.common.errors import Draining, NotReady, error_response, install_error_handlers
 from services.common.http import make_client
-from services.worker import completions_api, internal_api, kv_tensor_api
+from services.worker import completions_api, internal_api, kv_tensor_api, tokenize_api
 from services.worker.api import open_router, router
 from services.worker.drain import Drainer
 from services.worker.engine.engine import Engine, EngineConfig, EngineObserver
@@ -112,6 +112,7 @@ async def _start(state: WorkerState, registration: Registration | None, client) 
                             state.metrics.handoff_duration.observe)
     state.engine = engine
     if registration is not None and not state.drainer.draining:
+        registration.describe_model(s.served_model_names, engine.window)
         await registration.run()
 
 
@@ -163,6 +164,7 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
     app.include_router(open_router)
     app.include_router(router, dependencies=gateway_only)
     app.include_router(completions_api.router, dependencies=gateway_only)
+    app.include_router(tokenize_api.router, dependencies=gateway_only)
     app.include_router(internal_api.router, dependencies=gateway_only)
     app.include_router(kv_tensor_api.router, dependencies=gateway_only)
     return app

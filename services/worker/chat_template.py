@@ -24,11 +24,12 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-def chat_prompt_ids(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
-    """The rendered prompt's token ids, the assistant's generation prompt included."""
+def chat_prompt_ids(tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    """The rendered prompt's token ids, the assistant's generation prompt included (by default)."""
     template = None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
     # transformers 5: `tokenize=True` returns a BatchEncoding unless return_dict=False. The
     # rendered text is tokenized without added special tokens (a template writes its own BOS).
-    ids = tokenizer.apply_chat_template(list(messages), chat_template=template, add_generation_prompt=True,
+    ids = tokenizer.apply_chat_template(list(messages), chat_template=template,
+                                        add_generation_prompt=add_generation_prompt,
                                         tokenize=True, return_dict=False)
     return list(ids)

@@ -60,6 +60,15 @@ async def free_kv(seq_id: str, request: Request) -> dict:
     return {"seq_id": seq_id, "freed": freed}
 
 
+@router.post("/reset_prefix_cache")
+async def reset_prefix_cache(request: Request) -> dict:
+    """The gateway's POST /reset_prefix_cache, on this worker: the stateless entries (the /v1
+    prefix cache) are dropped; conversations keep their KV."""
+    state = request.app.state.worker
+    engine = state.require_engine()
+    return {"worker_id": state.settings.worker_id, **await asyncio.to_thread(engine.reset_prefix_cache)}
+
+
 @router.post("/drain", status_code=202)
 async def drain(request: Request) -> dict:
     state = request.app.state.worker

@@ -24,6 +24,10 @@ class Registration:
         self.registered = False
         self.stopped = False  # deregistered: no more heartbeats
 
+    def describe_model(self, served_model_names: list[str], max_model_len: int) -> None:
+        """What the gateway's /v1/models lists (known once the model is loaded, before run)."""
+        self.body |= {"served_model_names": served_model_names, "max_model_len": max_model_len}
+
     async def run(self) -> None:
         while not self.stopped:
             try:

@@ -5,6 +5,8 @@ from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
 
+MAX_SERVED_NAMES = 16  # RegisterRequest.served_model_names takes at most 16
+
 
 class WorkerSettings(ServiceSettings):
     """Environment variables: WORKER_<FIELD>, e.g. WORKER_MODEL_NAME=gpt2."""
@@ -24,6 +26,10 @@ class WorkerSettings(ServiceSettings):
 
     # A Hugging Face id or local path ("gpt2"), or a built-in preset: tiny-gpt2, gpt2-small-random.
     model_name: str = "tiny-gpt2"
+    # The names clients use for the model, comma-separated (vLLM's --served-model-name), e.g.
+    # "gpt2,gpt2-small-random": /generate's model_name and /v1's model accept any of them, and
+    # /v1/models lists them. Empty: model_name only.
+    served_model_name: str = Field("", max_length=4096)
     # Where presets are built and saved before being loaded with from_pretrained.
     model_cache_dir: Path = Path.home() / ".cache" / "kvcache" / "models"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
@@ -88,6 +94,18 @@ class WorkerSettings(ServiceSettings):
     max_body_bytes: int = Field(4 * 2**20, ge=1024)
     # A request body not received whole this long after its head gets 408 (a slow or stalled client).
     body_timeout_s: float = Field(30.0, gt=0)
+
+    @property
+    def served_model_names(self) -> list[str]:
+        names = [name.strip() for name in self.served_model_name.split(",") if name.strip()]
+        return list(dict.fromkeys(names)) or [self.model_name]
+
+    @model_validator(mode="after")
+    def _check_served_names(self) -> "WorkerSettings":
+        names = [name.strip() for name in self.served_model_name.split(",") if name.strip()]
+        if len(names) > MAX_SERVED_NAMES or any(len(name) > 256 for name in names):
+            raise ValueError(f"served_model_name: at most {MAX_SERVED_NAMES} names of up to 256 characters")
+        return self
 
     @model_validator(mode="after")
     def _fill_identity(self) -> "WorkerSettings":

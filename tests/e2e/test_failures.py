@@ -85,7 +85,7 @@ def _gateway_health(url: str) -> dict:
 
 def _num_workers(cluster) -> int:
     try:
-        return len(httpx.get(f"{cluster.coordinator_url}/workers", timeout=2).json()["workers"])
+        return len(httpx.get(f"{cluster.coordinator_url}/workers", timeout=2).json())
     except httpx.HTTPError:
         return -1
 

@@ -37,8 +37,8 @@ def alive(pid: int) -> bool:
 
 
 def active_workers(coordinator_url: str) -> dict[str, dict]:
-    workers = httpx.get(f"{coordinator_url}/workers", timeout=2).json()["workers"]
-    return {w["worker_id"]: w for w in workers if w["state"] == "active"}
+    workers = httpx.get(f"{coordinator_url}/workers", timeout=2).json()
+    return {worker_id: w for worker_id, w in workers.items() if w["state"] == "active"}
 
 
 class Runner:

@@ -30,12 +30,40 @@ def keyed_gateway(cluster, tmp_path_factory):
         yield url
 
 
-def test_models_lists_the_served_model(api):
-    assert [m.id for m in api.models.list().data] == [MODEL]
+def test_models_lists_the_served_names(api):
+    """The e2e cluster serves tiny-gpt2 as WORKER_SERVED_MODEL_NAME=tiny-gpt2,gpt2."""
+    assert [m.id for m in api.models.list().data] == ["gpt2", MODEL]
     model = api.models.retrieve(MODEL)
     assert (model.id, model.object, model.owned_by) == (MODEL, "model", "kvcache")
+    alias = api.models.retrieve("gpt2")
+    assert alias.root == MODEL and alias.max_model_len == 1024  # tiny-gpt2's window
     with pytest.raises(openai.NotFoundError):
         api.models.retrieve("gpt-4o")
+    reply = api.completions.create(model="gpt2", prompt="Hello", max_tokens=2)
+    assert reply.model == "gpt2" and reply.usage.completion_tokens == 2
+
+
+def test_vllm_server_routes(cluster, api):
+    """/tokenize counts what /v1 counts as the prompt, /detokenize inverts it, /reset_prefix_cache
+    makes the next identical request recompute, /version, and X-Request-Id on every response."""
+    url = cluster.gateway_url
+    reply = api.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, temperature=0)
+    tokenized = httpx.post(f"{url}/tokenize", json={"model": "gpt2", "messages": MESSAGES}, timeout=30).json()
+    assert tokenized["count"] == reply.usage.prompt_tokens and tokenized["max_model_len"] == 1024
+    text = httpx.post(f"{url}/detokenize", json={"tokens": tokenized["tokens"]}, timeout=30).json()["prompt"]
+    assert MESSAGES[1]["content"] in text
+
+    again = api.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+    reset = httpx.post(f"{url}/reset_prefix_cache", headers={"X-Request-Id": "reset-1"}, timeout=30)
+    assert reset.status_code == 200 and reset.headers["x-request-id"] == "reset-1"
+    assert reset.json()["num_workers"] == 2 and reset.json()["dropped_entries"] >= 1
+    after = api.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, temperature=0)
+    assert after.usage.prompt_tokens_details.cached_tokens == 0
+    assert after.choices[0].message.content == reply.choices[0].message.content
+
+    version = httpx.get(f"{url}/version", timeout=10)
+    assert version.json()["version"] and len(version.headers["x-request-id"]) == 32
 
 
 def test_chat_streamed_equals_not_streamed(api):

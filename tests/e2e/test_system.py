@@ -49,6 +49,23 @@ def test_same_seq_id_reaches_the_same_worker(cluster):
     assert workers == {route["worker_id"]}
 
 
+def test_the_reference_suites_contract(cluster):
+    """What the reference implementation's tests call: /kv/route, model_name "gpt2" (a served
+    name), the prompt in `start`, /workers as a map, and a worker's /inference/model/info."""
+    seq = f"ref-{uuid.uuid4().hex[:8]}"
+    gen = generate(cluster.gateway_url, prompt="Once upon a time", seq_id=seq, max_tokens=3, model_name="gpt2")
+    assert gen.start["prompt"] == "Once upon a time"
+    route = httpx.get(f"{cluster.coordinator_url}/kv/route/{seq}").json()
+    assert route == httpx.get(f"{cluster.coordinator_url}/route/{seq}").json()
+    assert route["worker_id"] == gen.done["worker_id"]
+    workers = httpx.get(f"{cluster.coordinator_url}/workers").json()
+    assert set(workers) == {"worker-0", "worker-1"}
+    info = httpx.get(f"{workers[route['worker_id']]['address']}/inference/model/info").json()
+    assert info["loaded"] and info["model_info"]["served_model_names"] == ["tiny-gpt2", "gpt2"]
+    assert info["model_info"]["max_model_len"] == 1024 and info["model_info"]["num_parameters"] > 0
+    assert 0 < info["kv_cache"]["bytes_used"] <= info["kv_cache"]["bytes_limit"]
+
+
 def test_sequences_spread_over_workers(cluster):
     owners = {httpx.get(f"{cluster.coordinator_url}/route/s-{i}").json()["worker_id"] for i in range(50)}
     assert owners == {"worker-0", "worker-1"}

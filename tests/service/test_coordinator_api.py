@@ -137,13 +137,40 @@ async def test_workers_listing(client, clock):
     await register(client, "w1")
     clock.now = 2.5
     await client.post("/heartbeat", json={"worker_id": "w1"})
-    body = (await client.get("/workers")).json()
-    assert body["epoch"] == 2
-    assert [w["worker_id"] for w in body["workers"]] == ["w1", "w2"]
-    w1, w2 = body["workers"]
+    body = (await client.get("/workers")).json()  # the reference implementation's map shape
+    assert list(body) == ["w1", "w2"]
+    w1, w2 = body["w1"], body["w2"]
     assert w1 == {"worker_id": "w1", "address": "http://w1:8000", "model_name": "gpt2",
-                  "state": "active", "age_s": 2.5, "last_heartbeat_age_s": 0.0}
+                  "served_model_names": [], "state": "active", "age_s": 2.5,
+                  "last_heartbeat_age_s": 0.0, "load": 0}
     assert w2["model_name"] is None and w2["last_heartbeat_age_s"] == 2.5
+
+
+async def test_served_names_and_window_reach_the_ring(client):
+    response = await client.post("/register", json={
+        "worker_id": "w1", "address": "http://w1:8000", "model_name": "gpt2-small-random",
+        "served_model_names": ["gpt2", "gpt2-small-random"], "max_model_len": 1024})
+    assert response.status_code == 200
+    version = (await client.get("/ring")).json()["version"]
+    [worker] = (await client.get("/ring")).json()["workers"]
+    assert worker["served_model_names"] == ["gpt2", "gpt2-small-random"] and worker["max_model_len"] == 1024
+    assert (await client.get("/workers")).json()["w1"]["served_model_names"] == ["gpt2", "gpt2-small-random"]
+    await client.post("/register", json={"worker_id": "w1", "address": "http://w1:8000",
+                                         "model_name": "gpt2-small-random", "served_model_names": ["x"]})
+    ring = (await client.get("/ring")).json()
+    assert ring["version"] > version and ring["workers"][0]["served_model_names"] == ["x"]
+    too_long = await client.post("/register", json={"worker_id": "w1", "address": "http://w1:8000",
+                                                    "served_model_names": ["a" * 257]})
+    assert too_long.status_code == 422
+
+
+async def test_kv_route_is_route(client):
+    """The reference implementation's path: the same body as /route."""
+    await register(client, "w1")
+    await register(client, "w2")
+    for seq_id in ("seq-1", "seq-2", "seq-3"):
+        assert (await client.get(f"/kv/route/{seq_id}")).json() == await route_of(client, seq_id)
+    assert_error(await client.get("/kv/route/bad%20id"), 400, "invalid_request")
 
 
 async def test_stats(client):
@@ -206,8 +233,7 @@ async def test_sweep_expires_silent_workers(client, clock):
     clock.now = 6.0  # w1 silent 6 s > ttl 5 s; w2 silent 2 s
 
     async def only_w2_left() -> bool:
-        workers = (await client.get("/workers")).json()["workers"]
-        return [w["worker_id"] for w in workers] == ["w2"]
+        return list((await client.get("/workers")).json()) == ["w2"]
 
     await wait_for(only_w2_left)
     assert (await client.get("/stats")).json()["epoch"] == 3
@@ -246,7 +272,7 @@ async def test_drain_takes_worker_off_the_ring(client):
     route = await route_of(client, "seq-7")
     assert route["worker_id"] != owner and route["epoch"] == 4
     assert route["previous"] == [{"worker_id": owner, "address": f"http://{owner}:8000"}]
-    states = {w["worker_id"]: w["state"] for w in (await client.get("/workers")).json()["workers"]}
+    states = {w_id: w["state"] for w_id, w in (await client.get("/workers")).json().items()}
     assert states == {f"w{i}": ("draining" if f"w{i}" == owner else "active") for i in range(3)}
     stats = (await client.get("/stats")).json()
     assert stats["num_workers"] == 3 and stats["num_draining"] == 1 and stats["ring_points"] == 100
@@ -343,7 +369,7 @@ async def test_membership_calls_need_the_token(guarded, headers, caplog):
         response = await guarded.post(path, json=body, headers=headers)
         assert_error(response, 401, "unauthorized")
         assert TOKEN not in response.text
-    assert (await guarded.get("/workers")).json()["workers"] == []
+    assert (await guarded.get("/workers")).json() == {}
     assert TOKEN not in caplog.text
 
 

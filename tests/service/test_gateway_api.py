@@ -113,6 +113,7 @@ class FakeWorker:
         self.authorizations: list[str | None] = []  # each request's Authorization header
         self.sequences: set[str] = set()
         self.stream_cancelled = asyncio.Event()
+        self.resets = 0  # POST /internal/reset_prefix_cache calls
         self.app = self._build_app()
 
     def done_fields(self, body: dict) -> dict:
@@ -176,6 +177,26 @@ class FakeWorker:
             return {"text": body["prompt"].upper(), "finish_reason": "length",
                     "usage": {"prompt_tokens": 2, "cached_tokens": 0, "completion_tokens": 2, "context_tokens": 4}}
 
+        @app.post("/tokenize")
+        async def tokenize(request: Request):
+            body = await request.json()
+            self.requests.append(body)
+            if self.mode == "draining":
+                return JSONResponse(error_body("draining", "leaving"), status_code=503)
+            tokens = [len(word) for word in body.get("prompt", "").split()]
+            return {"count": len(tokens), "max_model_len": 64, "tokens": tokens, "token_strs": None}
+
+        @app.post("/detokenize")
+        async def detokenize(request: Request):
+            body = await request.json()
+            self.requests.append(body)
+            return {"prompt": " ".join("x" * n for n in body["tokens"])}
+
+        @app.post("/internal/reset_prefix_cache")
+        async def reset_prefix_cache():
+            self.resets += 1
+            return {"worker_id": self.worker_id, "dropped_entries": 2, "freed_bytes": 100, "running_entries": 0}
+
         @app.delete("/sequences/{seq_id}")
         async def delete(seq_id: str):
             if self.mode == "busy":
@@ -209,6 +230,7 @@ class Cluster:
     version: int = 1
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     ring_answers: list[tuple[int, int]] = field(default_factory=list)  # (after, version answered)
+    served_names: list[str] = field(default_factory=list)  # the workers' served_model_names
 
     dead_address: str = field(default_factory=refused_address)  # of a worker with no server
 
@@ -219,7 +241,8 @@ class Cluster:
     def snapshot(self) -> dict:
         workers = [{"worker_id": w, "address": self.address(w), "model_name": "tiny",
                     "state": "active" if w in self.active else "draining", "age_s": 5.0,
-                    "last_heartbeat_age_s": 0.5} for w in self.registered]
+                    "last_heartbeat_age_s": 0.5, "served_model_names": self.served_names,
+                    "max_model_len": 64} for w in self.registered]
         return {"instance": "fake", "version": self.version, "epoch": self.version,
                 "vnodes": RING_VNODES, "workers": workers}
 
@@ -616,7 +639,8 @@ async def test_openapi_documents_every_route_and_there_is_no_debug_endpoint(clus
     schema = (await cluster.gateway.get("/openapi.json")).json()
     paths = schema["paths"]
     assert set(paths) == {"/generate", "/sequences/{seq_id}", "/stats", "/health", "/metrics", "/v1/models",
-                          "/v1/models/{model_id}", "/v1/chat/completions", "/v1/completions",
+                          "/v1/models/{model_id}", "/v1/chat/completions", "/v1/completions", "/tokenize",
+                          "/detokenize", "/reset_prefix_cache", "/version",
                           "/kv/put", "/kv/get", "/kv/append", "/kv/{seq_id}/{layer}/length", "/kv/{seq_id}"}
     for path, kind in (("/generate", "GenerateResult"), ("/v1/chat/completions", "ChatCompletion"),
                        ("/v1/completions", "TextCompletion")):

@@ -117,7 +117,7 @@ async def test_stream_event_order_and_fields(client):
                                     temperature=0)
     assert response.headers["x-seq-id"] == "api-order"
     start, tokens, done = events[0], events[1:-1], events[-1]
-    assert start == {"type": "start", "seq_id": "api-order", "worker_id": "w-api",
+    assert start == {"type": "start", "seq_id": "api-order", "worker_id": "w-api", "prompt": "Hello there",
                      "context_tokens": 11, "cached_tokens": 0, "handoff_tokens": 0, "tier_tokens": 0}
     assert [e["type"] for e in tokens] == ["token"] * 6
     assert [e["index"] for e in tokens] == list(range(6))
@@ -129,6 +129,7 @@ async def test_stream_event_order_and_fields(client):
     assert result.usage.model_dump() == {"prompt_tokens": 11, "cached_tokens": 0, "handoff_tokens": 0, "tier_tokens": 0,
                                          "completion_tokens": 6, "context_tokens": 11}
     assert result.text == "".join(e["token"] for e in tokens)
+    assert (result.generated_text, result.tokens_generated) == (result.text, 6)  # the reference's names
 
 
 async def test_generate_takes_the_sampling_parameters_and_streams_logprobs(client):

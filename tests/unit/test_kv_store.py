@@ -352,3 +352,26 @@ def test_new_stateless_entries_never_forget_the_protected_source():
     store.touch(store.get("b"))
     entry = store.new_stateless(protect=source)  # over max_sequences: forgets b, not the source
     assert store.get("src") is source and store.get("b") is None and store.get(entry.seq_id) is entry
+
+
+def test_drop_stateless_keeps_sessions_and_running_entries():
+    store = make_store(4096)
+    session = filled(store, "conversation", 40)
+    store.release(session)  # idle, indexed
+    idle = [store.new_stateless() for _ in range(2)]
+    for entry in idle:
+        store.reserve(entry, 32)
+        entry.token_ids, entry.kv.num_tokens = list(range(32)), 32
+        store.release(entry)
+    running = store.new_stateless()
+    store.acquire(running)
+    store.reserve(running, 16)
+    freed = sum(e.kv.nbytes for e in idle)
+    forgotten = []
+    assert store.drop_stateless(forgotten.append) == {"dropped_entries": 2, "freed_bytes": freed,
+                                                      "running_entries": 1}
+    assert forgotten == [list(range(32))] * 2  # their chunks leave the lower tiers too
+    assert set(store.entries) == {"conversation", running.seq_id}
+    assert store.get("conversation").kv is session.kv and len(store.index) == 1  # the session, still indexed
+    assert store.longest_prefix(list(range(32))) == (session, 32)
+    assert_accounting(store)

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5  # the engine thread checks for stop this often when idle
 TAIL_STEP_WAIT_S = 5.0  # the longest a DELETE waits for a finished request's last-token step
+RESET_FLUSH_S = 5.0  # the longest a prefix-cache reset waits for the tiers to forget its chunks
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,18 @@ class Engine:
                 if not self._tail_stepping(seq_id) or time.monotonic() > deadline:
                     return None
             time.sleep(0.002)
+
+    def reset_prefix_cache(self) -> dict:
+        """Blocking. Drops the stateless (prefix cache) entries and their chunks in the lower
+        tiers (as a DELETE does a sequence's: a prefix chunk a conversation shares goes too, a
+        cache loss only); conversations keep their device KV. Waits for the tiers' writer, so
+        that the next request finds none of it."""
+        forget = self.tiers.forget if self.tiers is not None else None
+        with self.lock:
+            result = self.store.drop_stateless(forget)
+        if self.tiers is not None and not self.tiers.flush(RESET_FLUSH_S):
+            logger.warning("prefix cache reset: the KV tiers' writer did not finish in %.0f s", RESET_FLUSH_S)
+        return result
 
     def prefetch(self, req: Request) -> None:
         """Blocking (tier reads), for a request submitted with `loading` set: read the lower-tier

@@ -252,6 +252,23 @@ class KVStore:
         del self.entries[seq_id]
         return True
 
+    def drop_stateless(self, forget: Callable[[list[int]], None] | None = None) -> dict:
+        """Forgets every idle stateless entry (pure prefix cache; sessions are kept), and passes
+        each one's token ids to `forget` (the lower tiers). A running request's entry stays: it is
+        in use, and cached again when the request ends."""
+        dropped = freed_bytes = running = 0
+        for entry in [e for e in self.entries.values() if e.stateless]:
+            if entry.busy:
+                running += 1
+                continue
+            freed_bytes += entry.kv.nbytes if entry.kv else 0
+            ids = list(entry.token_ids)
+            if self.delete(entry.seq_id):
+                dropped += 1
+                if forget is not None:
+                    forget(ids)
+        return {"dropped_entries": dropped, "freed_bytes": freed_bytes, "running_entries": running}
+
     def stats(self) -> dict:
         cached = [e for e in self.entries.values() if e.kv is not None]
         return {
