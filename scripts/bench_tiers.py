@@ -113,7 +113,7 @@ def table_s11(r: dict) -> str:
         f"{_mmm([x['ttft_p50_s'] * 1000 for x in c])} ms |",
         f"| revisit TTFT p99 | {_mmm([x['ttft_p99_s'] * 1000 for x in t])} ms | "
         f"{_mmm([x['ttft_p99_s'] * 1000 for x in c])} ms |",
-        f"| recompute / tiers TTFT p50 | {_mmm(speedup)}x | |"])
+        f"| recompute / tiers TTFT p50 | {_mmm(speedup, digits=1)}x | |"])
 
 
 # --- scenario 12 ---------------------------------------------------------------------------
