@@ -42,7 +42,7 @@ def test_chunk_keys_name_whole_prefixes():
 def test_a_stored_tail_is_among_the_candidates_of_a_longer_sequence():
     ids = list(range(B + 20))
     stored_tail = ck.chunk_refs(ROOT, ids, B + 7)[-1]  # a sequence that ended at B + 7
-    candidates = ck.tail_candidates(ROOT, ids, B, limit=B + 20)
+    candidates = ck.tail_candidates(ck.parent_key(ROOT, ck.chunk_refs(ROOT, ids, B, tail=False)), ids, B, limit=B + 20)
     assert candidates[0].end == B + 20 and candidates[-1].end == B + 1  # longest first
     assert stored_tail in candidates
 

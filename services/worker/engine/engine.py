@@ -159,13 +159,12 @@ class Engine:
             if not self._loads_from_tiers(req):
                 return
             limit = len(req.token_ids) - 1  # the last position is computed: its logits are needed
-            with self.lock:
-                if req.stateless:
+            if req.stateless:
+                with self.lock:
                     match = self.store.longest_prefix(req.token_ids)
-                    have = match[1] if match else 0
-                else:
-                    entry = self.store.get(req.seq_id)
-                    have = entry.cached_prefix(req.token_ids) if entry else 0
+                have = match[1] if match else 0
+            else:
+                have = self.cached_prefix(req.seq_id, req.token_ids)
             earlier = len(req.token_ids) - req.prompt_tokens - len(req.resumed)
             if req.stateless or have < earlier:  # a session whose history is here: nothing to find
                 req.prefetched = self.tiers.prefetch(req.token_ids, have, limit)

@@ -81,14 +81,19 @@ def chunk_refs(root: bytes, token_ids: Sequence[int], limit: int, tail: bool = T
     return refs
 
 
-def tail_candidates(root: bytes, token_ids: Sequence[int], start: int, limit: int) -> list[ChunkRef]:
+def tail_candidates(parent: bytes, token_ids: Sequence[int], start: int, limit: int) -> list[ChunkRef]:
     """Tail chunks that may follow the full chunks ending at `start`, longest first: the sequence
     stored may have ended anywhere up to `limit` (a stateless request does not know where its
-    previous turn ended)."""
-    parent = bytes.fromhex(chunk_refs(root, token_ids, start, tail=False)[-1].key) if start else root
+    previous turn ended). `parent`: the key of the full chunk ending at `start` (the caller has
+    it from chunk_refs), or the root at 0."""
     last = min(limit, start + CHUNK_TOKENS - 1)
     return [ChunkRef(_digest(parent, token_ids[start:end], tail=True).hex(), start, end)
             for end in range(last, start, -1)]
+
+
+def parent_key(root: bytes, full: list[ChunkRef]) -> bytes:
+    """The chain's key after the full chunks `full` (the root if there are none)."""
+    return bytes.fromhex(full[-1].key) if full else root
 
 
 def chunk_kv(kv: torch.Tensor, ref: ChunkRef) -> torch.Tensor:
@@ -106,7 +111,7 @@ def encode(ref: ChunkRef, data: torch.Tensor, fp: dict, ids: Sequence[int]) -> b
 
 def decode(raw: bytes, ref: ChunkRef, fp: dict, ids: Sequence[int], layout: KVLayout) -> torch.Tensor:
     """The chunk's KV `[layers, 2, kv_heads, n, head_dim]`, or ChunkRejected."""
-    meta = _metadata(raw)
+    meta = read_metadata(raw)
     if meta.get("fingerprint") != json.dumps(fp, sort_keys=True):
         raise ChunkRejected("model fingerprint differs")
     if meta.get("start") != str(ref.start) or meta.get("end") != str(ref.end) \
@@ -122,7 +127,8 @@ def decode(raw: bytes, ref: ChunkRef, fp: dict, ids: Sequence[int], layout: KVLa
     return data
 
 
-def _metadata(raw: bytes) -> dict:
+def read_metadata(raw: bytes) -> dict:
+    """A safetensors file's `__metadata__`, or ChunkRejected."""
     try:
         (size,) = struct.unpack("<Q", raw[:8])
         if size > len(raw) - 8:

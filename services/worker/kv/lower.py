@@ -167,7 +167,8 @@ class LowerTiers:
             if chunk is None:
                 break  # a stored sequence may end inside this chunk: its tail chunk
             result.chunks.append(chunk)
-        tails = [t for t in ck.tail_candidates(self.root, token_ids, result.end, limit) if t.end > have]
+        parent = ck.parent_key(self.root, [c.ref for c in result.chunks])
+        tails = [t for t in ck.tail_candidates(parent, token_ids, result.end, limit) if t.end > have]
         where = self._locate(tails, count_misses=False)
         tail = next((t for t in tails if t.key in where), None)  # the longest stored
         chunk = self._load(tail, where[tail.key], token_ids, staged) if tail else None
@@ -301,9 +302,10 @@ class LowerTiers:
                 self._store("shared", self.shared, chunk)
 
     def _forget(self, ids: list[int]) -> None:
-        keys = [ref.key for ref in ck.chunk_refs(self.root, ids, len(ids), tail=False)]
-        for start in range(0, len(ids), ck.CHUNK_TOKENS):
-            keys += [ref.key for ref in ck.tail_candidates(self.root, ids, start, len(ids))]
+        full = ck.chunk_refs(self.root, ids, len(ids), tail=False)
+        keys = [ref.key for ref in full]
+        for i, start in enumerate(range(0, len(ids), ck.CHUNK_TOKENS)):  # full[:i] end at start
+            keys += [ref.key for ref in ck.tail_candidates(ck.parent_key(self.root, full[:i]), ids, start, len(ids))]
         for store in (self.host, self.disk, self.shared):
             if store is None:
                 continue

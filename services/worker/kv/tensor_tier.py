@@ -15,6 +15,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from services.worker.kv.chunks import ChunkRejected, read_metadata
+
 
 class TensorTier:
     def __init__(self, shared):
@@ -50,8 +52,10 @@ class TensorTier:
         raw = self.shared.get(self._key(seq_id, layer))
         if raw is None:
             return None
-        size = int.from_bytes(raw[:8], "little")
-        meta = json.loads(raw[8:8 + size]).get("__metadata__") or {}
+        try:
+            meta = read_metadata(raw)
+        except ChunkRejected:
+            return None
         if meta.get("seq_id") != seq_id or meta.get("layer") != str(layer):
             return None
         tensors = st_load(raw)
