@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from services.coordinator.ring import DEFAULT_VNODES, KEY_SPACE, EmptyRingError, HashRing, hash_key
+from services.common.hash_ring import DEFAULT_VNODES, KEY_SPACE, EmptyRingError, HashRing, hash_key, points_of
 
 SEQ_IDS = [f"seq-{i}" for i in range(5000)]
 
@@ -13,6 +13,10 @@ def build_ring(num_workers: int, vnodes: int = 100) -> HashRing:
     for i in range(num_workers):
         ring.add(f"worker-{i}")
     return ring
+
+
+def first_point(worker_id: str) -> int:
+    return int(points_of(worker_id, 1)[0])
 
 
 def owners(ring: HashRing) -> dict[str, str]:
@@ -67,8 +71,8 @@ def test_owner_is_next_point_clockwise_with_wrap_around():
     ring = HashRing(1)
     ring.add("a")
     ring.add("b")
-    (low, low_owner), (high, high_owner) = sorted([(hash_key("a-vn-0"), "a"),
-                                                   (hash_key("b-vn-0"), "b")])
+    (low, low_owner), (high, high_owner) = sorted([(first_point("a"), "a"),
+                                                   (first_point("b"), "b")])
     between = next(s for s in SEQ_IDS if low < hash_key(s) <= high)
     past_last = next(s for s in SEQ_IDS if hash_key(s) > high)
     assert ring.owner(between) == high_owner
@@ -175,14 +179,14 @@ def test_exclude_walks_clockwise_with_wrap_around():
     ring = HashRing(1)
     for worker_id in ("a", "b", "c"):
         ring.add(worker_id)
-    clockwise = [w for _, w in sorted((hash_key(f"{w}-vn-0"), w) for w in ("a", "b", "c"))]
-    low = min(hash_key(f"{w}-vn-0") for w in clockwise)
+    clockwise = [w for _, w in sorted((first_point(w), w) for w in ("a", "b", "c"))]
+    low = min(first_point(w) for w in clockwise)
     before_first = next(s for s in SEQ_IDS if hash_key(s) <= low)
     first, second, third = clockwise
     assert ring.owner(before_first) == first
     assert ring.owner(before_first, exclude={first}) == second
     assert ring.owner(before_first, exclude=[first, second]) == third
-    past_last = next(s for s in SEQ_IDS if hash_key(s) > max(hash_key(f"{w}-vn-0") for w in clockwise))
+    past_last = next(s for s in SEQ_IDS if hash_key(s) > max(first_point(w) for w in clockwise))
     assert ring.owner(past_last, exclude={first}) == second  # wraps past 2**32, then skips
 
 
