@@ -376,13 +376,24 @@ async def test_no_token_configured_needs_no_header(client):
 async def test_ring_snapshot_lists_workers_loads_and_retired_rings(client):
     await register(client, "w1")
     await register(client, "w2")
+    await client.get("/ring")  # a router reads this ring: it routed, so it enters the window
     await client.post("/heartbeat", json={"worker_id": "w2", "load": 3})
     await client.post("/drain", json={"worker_id": "w1"})
     body = (await client.get("/ring")).json()
-    assert body["epoch"] == 3 and body["version"] == 4 and body["vnodes"] == 50 and body["settling"] is True
+    assert body["epoch"] == 3 and body["version"] == 3 and body["vnodes"] == 50 and body["settling"] is True
+    assert body["load_version"] == 1 and body["full"] is True
     assert {w["worker_id"]: (w["state"], w["load"], w["load_reports"]) for w in body["workers"]} == {
         "w1": ("draining", 0, 0), "w2": ("active", 3, 1)}
-    assert body["retired"] == [["w1", "w2"], ["w1"]]  # newest first
+    # The joins were read as one ring change, then the drain.
+    assert [(c["toggles"], c["num_active_before"]) for c in body["changes"]] == [
+        ([["w1", True], ["w2", True]], 0), ([["w1", False]], 2)]
+    delta = (await client.get("/ring", params={"after": 3, "seq": 3, "load_after": 1,
+                                               "instance": body["instance"]})).json()
+    assert delta["full"] is False and delta["workers"] == delta["changes"] == delta["loads"] == []
+    await client.post("/heartbeat", json={"worker_id": "w2", "load": 5})
+    delta = (await client.get("/ring", params={"after": 3, "seq": 3, "load_after": 1,
+                                               "instance": body["instance"], "wait_s": 5})).json()
+    assert delta["workers"] == [] and delta["loads"] == [{"worker_id": "w2", "load": 5, "load_reports": 2}]
 
 
 async def test_ring_long_poll_answers_when_the_version_moves(client):
@@ -397,7 +408,8 @@ async def test_ring_long_poll_answers_when_the_version_moves(client):
     assert not poll.done()
     await register(client, "w2")
     answer = (await asyncio.wait_for(poll, 2)).json()
-    assert answer["version"] == first["version"] + 1 and len(answer["workers"]) == 2
+    assert answer["version"] == first["version"] + 1 and answer["full"] is False
+    assert [w["worker_id"] for w in answer["workers"]] == ["w2"]  # a delta: the changed worker only
     timed_out = await client.get("/ring", params=args | {"after": answer["version"], "wait_s": 0.05})
     assert timed_out.json()["version"] == answer["version"]
     other = await client.get("/ring", params=args | {"instance": "an-earlier-coordinator", "wait_s": 5})
