@@ -54,6 +54,19 @@ class Points(NamedTuple):
 EMPTY = Points(np.empty(0, np.uint32), np.empty(0, np.uint16))
 
 
+def merge(old: Points, new: Points) -> tuple[Points, np.ndarray]:
+    """Both sorted; O(len(old) + len(new)) (np.insert would also argsort the places). Also returns
+    where the new points went."""
+    at = np.searchsorted(old.hashes, new.hashes) + np.arange(len(new.hashes))  # their final places
+    total = len(old.hashes) + len(new.hashes)
+    hashes, owners = np.empty(total, np.uint32), np.empty(total, np.uint16)
+    rest = np.ones(total, bool)
+    rest[at] = False
+    hashes[at], owners[at] = new.hashes, new.owners
+    hashes[rest], owners[rest] = old.hashes, old.owners
+    return Points(hashes, owners), at
+
+
 class HashRing:
     def __init__(self, vnodes: int = DEFAULT_VNODES):
         if vnodes < 1:
@@ -110,13 +123,16 @@ class HashRing:
         self.forget([worker_id])
         return changed
 
-    def update(self, on: Iterable[str] = (), off: Iterable[str] = (), merged: Points | None = None) -> set[str]:
+    def update(self, on: Iterable[str] = (), off: Iterable[str] = (),
+               merged: tuple[list[str], Points] | None = None) -> set[str]:
         """Turns workers on and off (off keeps their points); returns those whose state changed.
-        `merged`: the result of merged_with(the new members), computed earlier (off the event loop)."""
+        `merged`: (new members, merged_with(them)), computed earlier off the event loop on these
+        very points; used when the new members are exactly those."""
         on, off = list(dict.fromkeys(on)), list(dict.fromkeys(off))
         new = [w for w in on + off if w not in self._numbers]  # an `off` one is kept inactive
         if new:
-            self._points = merged if merged is not None else self.merged_with(new)
+            ready = merged is not None and list(merged[0]) == new
+            self._points = merged[1] if ready else self.merged_with(new)
             for worker_id in new:
                 self._number(worker_id)
         changed = set()
@@ -138,14 +154,14 @@ class HashRing:
         numbers = (free + list(range(len(self._names), len(self._names) + len(new_members))))[:len(new_members)]
         if numbers and numbers[-1] > MAX_MEMBERS:
             raise ValueError(f"a ring holds at most {MAX_MEMBERS} workers")
-        hashes = np.concatenate([points_of(w, self.vnodes) for w in new_members])
-        owners = np.repeat(np.array(numbers, np.uint16), self.vnodes)
-        order = np.argsort(hashes, kind="stable")
-        hashes, owners = hashes[order], owners[order]
-        at = np.searchsorted(self._points.hashes, hashes)
-        merged = Points(np.insert(self._points.hashes, at, hashes), np.insert(self._points.owners, at, owners))
+        # One sort of (point << 16 | member number): no index array, ties next to each other.
+        keys = np.concatenate([(points_of(w, self.vnodes).astype(np.uint64) << np.uint64(16)) | np.uint64(n)
+                               for w, n in zip(new_members, numbers)])
+        keys.sort()
+        merged, at = merge(self._points, Points((keys >> np.uint64(16)).astype(np.uint32),
+                                                (keys & np.uint64(0xFFFF)).astype(np.uint16)))
         names = {n: w for n, w in zip(numbers, new_members)}
-        return self._fix_ties(merged, lambda n: names.get(n) or self._names[n])
+        return self._fix_ties(merged, at, lambda n: names.get(n) or self._names[n])
 
     def forget(self, worker_ids: Iterable[str]) -> None:
         """Drops the points of inactive members (their handoff window ended)."""
@@ -161,6 +177,11 @@ class HashRing:
     def owner(self, key: str, exclude: Collection[str] = ()) -> str:
         """The worker of the first active point at or clockwise after the key's hash, skipping
         excluded workers: the key's owner as if the excluded workers had left the ring."""
+        hashes, owners = self._points
+        if not exclude and self._num_active:  # the common case: one binary search
+            number = int(owners[int(hashes.searchsorted(np.uint32(hash_key(key)))) % len(hashes)])
+            if self._active[number]:
+                return self._names[number]
         for worker_id in self.walk(key, exclude):
             return worker_id
         raise EmptyRingError("the hash ring has no workers" if not self._num_active
@@ -187,7 +208,7 @@ class HashRing:
         num_points = len(hashes)
         if not num_points:
             return
-        start = int(np.searchsorted(hashes, np.uint32(hash_key(key))))
+        start = int(hashes.searchsorted(np.uint32(hash_key(key))))  # a Python int: O(points)
         seen: set[int] = set()
         num_members = len(self._numbers)
         for offset in range(num_points):
@@ -239,15 +260,18 @@ class HashRing:
         return number
 
     @staticmethod
-    def _fix_ties(points: Points, name_of) -> Points:
-        """Equal points (rare: two workers' 32-bit hashes collide) ordered by worker id, so every
-        process resolves them alike whatever the join order."""
+    def _fix_ties(points: Points, at: np.ndarray, name_of) -> Points:
+        """Equal points (two workers' 32-bit hashes collide: about P^2 / 2^33 of them, thousands
+        at a thousand workers) ordered by worker id, so every process resolves them alike whatever
+        the numbering. Only runs that hold a new point (at `at`) can be out of order."""
         hashes, owners = points
-        ties = np.flatnonzero(hashes[1:] == hashes[:-1])
-        if not len(ties):
+        last = len(hashes) - 1
+        tied = at[((at > 0) & (hashes[at] == hashes[np.maximum(at - 1, 0)]))
+                  | ((at < last) & (hashes[at] == hashes[np.minimum(at + 1, last)]))]
+        if not len(tied):
             return points
         owners = owners.copy()
-        for start in ties:  # each run is re-sorted from its first tie; a few points at most
-            end = bisect.bisect_right(hashes, hashes[start], lo=start)
-            owners[start:end] = sorted(owners[start:end], key=lambda n: name_of(int(n)))
+        for value in np.unique(hashes[tied]):  # each run re-sorted by name; a few points each
+            start, end = int(hashes.searchsorted(value)), int(hashes.searchsorted(value, side="right"))
+            owners[start:end] = sorted(owners[start:end].tolist(), key=name_of)
         return Points(hashes, owners)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from services.common.hash_ring import DEFAULT_VNODES, EmptyRingError, HashRing
+from services.common.hash_ring import DEFAULT_VNODES, EmptyRingError, HashRing, Points
 from services.common.ring_history import MAX_PREVIOUS, ChangeLog, Peer
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,11 @@ class Membership:
 
     def __init__(self, *, ttl_s: float, vnodes: int = DEFAULT_VNODES, handoff_window_s: float = 600.0,
                  clock: Callable[[], float] = time.monotonic, on_change: OnChange | None = None,
-                 on_version: OnVersion | None = None):
+                 on_version: OnVersion | None = None, defer_new_points: bool = False):
+        """`defer_new_points`: commit() leaves workers new to the ring pending (the coordinator's
+        point builder merges their points in a thread and commits them), so no read pays a merge."""
         self.ttl_s = ttl_s
+        self.defer_new_points = defer_new_points
         self.handoff_window_s = handoff_window_s
         self.epoch = 0
         self.version = 0
@@ -93,7 +96,13 @@ class Membership:
 
     @property
     def ring(self) -> HashRing:
-        self.commit()
+        """Committed now, new workers' points included (a merge on this call if any are pending)."""
+        self.commit(defer=False)
+        return self._ring
+
+    @property
+    def committed_ring(self) -> HashRing:
+        """As last committed: what routers have (for the point builder; no merge here)."""
         return self._ring
 
     @property
@@ -183,21 +192,35 @@ class Membership:
         expired = sorted(w for w, info in self._workers.items() if info.last_heartbeat < now - self.ttl_s)
         for worker_id in expired:
             self._remove(worker_id, "expire")
-        self.commit()
+        self.commit()  # the sweep: new workers' points are left to the builder
         return expired
 
-    def commit(self) -> None:
-        """Applies pending ring changes in one batch (one log entry), and moves the handoff window."""
+    def pending_new(self) -> list[str]:
+        """Workers waiting to go on the ring that have no points on it yet (sorted)."""
+        return sorted(w for w in self._dirty if w in self._workers and self._workers[w].state == "active"
+                      and not self._ring.is_member(w))
+
+    def commit(self, merged: tuple[list[str], Points] | None = None, defer: bool | None = None) -> None:
+        """Applies pending ring changes in one batch (one log entry), and moves the handoff window.
+        `merged`: (pending_new(), the ring's merged_with(them)) computed off the loop. `defer`
+        (default: defer_new_points): leave workers without points pending, not merge them here."""
         now = self._clock()
         if self._dirty:
             want = {w: w in self._workers and self._workers[w].state == "active" for w in self._dirty}
-            self._dirty.clear()
-            retired_at, now = self._dirty_since, max(now, self._dirty_since)
-            on = [w for w, active in want.items() if active]
+            ready = [w for w in (merged[0] if merged else []) if want.get(w)]
+            held = [w for w, active in want.items() if active and not self._ring.is_member(w)
+                    and w not in ready] if (self.defer_new_points if defer is None else defer) else []
+            on = ready + [w for w, active in want.items() if active and w not in ready and w not in held]
             off = [w for w, active in want.items() if not active and self._ring.is_member(w)]
-            changed = self._ring.update(on=on, off=off)
-            self.log.record(retired_at, [w for w in on if w in changed], [w for w in off if w in changed],
-                            num_active_after=self._ring.num_active)
+            self._dirty = set(held)
+            changed = self._ring.update(on=on, off=off, merged=merged)
+            if changed:
+                self.log.record(self._dirty_since, [w for w in on if w in changed],
+                                [w for w in off if w in changed], num_active_after=self._ring.num_active)
+                self._bump_version()
+                for worker_id in changed & self._workers.keys():
+                    self._changed_at[worker_id] = self.version  # its record's state changed
+            self._dirty_since = now
         before = self.log.first_seq
         released = self.log.drop(before_at=now - self.handoff_window_s)
         self._ring.forget(w for w in released if w not in self._ring)
@@ -208,7 +231,7 @@ class Membership:
         """The key's owner on the current ring, skipping `exclude` (workers the caller could not
         reach), and its earlier owners within the handoff window; excluded ones are never listed."""
         excluded = frozenset(exclude)
-        ring = self.ring
+        ring = self.ring  # a lookup sees every registered worker (gateways route by themselves)
         try:
             worker_id = ring.owner(seq_id, excluded)
         except EmptyRingError:
@@ -239,10 +262,11 @@ class Membership:
                 "loads": [{"worker_id": w.worker_id, "load": w.load, "load_reports": w.load_reports}
                           for w in loads]}
 
-    @staticmethod
-    def _record(w: WorkerInfo, now: float) -> dict:
+    def _record(self, w: WorkerInfo, now: float) -> dict:
+        """`state` as on the ring: a joining worker whose points are still being built is not
+        active for routers yet (its ring change, and its record again, come with the build)."""
         return {"worker_id": w.worker_id, "address": w.address, "model_name": w.model_name,
-                "state": w.state, "age_s": round(now - w.registered_at, 3),
+                "state": "active" if w.worker_id in self._ring else "draining", "age_s": round(now - w.registered_at, 3),
                 "last_heartbeat_age_s": round(now - w.last_heartbeat, 3), "load": w.load,
                 "load_reports": w.load_reports}
 

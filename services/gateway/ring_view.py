@@ -65,7 +65,7 @@ class RingView:
                 if not self.log.entries:
                     self.log.next_seq = change.seq
                 self.log.append(Entry(change.seq, 0.0, tuple(change.toggles), change.num_active_before))
-        self.ring.update(on=plan.on, off=plan.off, merged=merged)
+        self.ring.update(on=plan.on, off=plan.off, merged=None if merged is None else (plan.new, merged))
         released = self.log.drop(before_seq=state.first_seq)
         self.ring.forget(w for w in released if w not in self.ring)
         self.log.next_seq = max(self.log.next_seq, state.next_seq)
