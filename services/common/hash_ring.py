@@ -3,9 +3,9 @@ both always agree on owners. Pure: no I/O, no framework imports.
 
 Each worker owns `vnodes` points; a key belongs to the first point at or clockwise after its MD5
 hash, wrapping past 2**32. Balance comes from many points (8192 by default: max/mean share within
-1.05 up to 2000 workers, see docs/ring-balance.md for the measured alternatives), which stay cheap
-because they live in two flat numpy arrays (4 + 2 bytes a point) rather than Python tuples, and a
-worker's points are generated in one vectorised pass (splitmix64 over an MD5 seed of its id).
+1.05 up to 2000 workers; README, "Control plane at scale", compares the measured alternatives),
+which stay cheap because they live in two flat numpy arrays (4 + 2 bytes a point) rather than
+Python tuples, and a worker's points come from one vectorised pass (splitmix64 over an MD5 seed).
 
 A ring holds *members*: active workers (they own keys) and inactive ones whose points are kept
 for the handoff window (ring_history reads where their arcs were). Turning a member on or off is

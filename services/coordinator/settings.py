@@ -11,7 +11,8 @@ class CoordinatorSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="COORDINATOR_")
 
     port: int = Field(8081, ge=1, le=65535)
-    vnodes: int = Field(DEFAULT_VNODES, ge=1, le=65_536)  # fewer: cheaper, less even (docs/ring-balance.md)
+    # Ring points per worker; fewer are cheaper and less even (README, "Control plane at scale").
+    vnodes: int = Field(DEFAULT_VNODES, ge=1, le=65_536)
     ttl_s: float = Field(10.0, gt=0)
     sweep_interval_s: float = Field(1.0, gt=0)
     # How long earlier owners of a key stay listed in `previous` (KV handoff sources).
