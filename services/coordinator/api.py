@@ -101,9 +101,9 @@ async def route(seq_id: str, request: Request, exclude: str = "") -> RouteRespon
                          epoch=found.epoch, previous=previous)
 
 
-@router.get("/ring")
+@router.get("/ring", response_model=RingState)
 async def ring(request: Request, after: int = -1, seq: int = Query(0, ge=0), load_after: int | None = None,
-               instance: str = "", wait_s: float = Query(0.0, ge=0, le=MAX_RING_WAIT_S)) -> RingState:
+               instance: str = "", wait_s: float = Query(0.0, ge=0, le=MAX_RING_WAIT_S)) -> Response:
     """The routing state: with `after` (a version of this `instance`), `seq` (the next ring change
     the caller lacks) and `load_after` (a load version), only what changed since, once something
     did or `wait_s` passed (a long poll; without `load_after`, load reports do not end it): routers stay in sync within milliseconds of a change
@@ -116,8 +116,11 @@ async def ring(request: Request, after: int = -1, seq: int = Query(0, ge=0), loa
     elif membership.version <= after and membership.load_version <= load_after and wait_s > 0:
         await state.watch.wait(wait_s)
     uptime_s = membership.now() - state.started_at
-    return RingState.model_validate(membership.state(after, seq, load_after) | {
+    body = RingState.model_validate(membership.state(after, seq, load_after) | {
         "instance": state.instance, "settling": uptime_s < membership.ttl_s})
+    # Serialised once here: a returned model would be validated again by FastAPI (the full state
+    # of a thousand workers twice per answer).
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 @router.get("/workers")

@@ -81,6 +81,7 @@ class Membership:
         self._on_change = on_change
         self._on_version = on_version
         self._workers: dict[str, WorkerInfo] = {}
+        self._num_draining = 0
         self._dirty: set[str] = set()  # workers whose ring state may differ from what they want
         self._dirty_since = 0.0        # when the first of them changed: the old ring retired then
         self._changed_at: dict[str, int] = {}  # worker -> version of its last change
@@ -107,11 +108,11 @@ class Membership:
 
     @property
     def num_active(self) -> int:
-        return sum(info.state == "active" for info in self._workers.values())
+        return len(self._workers) - self._num_draining
 
     @property
     def num_draining(self) -> int:
-        return len(self._workers) - self.num_active
+        return self._num_draining
 
     @property
     def num_changes_kept(self) -> int:
@@ -142,6 +143,7 @@ class Membership:
             info = WorkerInfo(worker_id, address, model_name, registered_at=now, last_heartbeat=now,
                               state=state)
             self._workers[worker_id] = info
+            self._num_draining += state == "draining"
             self._gone.pop(worker_id, None)
             self._mark(worker_id)
             self._changed("drain" if draining else "join", info)
@@ -208,11 +210,12 @@ class Membership:
         if self._dirty:
             want = {w: w in self._workers and self._workers[w].state == "active" for w in self._dirty}
             ready = [w for w in (merged[0] if merged else []) if want.get(w)]
-            held = [w for w, active in want.items() if active and not self._ring.is_member(w)
-                    and w not in ready] if (self.defer_new_points if defer is None else defer) else []
-            on = ready + [w for w, active in want.items() if active and w not in ready and w not in held]
+            ready_set = set(ready)
+            held = {w for w, active in want.items() if active and not self._ring.is_member(w)
+                    and w not in ready_set} if (self.defer_new_points if defer is None else defer) else set()
+            on = ready + [w for w, active in want.items() if active and w not in ready_set and w not in held]
             off = [w for w, active in want.items() if not active and self._ring.is_member(w)]
-            self._dirty = set(held)
+            self._dirty = held
             changed = self._ring.update(on=on, off=off, merged=merged)
             if changed:
                 self.log.record(self._dirty_since, [w for w in on if w in changed],
@@ -249,9 +252,12 @@ class Membership:
         self.commit()
         now = self._clock()
         full = after < self._gone_floor or after > self.version or seq > self.log.next_seq
-        workers = [w for w in self.workers() if full or self._changed_at.get(w.worker_id, 0) > after]
+        # A delta scans two dicts (microseconds at a thousand workers); nothing is sorted.
+        workers = self.workers() if full else \
+            [self._workers[w] for w, v in self._changed_at.items() if v > after and w in self._workers]
         changes = [e for e in self.log.entries if full or e.seq >= seq]
-        loads = [w for w in self.workers() if full or self._load_at.get(w.worker_id, 0) > load_after]
+        loads = workers if full else \
+            [self._workers[w] for w, v in self._load_at.items() if v > load_after and w in self._workers]
         return {"full": full, "version": self.version, "load_version": self.load_version,
                 "epoch": self.epoch, "vnodes": self._ring.vnodes,
                 "workers": [self._record(w, now) for w in workers],
@@ -276,12 +282,14 @@ class Membership:
         self._dirty.add(worker_id)
 
     def _set_state(self, info: WorkerInfo, state: WorkerState) -> None:
+        self._num_draining += (state == "draining") - (info.state == "draining")
         info.state = state
         self._mark(info.worker_id)
         self._changed("join" if state == "active" else "drain", info)
 
     def _remove(self, worker_id: str, change: Change) -> None:
         info = self._workers.pop(worker_id)
+        self._num_draining -= info.state == "draining"
         self._mark(worker_id)
         self._changed(change, info)
         self._changed_at.pop(worker_id, None)
