@@ -107,7 +107,7 @@ class Cluster:
         return {name: proc_stats(p.pid) for name, p in zip(("coordinator", "gateway"), self.procs)}
 
     async def watch_rss(self) -> None:
-        while True:
+        while all(p.poll() is None for p in self.procs):
             for name, (_, rss) in self.stats().items():
                 self.peak_rss[name] = max(self.peak_rss[name], rss)
             await asyncio.sleep(0.05)
@@ -224,11 +224,14 @@ async def placement_us(client, cluster) -> float:
 
 
 async def run_n(n: int, churn_s: float, staggered: bool, rng: random.Random) -> dict:
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-    async with Cluster(max(TTL_S, 3 * heartbeat_s(n))) as cluster, httpx.AsyncClient(limits=limits, timeout=30) as client:
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    # The simulated workers share one client; the bench's own calls and probes have their own, so
+    # a queue of heartbeats never delays a measurement.
+    async with Cluster(max(TTL_S, 3 * heartbeat_s(n))) as cluster, \
+            httpx.AsyncClient(limits=limits, timeout=30) as workers_client, httpx.AsyncClient(timeout=60) as client:
         cpu0 = cluster.stats()
         watcher = asyncio.create_task(cluster.watch_rss())
-        regs = [worker(client, cluster, i, rng, n) for i in range(n)]
+        regs = [worker(workers_client, cluster, i, rng, n) for i in range(n)]
         t0 = time.perf_counter()
         tasks = []
         for i, reg in enumerate(regs):

@@ -168,7 +168,9 @@ class HashRing:
         numbers = [self._numbers[w] for w in worker_ids if w in self._numbers and not self._active[self._numbers[w]]]
         if not numbers:
             return
-        keep = ~np.isin(self._points.owners, np.array(numbers, np.uint16))
+        dropped = np.zeros(len(self._names), bool)  # a table lookup: np.isin would sort the owners
+        dropped[numbers] = True
+        keep = ~dropped[self._points.owners]
         self._points = Points(self._points.hashes[keep], self._points.owners[keep])
         for number in numbers:
             del self._numbers[self._names[number]]

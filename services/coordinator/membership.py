@@ -82,6 +82,7 @@ class Membership:
         self._on_version = on_version
         self._workers: dict[str, WorkerInfo] = {}
         self._num_draining = 0
+        self._released: set[str] = set()  # left the window: their points go at the next sweep
         self._dirty: set[str] = set()  # workers whose ring state may differ from what they want
         self._dirty_since = 0.0        # when the first of them changed: the old ring retired then
         self._changed_at: dict[str, int] = {}  # worker -> version of its last change
@@ -99,6 +100,7 @@ class Membership:
     def ring(self) -> HashRing:
         """Committed now, new workers' points included (a merge on this call if any are pending)."""
         self.commit(defer=False)
+        self._forget_released()
         return self._ring
 
     @property
@@ -195,6 +197,7 @@ class Membership:
         for worker_id in expired:
             self._remove(worker_id, "expire")
         self.commit()  # the sweep: new workers' points are left to the builder
+        self._forget_released()
         return expired
 
     def pending_new(self) -> list[str]:
@@ -225,10 +228,15 @@ class Membership:
                     self._changed_at[worker_id] = self.version  # its record's state changed
             self._dirty_since = now
         before = self.log.first_seq
-        released = self.log.drop(before_at=now - self.handoff_window_s)
-        self._ring.forget(w for w in released if w not in self._ring)
+        self._released.update(self.log.drop(before_at=now - self.handoff_window_s))
         if self.log.first_seq != before:
             self._bump_version()
+
+    def _forget_released(self) -> None:
+        """Drops the points of workers off the ring that no kept change names: an O(points) pass,
+        so done by the sweep (once a second), not at every read."""
+        released, self._released = self._released, set()
+        self._ring.forget(w for w in released if not self.log.named(w) and w not in self._ring)
 
     def route(self, seq_id: str, exclude: Collection[str] = ()) -> Route:
         """The key's owner on the current ring, skipping `exclude` (workers the caller could not
