@@ -4,17 +4,16 @@ A late wake-up is time no request, long poll or heartbeat on this loop could run
 import asyncio
 import time
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import Gauge
 
 TICK_S = 0.01
+HELP = "Longest time the event loop was held (a 10 ms timer's lateness) since start."
 
 
 class LoopStallMonitor:
-    def __init__(self, registry: CollectorRegistry, namespace: str) -> None:
+    def __init__(self, gauge: Gauge) -> None:
         self.max_stall_s = 0.0
-        self._gauge = Gauge("event_loop_stall_max_seconds",
-                            "Longest time the event loop was held (a 10 ms timer's lateness) since start.",
-                            namespace=namespace, registry=registry)
+        self._gauge = gauge
 
     async def run(self) -> None:
         while True:

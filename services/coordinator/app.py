@@ -14,7 +14,7 @@ from services.common.errors import install_error_handlers
 from services.common.loop_stall import LoopStallMonitor
 from services.coordinator.api import membership_router, router
 from services.coordinator.membership import Membership
-from services.coordinator.metrics import NAMESPACE, CoordinatorMetrics
+from services.coordinator.metrics import CoordinatorMetrics
 from services.coordinator.settings import CoordinatorSettings
 from services.coordinator.watch import VersionWatch
 
@@ -74,7 +74,7 @@ def create_app(settings: CoordinatorSettings | None = None, *,
         app.state.instance = uuid.uuid4().hex
         app.state.started_at = clock()
         app.state.membership = build_membership(settings, app.state.metrics, clock, app.state.watch)
-        stalls = LoopStallMonitor(app.state.metrics.registry, NAMESPACE)
+        stalls = LoopStallMonitor(app.state.metrics.loop_stall)
         tasks = [asyncio.create_task(sweep_forever(app.state.membership, settings.sweep_interval_s)),
                  asyncio.create_task(build_points_forever(app.state.membership)),
                  asyncio.create_task(stalls.run())]
