@@ -26,7 +26,7 @@ import httpx
 
 from bench_elastic import percentile, summary, text, turn
 from bench_openai import environ
-from services.coordinator.ring import HashRing
+from services.common.hash_ring import HashRing
 from services.localcluster import LocalCluster
 from services.worker.model.presets import resolve_model_path
 

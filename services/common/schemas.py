@@ -193,19 +193,39 @@ class RingWorker(BaseModel):
         return self.served_model_names or ([self.model_name] if self.model_name else [])
 
 
-class RingSnapshot(BaseModel):
-    """Everything a router needs to route without asking: the workers, the current ring (its active
-    workers, `vnodes` points each) and the retired rings of the handoff window (previous owners)."""
+class RingChange(BaseModel):
+    """One ring change of the handoff window: the workers it turned on (true) or off (false)."""
+    seq: int
+    toggles: list[tuple[str, bool]]
+    num_active_before: int
+
+
+class LoadReport(BaseModel):
+    worker_id: str
+    load: int
+    load_reports: int
+
+
+class RingState(BaseModel):
+    """Everything a router needs to route without asking, or what changed since it last asked
+    (`full` false): changed workers, removed ones, new ring changes. Loads travel in their own
+    list with their own version, so a load report moves no membership data."""
 
     instance: str  # the coordinator process: versions of another instance are not comparable
     # Restarted less than a heartbeat TTL ago: workers are still re-registering, so the ring may
     # be incomplete (routers keep their last ring meanwhile).
     settling: bool = False
-    version: int   # grows with every change below, load reports included
-    epoch: int     # grows with membership changes only
+    full: bool = True
+    version: int       # grows with every membership change and move of the handoff window
+    load_version: int = 0
+    epoch: int         # grows with membership changes only
     vnodes: int
     workers: list[RingWorker]
-    retired: list[list[str]] = []  # worker ids of each retired ring, newest first
+    removed: list[str] = []
+    first_seq: int = 1  # the oldest ring change of the handoff window
+    next_seq: int = 1   # the next ring change's number
+    changes: list[RingChange] = []
+    loads: list[LoadReport] = []
 
 
 class RouteResponse(BaseModel):

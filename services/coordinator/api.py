@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 from services.common.errors import InvalidRequest, NotFound, Unavailable
 from services.common.metrics import metrics_response
 from services.common.schemas import (WORKER_ID_PATTERN, DeregisterRequest, DrainRequest,
-                                     HeartbeatRequest, RegisterRequest, RingSnapshot, RouteResponse, WorkerRef,
+                                     HeartbeatRequest, RegisterRequest, RingState, RouteResponse, WorkerRef,
                                      check_seq_id)
 from services.coordinator.membership import Membership, NoWorkers, UnknownWorker
 from services.coordinator.metrics import CoordinatorMetrics
@@ -104,18 +104,26 @@ async def route(seq_id: str, request: Request, exclude: str = "") -> RouteRespon
                          epoch=found.epoch, previous=previous)
 
 
-@router.get("/ring")
-async def ring(request: Request, after: int = -1, instance: str = "",
-               wait_s: float = Query(0.0, ge=0, le=MAX_RING_WAIT_S)) -> RingSnapshot:
-    """The routing state (workers, loads, current and retired rings). With `after` (a version of
-    this `instance`), waits up to `wait_s` for a newer version (a long poll): routers stay in
-    sync within milliseconds of a change without asking per request."""
+@router.get("/ring", response_model=RingState)
+async def ring(request: Request, after: int = -1, seq: int = Query(0, ge=0), load_after: int | None = None,
+               instance: str = "", wait_s: float = Query(0.0, ge=0, le=MAX_RING_WAIT_S)) -> Response:
+    """The routing state: with `after` (a version of this `instance`), `seq` (the next ring change
+    the caller lacks) and `load_after` (a load version), only what changed since, once something
+    did or `wait_s` passed (a long poll; without `load_after`, load reports do not end it): routers stay in sync within milliseconds of a change
+    without asking per request. Without them (or from another instance), everything."""
     membership, state = _membership(request), request.app.state
-    if membership.version <= after and instance == state.instance and wait_s > 0:
+    if load_after is None:  # a caller that does not follow loads waits on membership changes only
+        load_after = membership.load_version
+    if instance != state.instance:
+        after, seq, load_after = -1, 0, -1
+    elif membership.version <= after and membership.load_version <= load_after and wait_s > 0:
         await state.watch.wait(wait_s)
     uptime_s = membership.now() - state.started_at
-    return RingSnapshot.model_validate(membership.snapshot() | {
+    body = RingState.model_validate(membership.state(after, seq, load_after) | {
         "instance": state.instance, "settling": uptime_s < membership.ttl_s})
+    # Serialised once here: a returned model would be validated again by FastAPI (the full state
+    # of a thousand workers twice per answer).
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 @router.get("/workers")

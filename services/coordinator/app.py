@@ -11,6 +11,7 @@ from fastapi import Depends, FastAPI
 
 from services.common.auth import require_bearer
 from services.common.errors import install_error_handlers
+from services.common.loop_stall import LoopStallMonitor
 from services.coordinator.api import membership_router, router
 from services.coordinator.membership import Membership
 from services.coordinator.metrics import CoordinatorMetrics
@@ -29,6 +30,26 @@ async def sweep_forever(membership: Membership, interval_s: float) -> None:
             log.exception("membership sweep failed")
 
 
+async def build_points_forever(membership: Membership, interval_s: float = 0.05) -> None:
+    """Merges the points of workers new to the ring in a thread (numpy copies and sorts without
+    the GIL), then commits them on the loop: a storm of joins is one merge per interval, and no
+    request waits behind one."""
+    while True:
+        await asyncio.sleep(interval_s)
+        new = membership.pending_new()
+        if not new:
+            continue
+        ring = membership.committed_ring
+        base = ring.points
+        try:
+            merged = await asyncio.to_thread(ring.merged_with, new)
+        except Exception:
+            log.exception("building ring points failed")
+            continue
+        if ring.points is base:  # else the window dropped points meanwhile: build again
+            membership.commit(merged=(new, merged))
+
+
 def build_membership(settings: CoordinatorSettings, metrics: CoordinatorMetrics,
                      clock: Callable[[], float], watch: VersionWatch) -> Membership:
     def on_change(change: str, _worker_id: str, epoch: int) -> None:
@@ -36,7 +57,7 @@ def build_membership(settings: CoordinatorSettings, metrics: CoordinatorMetrics,
 
     membership = Membership(ttl_s=settings.ttl_s, vnodes=settings.vnodes,
                             handoff_window_s=settings.handoff_window_s, clock=clock,
-                            on_change=on_change, on_version=watch.notify)
+                            on_change=on_change, on_version=watch.notify, defer_new_points=True)
     return membership
 
 
@@ -53,13 +74,17 @@ def create_app(settings: CoordinatorSettings | None = None, *,
         app.state.instance = uuid.uuid4().hex
         app.state.started_at = clock()
         app.state.membership = build_membership(settings, app.state.metrics, clock, app.state.watch)
-        sweep = asyncio.create_task(sweep_forever(app.state.membership, settings.sweep_interval_s))
+        stalls = LoopStallMonitor(app.state.metrics.loop_stall)
+        tasks = [asyncio.create_task(sweep_forever(app.state.membership, settings.sweep_interval_s)),
+                 asyncio.create_task(build_points_forever(app.state.membership)),
+                 asyncio.create_task(stalls.run())]
         try:
             yield
         finally:
-            sweep.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweep
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     app = FastAPI(title="kvcache coordinator", lifespan=lifespan)
     install_error_handlers(app)

@@ -2,7 +2,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
-from services.coordinator.ring import DEFAULT_VNODES
+from services.common.hash_ring import DEFAULT_VNODES
 
 
 class CoordinatorSettings(ServiceSettings):
@@ -11,7 +11,8 @@ class CoordinatorSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="COORDINATOR_")
 
     port: int = Field(8081, ge=1, le=65535)
-    vnodes: int = Field(DEFAULT_VNODES, ge=1, le=10_000)  # 100: the classic setting, less even
+    # Ring points per worker; fewer are cheaper and less even (README, "Control plane at scale").
+    vnodes: int = Field(DEFAULT_VNODES, ge=1, le=65_536)
     ttl_s: float = Field(10.0, gt=0)
     sweep_interval_s: float = Field(1.0, gt=0)
     # How long earlier owners of a key stay listed in `previous` (KV handoff sources).

@@ -12,6 +12,7 @@ from starlette.responses import Response
 from services.common.auth import bearer_headers
 from services.common.body_limit import BodyLimit
 from services.common.errors import ServiceError, error_response, install_error_handlers
+from services.common.loop_stall import LoopStallMonitor
 from services.gateway.api import router
 from services.gateway.api_keys import ApiKeyMiddleware, load_api_keys
 from services.gateway.fast_generate import FastGenerate
@@ -58,14 +59,16 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         placer = Placer(settings.routing, settings.load_factor)
         ring = RingSync(CoordinatorClient(client, settings.coordinator_url), placer.loads)
         app.state.proxy = GatewayProxy(client, ring, placer, metrics, migration_limit=settings.migration_limit)
-        sync = asyncio.create_task(ring.run())
+        tasks = [asyncio.create_task(ring.run()),
+                 asyncio.create_task(LoopStallMonitor(metrics.loop_stall).run())]
         await ring.wait_first()
         try:
             yield
         finally:
-            sync.cancel()
-            with suppress(asyncio.CancelledError):
-                await sync
+            for task in tasks:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
             await client.close()
 
     app = FastAPI(title="kvcache gateway", version=version("kvcache"), description=DESCRIPTION,

@@ -20,7 +20,7 @@ from services.common.kv_tensor_schemas import (MAX_LAYERS, KVDeleteResponse, KVG
                                                KVLengthResponse, KVWriteRequest, KVWriteResponse, body_doc,
                                                parsed_body)
 from services.common.schemas import SEQ_ID_PATTERN
-from services.coordinator.ring import EmptyRingError
+from services.common.hash_ring import EmptyRingError
 from services.gateway.openapi_docs import errors
 from services.gateway.routing import error_message
 from services.gateway.tenants import internal_seq_id, tenant_in

@@ -3,6 +3,7 @@
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.common.loop_stall import HELP as LOOP_STALL_HELP
 from services.common.metrics import PREFIX
 
 _NAME = f"{PREFIX}_gateway"
@@ -16,6 +17,7 @@ _ENDPOINTS = {"/generate": "generate", "/stats": "stats", "/health": "health", "
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.loop_stall = Gauge(f"{_NAME}_event_loop_stall_max_seconds", LOOP_STALL_HELP, registry=self.registry)
         self.requests = Counter(
             f"{_NAME}_requests_total", "HTTP requests by endpoint and status class.",
             ["endpoint", "code_class"], registry=self.registry)

@@ -17,11 +17,11 @@ others' requests one report (a heartbeat) late.
 
 import itertools
 from collections import Counter, OrderedDict
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 
-from services.common.schemas import RingWorker, RouteResponse
-from services.coordinator.ring import EmptyRingError
+from services.common.schemas import LoadReport, RingWorker, RouteResponse
+from services.common.hash_ring import EmptyRingError
 from services.gateway.ring_view import RingView
 
 REMEMBERED_KEYS = 65_536  # keys whose last worker is remembered (a KV source when they move)
@@ -31,37 +31,67 @@ class LoadEstimates:
     def __init__(self) -> None:
         self.in_flight: Counter[str] = Counter()  # this gateway's requests open at each worker
         self._reports: dict[str, tuple[int, int, int]] = {}  # worker -> (report no., load, in_flight then)
+        self._loads: dict[str, int] = {}  # worker -> load(worker), kept so that `total` is O(1)
+        self.total = 0
 
     def started(self, worker_id: str) -> None:
         self.in_flight[worker_id] += 1
+        self._refresh(worker_id)
 
     def finished(self, worker_id: str) -> None:
         self.in_flight[worker_id] -= 1
         if self.in_flight[worker_id] <= 0:
             del self.in_flight[worker_id]
+        self._refresh(worker_id)
 
-    def observe(self, workers: Iterable[RingWorker]) -> None:
-        """Takes the new load reports of a ring snapshot."""
-        reports = {}
-        for w in workers:
-            known = self._reports.get(w.worker_id)
-            fresh = known is None or known[0] != w.load_reports
-            reports[w.worker_id] = (w.load_reports, w.load, self.in_flight[w.worker_id]) if fresh else known
-        self._reports = reports
+    def observe(self, reports: Iterable[RingWorker | LoadReport], full: bool = True) -> None:
+        """Takes new load reports: every worker's (`full`: the others are forgotten) or changed ones."""
+        if full:
+            known = set(self._reports)
+            self._reports = {}
+        for w in reports:
+            known_report = self._reports.get(w.worker_id)
+            fresh = known_report is None or known_report[0] != w.load_reports
+            self._reports[w.worker_id] = (w.load_reports, w.load, self.in_flight[w.worker_id]) \
+                if fresh else known_report
+            self._refresh(w.worker_id)
+        if full:
+            for worker_id in known - set(self._reports):
+                self._refresh(worker_id)
+
+    def forget(self, worker_ids: Iterable[str]) -> None:
+        for worker_id in worker_ids:
+            self._reports.pop(worker_id, None)
+            self._refresh(worker_id)
 
     def load(self, worker_id: str) -> int:
+        return self._loads.get(worker_id, 0)
+
+    def _refresh(self, worker_id: str) -> None:
         _, reported, ours_then = self._reports.get(worker_id, (0, 0, 0))
-        return self.in_flight[worker_id] + max(0, reported - ours_then)
+        load = self.in_flight[worker_id] + max(0, reported - ours_then)
+        self.total += load - self._loads.get(worker_id, 0)
+        if load:
+            self._loads[worker_id] = load
+        else:
+            self._loads.pop(worker_id, None)
 
 
 def bounded_choice(candidates: list[str], loads: dict[str, int], factor: float) -> str:
     """The first candidate (ring order) whose load is at most factor x (total + 1) / n. The least
     loaded one always qualifies for factor >= 1, so the fallback only guards factor < 1."""
     bound = factor * (sum(loads.values()) + 1) / len(loads)
+    return first_under(iter(candidates), loads.__getitem__, bound, [])
+
+
+def first_under(candidates: Iterator[str], load_of: Callable[[str], int], bound: float, passed: list[str]) -> str:
+    """The first candidate whose load is at most `bound`, else the least loaded; `passed` gets the
+    ones it went by. Reads candidates lazily: at factor >= 1 it stops within a few of them."""
     for worker_id in candidates:
-        if loads[worker_id] <= bound:
+        if load_of(worker_id) <= bound:
             return worker_id
-    return min(candidates, key=loads.__getitem__)
+        passed.append(worker_id)
+    return min(passed, key=load_of)
 
 
 @dataclass(frozen=True)
@@ -81,23 +111,32 @@ class Placer:
     def place(self, view: RingView, key: str, exclude: Collection[str] = ()) -> Placement:
         """EmptyRingError when no active worker is left after `exclude`."""
         candidates = view.candidates(key, exclude)
-        if not candidates:
+        owner = next(candidates, None)
+        if owner is None:
             raise EmptyRingError("no active worker" if not exclude else "every active worker is excluded")
         if self.routing == "round_robin":
-            worker_id, decision = candidates[next(self._turns) % len(candidates)], "round_robin"
+            ordered = [owner, *candidates]
+            worker_id, decision = ordered[next(self._turns) % len(ordered)], "round_robin"
         elif self.load_factor > 0:
-            loads = {w: self.loads.load(w) for w in view.active if w not in exclude}
-            worker_id = bounded_choice(candidates, loads, self.load_factor)
-            decision = "owner" if worker_id == candidates[0] else "spilled"
+            worker_id = first_under(itertools.chain([owner], candidates), self.loads.load,
+                                    self._bound(view, exclude), [])
+            decision = "owner" if worker_id == owner else "spilled"
         else:
-            worker_id, decision = candidates[0], "owner"
+            worker_id, decision = owner, "owner"
         if exclude and decision == "owner":
             decision = "rerouted"
         # Where the key's KV may be besides its ring history: the worker it last went to (a spill)
         # and its owner (when this request spills past it).
-        sources = [self._last.get(key, worker_id), candidates[0]]
+        sources = [self._last.get(key, worker_id), owner]
         self._remember(key, worker_id)
         return Placement(view.route(key, worker_id, exclude, first_sources=sources), decision)
+
+    def _bound(self, view: RingView, exclude: Collection[str]) -> float:
+        """factor x (total + 1) / n over the active workers not excluded: O(draining + excluded)."""
+        off = view.draining | {w for w in exclude if w in view.ring}
+        total = self.loads.total - sum(self.loads.load(w) for w in off)
+        num_workers = view.num_active - sum(1 for w in exclude if w in view.ring)
+        return self.load_factor * (total + 1) / max(num_workers, 1)
 
     def _remember(self, key: str, worker_id: str) -> None:
         self._last[key] = worker_id

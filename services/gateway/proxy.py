@@ -20,7 +20,7 @@ from services.common.event_stream import EventStream, FinalChunk
 from services.common.http import path_segment
 from services.common.schemas import RouteResponse
 from services.common.sse import TERMINAL_TYPES, data_of, encode_data, event_type
-from services.coordinator.ring import EmptyRingError
+from services.common.hash_ring import EmptyRingError
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.placement import Placer
 from services.gateway.ring_sync import RingSync

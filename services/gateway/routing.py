@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from services.common.errors import Unavailable, UpstreamError
-from services.common.schemas import RingSnapshot
+from services.common.schemas import RingState
 from services.gateway.upstream import UpstreamClient, UpstreamFailure
 
 
@@ -36,9 +36,11 @@ class CoordinatorClient:
         self._client = client
         self._base_url = base_url.rstrip("/")
 
-    async def ring(self, after: int = -1, instance: str = "", wait_s: float = 0.0) -> RingSnapshot:
-        """The routing state; with `after`, once it is newer than that version (or `wait_s` passed)."""
-        params = {"after": after, "instance": instance, "wait_s": wait_s}
+    async def ring(self, after: int = -1, seq: int = 0, load_after: int = -1, instance: str = "",
+                   wait_s: float = 0.0) -> RingState:
+        """The routing state, or with `after` (versions of `instance`) what changed since, once
+        something did (or `wait_s` passed)."""
+        params = {"after": after, "seq": seq, "load_after": load_after, "instance": instance, "wait_s": wait_s}
         try:
             response = await self._client.request("GET", self._base_url + "/ring", params=params,
                                                   timeout_s=wait_s + 5.0)
@@ -50,6 +52,6 @@ class CoordinatorClient:
             raise UpstreamError(f"coordinator answered HTTP {response.status}: "
                                 f"{error_message(body) or 'no JSON body'}")
         try:
-            return RingSnapshot.model_validate(body)
+            return RingState.model_validate(body)
         except ValidationError as exc:
             raise UpstreamError(f"coordinator sent an invalid ring: {exc.error_count()} errors") from exc

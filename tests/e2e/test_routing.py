@@ -9,7 +9,7 @@ import uuid
 import httpx
 import pytest
 
-from services.coordinator.ring import HashRing
+from services.common.hash_ring import HashRing
 from tests.support import agenerate, assert_well_formed, extra_gateway
 
 pytestmark = pytest.mark.e2e

@@ -243,14 +243,14 @@ async def test_sweep_expires_silent_workers(client, clock):
     assert (await register(client, "w1")).json()["epoch"] == 4
 
 
-async def test_lifespan_cancels_sweep_on_shutdown():
+async def test_lifespan_cancels_its_tasks_on_shutdown():
     app = create_app(CoordinatorSettings(sweep_interval_s=0.01))
     before = asyncio.all_tasks()
     async with app.router.lifespan_context(app):
         started = asyncio.all_tasks() - before
-        assert len(started) == 1
-    sweep = started.pop()
-    assert sweep.done() and sweep.cancelled()
+        # the TTL sweep, the ring point builder, the event-loop stall monitor
+        assert len(started) == 3
+    assert all(task.done() and task.cancelled() for task in started)
 
 
 async def route_of(client, seq_id: str, **params) -> dict:
@@ -399,21 +399,52 @@ async def test_no_token_configured_needs_no_header(client):
                               headers={"Authorization": "Bearer anything"})).status_code == 200
 
 
+async def on_ring_for_routers(client, *worker_ids: str) -> dict:
+    """GET /ring once the point builder has put these workers on the ring routers see (it merges
+    new workers' points off the event loop, one batch every 50 ms)."""
+    async with asyncio.timeout(5):
+        while True:
+            body = (await client.get("/ring")).json()
+            active = {w["worker_id"] for w in body["workers"] if w["state"] == "active"}
+            if active >= set(worker_ids):
+                return body
+            await asyncio.sleep(0.01)
+
+
+async def test_a_new_worker_reaches_routers_after_its_points_are_built(client):
+    await register(client, "w1")
+    assert (await client.get("/ring")).json()["workers"][0]["state"] == "draining"  # not on it yet
+    body = await on_ring_for_routers(client, "w1")
+    assert [c["toggles"] for c in body["changes"]] == [[["w1", True]]]
+    assert (await route_of(client, "seq-1"))["worker_id"] == "w1"
+
+
 async def test_ring_snapshot_lists_workers_loads_and_retired_rings(client):
     await register(client, "w1")
     await register(client, "w2")
+    await on_ring_for_routers(client, "w1", "w2")  # a router read this ring: it enters the window
     await client.post("/heartbeat", json={"worker_id": "w2", "load": 3})
     await client.post("/drain", json={"worker_id": "w1"})
     body = (await client.get("/ring")).json()
-    assert body["epoch"] == 3 and body["version"] == 4 and body["vnodes"] == 50 and body["settling"] is True
+    assert body["epoch"] == 3 and body["version"] == 5 and body["vnodes"] == 50 and body["settling"] is True
+    assert body["load_version"] == 1 and body["full"] is True
     assert {w["worker_id"]: (w["state"], w["load"], w["load_reports"]) for w in body["workers"]} == {
         "w1": ("draining", 0, 0), "w2": ("active", 3, 1)}
-    assert body["retired"] == [["w1", "w2"], ["w1"]]  # newest first
+    # The joins were read as one ring change, then the drain.
+    assert [(c["toggles"], c["num_active_before"]) for c in body["changes"]] == [
+        ([["w1", True], ["w2", True]], 0), ([["w1", False]], 2)]
+    delta = (await client.get("/ring", params={"after": 5, "seq": 3, "load_after": 1,
+                                               "instance": body["instance"]})).json()
+    assert delta["full"] is False and delta["workers"] == delta["changes"] == delta["loads"] == []
+    await client.post("/heartbeat", json={"worker_id": "w2", "load": 5})
+    delta = (await client.get("/ring", params={"after": 5, "seq": 3, "load_after": 1,
+                                               "instance": body["instance"], "wait_s": 5})).json()
+    assert delta["workers"] == [] and delta["loads"] == [{"worker_id": "w2", "load": 5, "load_reports": 2}]
 
 
 async def test_ring_long_poll_answers_when_the_version_moves(client):
     await register(client, "w1")
-    first = (await client.get("/ring")).json()
+    first = await on_ring_for_routers(client, "w1")
     args = {"after": first["version"], "instance": first["instance"], "wait_s": 5}
     poll = asyncio.create_task(client.get("/ring", params=args))
     await asyncio.sleep(0.05)
@@ -423,9 +454,12 @@ async def test_ring_long_poll_answers_when_the_version_moves(client):
     assert not poll.done()
     await register(client, "w2")
     answer = (await asyncio.wait_for(poll, 2)).json()
-    assert answer["version"] == first["version"] + 1 and len(answer["workers"]) == 2
-    timed_out = await client.get("/ring", params=args | {"after": answer["version"], "wait_s": 0.05})
-    assert timed_out.json()["version"] == answer["version"]
+    assert answer["version"] == first["version"] + 1 and answer["full"] is False
+    assert [w["worker_id"] for w in answer["workers"]] == ["w2"]  # a delta: the changed worker only
+    built = await on_ring_for_routers(client, "w1", "w2")  # its points: one more version
+    assert built["version"] == answer["version"] + 1
+    timed_out = await client.get("/ring", params=args | {"after": built["version"], "wait_s": 0.05})
+    assert timed_out.json()["version"] == built["version"]
     other = await client.get("/ring", params=args | {"instance": "an-earlier-coordinator", "wait_s": 5})
-    assert other.json()["version"] == answer["version"]  # another instance's version: no wait
+    assert other.json()["version"] == built["version"]  # another instance's version: no wait
     assert_error(await client.get("/ring", params={"wait_s": 61}), 422, "invalid_request")

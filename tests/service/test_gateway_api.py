@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from services.common.errors import error_body
 from services.common.sse import aparse_events, encode_event, parse_events
-from services.coordinator.ring import HashRing
+from services.common.hash_ring import HashRing
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 from tests.loopback import LoopbackServer, refused_address

@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from services.common.errors import error_body
-from services.coordinator.ring import HashRing
+from services.common.hash_ring import HashRing
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 from services.gateway.tenants import internal_seq_id, tenant_of

@@ -1,8 +1,9 @@
 import pytest
 
-from services.coordinator.membership import (MAX_PREVIOUS, MAX_RINGS_KEPT, Membership, NoWorkers,
+from services.common.ring_history import MAX_ENTRIES
+from services.coordinator.membership import (MAX_PREVIOUS, Membership, NoWorkers,
                                             UnknownWorker)
-from services.coordinator.ring import HashRing
+from services.common.hash_ring import HashRing
 
 
 class FakeClock:
@@ -140,9 +141,14 @@ def test_workers_are_listed_in_id_order(membership):
 SEQ_IDS = [f"seq-{i}" for i in range(2000)]
 
 
-def register_all(membership: Membership, worker_ids) -> None:
+def register_all(membership: Membership, worker_ids, one_by_one: bool = False) -> None:
+    """Joins read as one ring change, or `one_by_one`, each ring read (routed by) before the next:
+    changes nobody read in between fold into one, and the handoff window lists rings that routed."""
     for worker_id in worker_ids:
         membership.register(worker_id, f"http://{worker_id}:8000")
+        if one_by_one:
+            membership.commit()
+    membership.commit()
 
 
 def state_of(membership: Membership) -> dict[str, str]:
@@ -274,8 +280,9 @@ def key_owned_in_turn(worker_ids: list[str]) -> str:
 
 def test_previous_is_newest_first_deduplicated_and_registered_only(membership):
     seq_id = key_owned_in_turn(["w0", "w1", "w2"])
-    register_all(membership, ["w0", "w1", "w2"])
+    register_all(membership, ["w0", "w1", "w2"], one_by_one=True)
     membership.drain("w2")
+    membership.commit()
     membership.register("w2", "http://w2:8000")  # rings kept: {w0}, {w0,w1}, {w0..w2}, {w0,w1}
     route = membership.route(seq_id)
     assert route.worker_id == "w2"
@@ -287,7 +294,7 @@ def test_previous_is_newest_first_deduplicated_and_registered_only(membership):
 
 def test_previous_never_lists_excluded_workers(membership):
     seq_id = key_owned_in_turn(["w0", "w1", "w2"])
-    register_all(membership, ["w0", "w1", "w2"])
+    register_all(membership, ["w0", "w1", "w2"], one_by_one=True)
     assert [p.worker_id for p in membership.route(seq_id, exclude=["w1"]).previous] == ["w0"]
     # The current owner is excluded (unreachable) though registered: route elsewhere, never list it.
     route = membership.route(seq_id, exclude=["w2"])
@@ -313,16 +320,16 @@ def test_previous_ends_with_the_handoff_window(clock):
     assert [p.worker_id for p in membership.route("seq-7").previous] == [old]
     clock.advance(0.5)
     assert membership.route("seq-7").previous == ()
-    assert membership.num_rings_kept == 0
+    assert membership.num_changes_kept == 0
 
 
 def test_expire_forgets_old_rings(clock):
     membership = Membership(ttl_s=10_000, vnodes=20, handoff_window_s=60, clock=clock)
     register_all(membership, ["w0", "w1"])
-    assert membership.num_rings_kept == 1
+    assert membership.num_changes_kept == 1
     clock.advance(61)
     membership.expire()
-    assert membership.num_rings_kept == 0
+    assert membership.num_changes_kept == 0
 
 
 def test_previous_lists_a_chain_of_drained_owners_newest_first_capped(clock):
@@ -341,6 +348,6 @@ def test_previous_lists_a_chain_of_drained_owners_newest_first_capped(clock):
 def test_ring_history_is_bounded(clock):
     membership = Membership(ttl_s=10_000, vnodes=5, clock=clock)
     register_all(membership, ["w0"])
-    for i in range(MAX_RINGS_KEPT + 20):
-        register_all(membership, [f"x{i}"])
-    assert membership.num_rings_kept == MAX_RINGS_KEPT
+    for i in range(MAX_ENTRIES + 20):
+        register_all(membership, [f"x{i}"], one_by_one=True)
+    assert membership.num_changes_kept == MAX_ENTRIES

@@ -5,11 +5,11 @@ import random
 
 import pytest
 
-from services.common.schemas import RingSnapshot, RingWorker
+from services.common.schemas import RingState, RingWorker
 from services.coordinator.membership import Membership
-from services.coordinator.ring import EmptyRingError
+from services.common.hash_ring import EmptyRingError
 from services.gateway.placement import LoadEstimates, Placer, bounded_choice
-from services.gateway.ring_view import RingCache, RingView
+from services.gateway.ring_view import RingView
 
 VNODES = 64
 
@@ -22,15 +22,13 @@ class Clock:
         return self.now
 
 
-def view_of(membership: Membership, cache: RingCache | None = None) -> RingView:
-    snapshot = RingSnapshot.model_validate(membership.snapshot() | {"instance": "test"})
-    return RingView(snapshot, cache or RingCache())
+def view_of(membership: Membership) -> RingView:
+    return RingView.of(RingState.model_validate(membership.state() | {"instance": "test"}))
 
 
 def test_the_gateways_view_routes_like_the_coordinator_through_joins_drains_and_leaves():
     clock = Clock()
     membership = Membership(ttl_s=60, vnodes=VNODES, clock=clock)
-    cache = RingCache()
     rng = random.Random(7)
     for step in range(12):
         clock.now += 1
@@ -41,7 +39,7 @@ def test_the_gateways_view_routes_like_the_coordinator_through_joins_drains_and_
             membership.drain(rng.choice(workers))
         else:
             membership.deregister(rng.choice(workers))
-        view = view_of(membership, cache)
+        view = view_of(membership)
         for i in range(200):
             key = f"conv-{i}"
             try:
@@ -63,10 +61,10 @@ def test_candidates_start_at_the_owner_and_list_every_active_worker_once():
     membership.drain("d")
     view = view_of(membership)
     for i in range(50):
-        candidates = view.candidates(f"k{i}")
+        candidates = list(view.candidates(f"k{i}"))
         assert candidates[0] == membership.route(f"k{i}").worker_id
         assert sorted(candidates) == ["a", "b", "c"]
-        assert view.candidates(f"k{i}", exclude={candidates[0]}) == candidates[1:]
+        assert list(view.candidates(f"k{i}", exclude={candidates[0]})) == candidates[1:]
 
 
 def test_load_estimate_is_the_report_plus_this_gateways_change_since():
@@ -159,3 +157,44 @@ def test_round_robin_takes_each_active_worker_in_turn():
     view = view_of(membership)
     chosen = [placer.place(view, "one-key").route.worker_id for _ in range(6)]
     assert sorted(chosen[:3]) == ["a", "b", "c"] and chosen[:3] == chosen[3:]
+
+
+def test_a_view_kept_by_deltas_routes_like_the_coordinator_and_like_a_fresh_view():
+    clock = Clock()
+    membership = Membership(ttl_s=60, vnodes=VNODES, handoff_window_s=30, clock=clock)
+    rng = random.Random(11)
+    membership.register("w0", "http://w0:1")
+    view = view_of(membership)
+    loads = LoadEstimates()
+    for step in range(40):
+        clock.now += rng.choice([0.5, 4.0, 9.0])
+        for _ in range(rng.choice([1, 3])):
+            workers = [w.worker_id for w in membership.workers()]
+            roll = rng.random()
+            if len(workers) < 3 or roll < 0.4:
+                membership.register(f"w{rng.randrange(12)}", f"http://w{step}:1")
+            elif roll < 0.7:
+                membership.drain(rng.choice(workers))
+            elif roll < 0.85:
+                membership.deregister(rng.choice(workers))
+            else:
+                membership.heartbeat(rng.choice(workers), load=rng.randrange(4))
+        delta = RingState.model_validate(
+            membership.state(view.version, view.log.next_seq, view.load_version) | {"instance": "test"})
+        assert not delta.full
+        loads.forget(delta.removed)
+        loads.observe(delta.loads, full=False)  # the load channel: changed reports only
+        assert {w.worker_id: loads.load(w.worker_id) for w in membership.workers()} == \
+            {w.worker_id: w.load for w in membership.workers()}
+        view.apply(delta, plan := view.plan(delta), view.ring.merged_with(plan.new))
+        fresh = view_of(membership)
+        assert view.ring.members == fresh.ring.members == membership.ring.members
+        assert list(view.log.entries) == list(fresh.log.entries)
+        if not membership.ring.num_active:
+            continue
+        for i in range(100):
+            key = f"conv-{i}"
+            expected = membership.route(key)
+            route = view.route(key, view.owner(key))
+            assert (route.worker_id, route.address) == (expected.worker_id, expected.address)
+            assert [(p.worker_id, p.address) for p in route.previous] == list(expected.previous)

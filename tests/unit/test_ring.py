@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from services.coordinator.ring import DEFAULT_VNODES, KEY_SPACE, EmptyRingError, HashRing, hash_key
+from services.common.hash_ring import DEFAULT_VNODES, KEY_SPACE, EmptyRingError, HashRing, hash_key, points_of
 
 SEQ_IDS = [f"seq-{i}" for i in range(5000)]
 
@@ -13,6 +13,10 @@ def build_ring(num_workers: int, vnodes: int = 100) -> HashRing:
     for i in range(num_workers):
         ring.add(f"worker-{i}")
     return ring
+
+
+def first_point(worker_id: str) -> int:
+    return int(points_of(worker_id, 1)[0])
 
 
 def owners(ring: HashRing) -> dict[str, str]:
@@ -67,8 +71,8 @@ def test_owner_is_next_point_clockwise_with_wrap_around():
     ring = HashRing(1)
     ring.add("a")
     ring.add("b")
-    (low, low_owner), (high, high_owner) = sorted([(hash_key("a-vn-0"), "a"),
-                                                   (hash_key("b-vn-0"), "b")])
+    (low, low_owner), (high, high_owner) = sorted([(first_point("a"), "a"),
+                                                   (first_point("b"), "b")])
     between = next(s for s in SEQ_IDS if low < hash_key(s) <= high)
     past_last = next(s for s in SEQ_IDS if hash_key(s) > high)
     assert ring.owner(between) == high_owner
@@ -175,14 +179,14 @@ def test_exclude_walks_clockwise_with_wrap_around():
     ring = HashRing(1)
     for worker_id in ("a", "b", "c"):
         ring.add(worker_id)
-    clockwise = [w for _, w in sorted((hash_key(f"{w}-vn-0"), w) for w in ("a", "b", "c"))]
-    low = min(hash_key(f"{w}-vn-0") for w in clockwise)
+    clockwise = [w for _, w in sorted((first_point(w), w) for w in ("a", "b", "c"))]
+    low = min(first_point(w) for w in clockwise)
     before_first = next(s for s in SEQ_IDS if hash_key(s) <= low)
     first, second, third = clockwise
     assert ring.owner(before_first) == first
     assert ring.owner(before_first, exclude={first}) == second
     assert ring.owner(before_first, exclude=[first, second]) == third
-    past_last = next(s for s in SEQ_IDS if hash_key(s) > max(hash_key(f"{w}-vn-0") for w in clockwise))
+    past_last = next(s for s in SEQ_IDS if hash_key(s) > max(first_point(w) for w in clockwise))
     assert ring.owner(past_last, exclude={first}) == second  # wraps past 2**32, then skips
 
 
@@ -212,3 +216,33 @@ def test_copy_is_an_independent_snapshot():
     snapshot.remove("worker-1")
     assert ring.workers == ["worker-1", "worker-2", "worker-3"]
     assert snapshot.vnodes == ring.vnodes
+
+
+@pytest.mark.parametrize("num_workers", [16, 100, 1000])
+def test_default_ring_keeps_every_share_within_5_percent_of_the_mean_from_16_workers(num_workers):
+    ring = HashRing.of([f"worker-{i}" for i in range(num_workers)])  # 8192 points each
+    assert max(ring.shares().values()) * num_workers <= 1.05
+
+
+def test_a_join_at_100_workers_moves_about_1_in_101_keys_all_to_the_new_worker():
+    workers = [f"worker-{i}" for i in range(100)]
+    before, after = HashRing.of(workers), HashRing.of([*workers, "worker-new"])
+    keys = [f"conv-{i}" for i in range(20_000)]
+    moved = [k for k in keys if before.owner(k) != after.owner(k)]
+    assert all(after.owner(k) == "worker-new" for k in moved)
+    assert 0.7 / 101 <= len(moved) / len(keys) <= 1.3 / 101  # its share is 1/101 within 5%
+
+
+def test_points_are_kept_in_flat_arrays_of_six_bytes_a_point():
+    ring = HashRing.of([f"worker-{i}" for i in range(10)], 1000)
+    assert ring.points.hashes.nbytes + ring.points.owners.nbytes == 10 * 1000 * 6
+    assert list(ring.points.hashes) == sorted(ring.points.hashes)
+
+
+def test_a_batch_merged_off_the_loop_equals_one_built_at_once():
+    ring = HashRing.of(["a", "b"], 500)
+    merged = ring.merged_with(["c", "d"])
+    ring.update(on=["c", "d"], merged=(["c", "d"], merged))
+    at_once = HashRing.of(["d", "c", "b", "a"], 500)
+    assert {s: ring.owner(s) for s in SEQ_IDS} == {s: at_once.owner(s) for s in SEQ_IDS}
+    assert list(ring.walk("seq-9")) == list(at_once.walk("seq-9"))

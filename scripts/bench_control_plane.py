@@ -1,0 +1,307 @@
+"""Control-plane scale: the real coordinator and gateway processes, N simulated workers speaking the
+real registration protocol (services/worker/registration.py's Registration: register, heartbeats
+with load, drain), all on loopback. Prints a table and writes JSON.
+
+    python scripts/bench_control_plane.py --workers 100 500 1000 2000 --churn-s 60
+
+Per N: registration time (simultaneous start: every worker's first register at once; staggered:
+spread over 5 s), change propagation to the gateway (join, drain; crash: from the victim's last
+heartbeat plus the TTL, so it includes up to one 1 s sweep), CPU and peak RSS of each service, the
+longest event-loop stall of each (their kvcache_*_event_loop_stall_max_seconds gauge), per-request
+placement time (the gateway's own code, in this process, on the coordinator's state), and churn:
+10% of workers drain and rejoin every 10 s, gateway lag p50/p99 (from the coordinator's answer to
+a wave's last call to the gateway's epoch reaching it).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from services.common.schemas import RingState  # noqa: E402
+from services.gateway.placement import Placer  # noqa: E402
+from services.gateway.ring_view import RingView  # noqa: E402
+from services.worker.registration import Registration  # noqa: E402
+
+TOKEN = "bench-token"
+HEADERS = {"Authorization": f"Bearer {TOKEN}"}
+TTL_S = 10.0
+HEARTBEAT_S = 2.0
+# The simulated workers share one process and one httpx client, which tops out near 220 requests
+# a second on this machine (2 shared cores): 1000 workers beating every 2 s would need 500. Their
+# interval grows with N so the simulator, not the coordinator, is never the one that falls behind.
+MAX_BEATS_PER_S = 200
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(module: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=os.environ | env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def proc_stats(pid: int) -> tuple[float, float]:
+    """(CPU seconds so far, RSS MiB)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    rss = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmRSS"))
+    return cpu_s, int(rss.split()[1]) / 1024
+
+
+def pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+class Cluster:
+    def __init__(self, ttl_s: float = TTL_S) -> None:
+        self.ttl_s = ttl_s
+        self.coord_url = self.gw_url = ""
+        self.procs: list[subprocess.Popen] = []
+        self.stalls = {"coordinator": 0.0, "gateway": 0.0}
+        self.peak_rss = {"coordinator": 0.0, "gateway": 0.0}
+
+    async def __aenter__(self) -> "Cluster":
+        cport, gport = free_port(), free_port()
+        self.coord_url, self.gw_url = f"http://127.0.0.1:{cport}", f"http://127.0.0.1:{gport}"
+        self.procs.append(start("services.coordinator", {"COORDINATOR_PORT": str(cport),
+                                                        "COORDINATOR_INTERNAL_TOKEN": TOKEN,
+                                                        "COORDINATOR_TTL_S": str(self.ttl_s)}))
+        self.procs.append(start("services.gateway", {"GATEWAY_PORT": str(gport), "GATEWAY_INTERNAL_TOKEN": TOKEN,
+                                                    "GATEWAY_COORDINATOR_URL": self.coord_url}))
+        async with httpx.AsyncClient() as client:
+            for url in (self.coord_url, self.gw_url):
+                for _ in range(300):
+                    try:
+                        if (await client.get(url + "/health")).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    await asyncio.sleep(0.1)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(10)
+
+    def stats(self) -> dict:
+        return {name: proc_stats(p.pid) for name, p in zip(("coordinator", "gateway"), self.procs)}
+
+    async def watch_rss(self) -> None:
+        while all(p.poll() is None for p in self.procs):
+            for name, (_, rss) in self.stats().items():
+                self.peak_rss[name] = max(self.peak_rss[name], rss)
+            await asyncio.sleep(0.05)
+
+    async def read_stalls(self, client: httpx.AsyncClient) -> None:
+        for name, url in (("coordinator", self.coord_url), ("gateway", self.gw_url)):
+            text = (await client.get(url + "/metrics")).text
+            line = next(line for line in text.splitlines() if line.startswith(f"kvcache_{name}_event_loop_stall_max"))
+            self.stalls[name] = float(line.split()[-1])
+
+    async def gateway_epoch(self, client: httpx.AsyncClient) -> tuple[int, int]:
+        ring = (await client.get(self.gw_url + "/health")).json()["ring"]
+        return ring["epoch"] or 0, ring["active_workers"]
+
+
+def heartbeat_s(n: int) -> float:
+    return max(HEARTBEAT_S, n / MAX_BEATS_PER_S)
+
+
+def worker(client: httpx.AsyncClient, cluster: Cluster, i: int, rng: random.Random, n: int = 1) -> Registration:
+    return Registration(client, cluster.coord_url, f"sim-{i}", f"http://10.0.{i // 250}.{i % 250}:8000",
+                        "sim", heartbeat_s(n), HEADERS, load=lambda: rng.randrange(4))
+
+
+async def wait_gateway(client: httpx.AsyncClient, cluster: Cluster, epoch: int, timeout_s: float = 60) -> float:
+    """Seconds until the gateway's epoch reaches `epoch`."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        if (await cluster.gateway_epoch(client))[0] >= epoch:
+            return time.perf_counter() - t0
+        await asyncio.sleep(0.005)
+    return float("inf")
+
+
+async def settle(client: httpx.AsyncClient, cluster: Cluster, n: int, timeout_s: float,
+                 poll_s: float = 0.05) -> float:
+    """Seconds until the gateway routes to `n` workers."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        if (await cluster.gateway_epoch(client))[1] >= n:
+            return time.perf_counter() - t0
+        await asyncio.sleep(poll_s)
+    return float("inf")
+
+
+async def registered_all(client: httpx.AsyncClient, cluster: Cluster, n: int) -> float:
+    """When the coordinator had all `n` registered (perf_counter)."""
+    while len((await client.get(cluster.coord_url + "/workers")).json()["workers"]) < n:
+        await asyncio.sleep(0.1)
+    return time.perf_counter()
+
+
+async def propagation(client, cluster, regs, rng, samples: int) -> dict:
+    joins, drains = [], []
+    for k in range(samples):
+        reg = worker(client, cluster, 100_000 + k, rng)
+        t0 = time.perf_counter()
+        active = (await cluster.gateway_epoch(client))[1]
+        await client.post(cluster.coord_url + "/register", json=reg.body, headers=HEADERS)
+        await settle(client, cluster, active + 1, timeout_s=60, poll_s=0.005)  # routable: points built
+        joins.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        body = {"worker_id": reg.body["worker_id"]}
+        epoch = (await client.post(cluster.coord_url + "/drain", json=body, headers=HEADERS)).json()["epoch"]
+        await wait_gateway(client, cluster, epoch)
+        drains.append(time.perf_counter() - t0)
+        await client.post(cluster.coord_url + "/deregister", json=body, headers=HEADERS)
+    return {"join_ms": [x * 1000 for x in joins], "drain_ms": [x * 1000 for x in drains]}
+
+
+async def crash(client, cluster, tasks, regs, samples: int) -> list[float]:
+    """Stops the heartbeats of `samples` workers, one at a time; each lag is from its last
+    heartbeat plus the TTL to the gateway's epoch passing its expiry."""
+    lags = []
+    for i in range(samples):
+        regs[i].stopped = True
+        tasks[i].cancel()
+        t0 = time.perf_counter()
+        listing = (await client.get(cluster.coord_url + "/workers")).json()
+        age = next(w["last_heartbeat_age_s"] for w in listing["workers"] if w["worker_id"] == regs[i].body["worker_id"])
+        took = await wait_gateway(client, cluster, listing["epoch"] + 1, timeout_s=cluster.ttl_s + 20)
+        lags.append((took - (cluster.ttl_s - age)) * 1000)
+    return lags
+
+
+async def churn(client, cluster, regs, rng, seconds: float) -> dict:
+    """10% of the workers drain and rejoin every 10 s; lag: from the coordinator's answer to the
+    last call of a wave to the gateway's epoch reaching it."""
+    lags = []
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        wave = rng.sample(range(len(regs)), max(1, len(regs) // 10))
+        answers = await asyncio.gather(*(client.post(cluster.coord_url + "/drain", headers=HEADERS,
+                                                     json={"worker_id": regs[i].body["worker_id"]}) for i in wave))
+        epoch = max(a.json()["epoch"] for a in answers if a.status_code == 200)
+        lags.append(await wait_gateway(client, cluster, epoch) * 1000)
+        answers = await asyncio.gather(*(client.post(cluster.coord_url + "/register", headers=HEADERS,
+                                                     json=regs[i].body | {"draining": False}) for i in wave))
+        epoch = max(a.json()["epoch"] for a in answers if a.status_code == 200)
+        lags.append(await wait_gateway(client, cluster, epoch) * 1000)
+        await asyncio.sleep(max(0.0, 10 - (time.perf_counter() % 10)))
+    return {"lag_ms": lags}
+
+
+async def placement_us(client, cluster) -> float:
+    state = RingState.model_validate((await client.get(cluster.coord_url + "/ring")).json())
+    view = await asyncio.to_thread(RingView.of, state)
+    placer = Placer("affinity", 1.25)
+    keys = [f"conv-{i}" for i in range(5000)]
+    t0 = time.perf_counter()
+    for key in keys:
+        placer.place(view, key)
+    return (time.perf_counter() - t0) / len(keys) * 1e6
+
+
+async def run_n(n: int, churn_s: float, staggered: bool, rng: random.Random) -> dict:
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    # The simulated workers share one client; the bench's own calls and probes have their own, so
+    # a queue of heartbeats never delays a measurement.
+    async with Cluster(max(TTL_S, 3 * heartbeat_s(n))) as cluster, \
+            httpx.AsyncClient(limits=limits, timeout=30) as workers_client, httpx.AsyncClient(timeout=60) as client:
+        cpu0 = cluster.stats()
+        watcher = asyncio.create_task(cluster.watch_rss())
+        regs = [worker(workers_client, cluster, i, rng, n) for i in range(n)]
+        t0 = time.perf_counter()
+        tasks = []
+        for i, reg in enumerate(regs):
+            if staggered:
+                await asyncio.sleep(5.0 / n)
+            tasks.append(asyncio.create_task(reg.run()))
+        registered = asyncio.create_task(registered_all(client, cluster, n))
+        settled = await settle(client, cluster, n, timeout_s=120)
+        out_registered_s = (await registered) - t0
+        out = {"workers": n, "heartbeat_s": heartbeat_s(n), "ttl_s": cluster.ttl_s, "settle_s": time.perf_counter() - t0 if settled != float("inf") else settled,
+               "registered_s": out_registered_s}
+        await asyncio.sleep(2)
+        out |= await propagation(client, cluster, regs, rng, samples=10)
+        out["placement_us"] = await placement_us(client, cluster)
+        out |= await churn(client, cluster, regs, rng, churn_s) if churn_s else {"lag_ms": []}
+        out["crash_ms"] = await crash(client, cluster, tasks, regs, samples=3)
+        cpu1 = cluster.stats()
+        await cluster.read_stalls(client)
+        watcher.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, watcher, return_exceptions=True)
+        out["cpu_s"] = {k: cpu1[k][0] - cpu0[k][0] for k in cpu1}
+        out["rss_mib"] = {k: cpu1[k][1] for k in cpu1}
+        out["peak_rss_mib"] = dict(cluster.peak_rss)
+        out["longest_stall_ms"] = {k: v * 1000 for k, v in cluster.stalls.items()}
+        return out
+
+
+def load_average() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
+def row(r: dict) -> str:
+    def p(values, q):
+        v = pct(values, q)
+        return "-" if v is None else f"{v:.0f}"
+    return (f"| {r['workers']} | {r['heartbeat_s']:g} / {r['ttl_s']:g} s | {r['mode']} | {r['registered_s']:.1f} / {r['settle_s']:.1f} s | {p(r['join_ms'], 50)} / {p(r['join_ms'], 99)} | "
+            f"{p(r['drain_ms'], 50)} / {p(r['drain_ms'], 99)} | {p(r['crash_ms'], 50)} / {p(r['crash_ms'], 99)} | "
+            f"{p(r['lag_ms'], 50)} / {p(r['lag_ms'], 99)} | "
+            f"{r['peak_rss_mib']['coordinator']:.0f} / {r['peak_rss_mib']['gateway']:.0f} | "
+            f"{r['cpu_s']['coordinator']:.0f} / {r['cpu_s']['gateway']:.0f} | "
+            f"{r['longest_stall_ms']['coordinator']:.0f} / {r['longest_stall_ms']['gateway']:.0f} | "
+            f"{r['placement_us']:.0f} | {r['load_average']} |")
+
+
+HEADER = ("| N | heartbeat / TTL | start | registered / routed by the gateway | join p50/p99 ms | drain p50/p99 ms | crash-TTL p50/p99 ms | churn lag p50/p99 ms "
+          "| peak RSS coord/gw MiB | CPU s coord/gw | longest loop stall coord/gw ms | placement µs | load avg |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, nargs="+", default=[100, 500, 1000, 2000])
+    parser.add_argument("--churn-s", type=float, default=60.0)
+    parser.add_argument("--staggered", action="store_true", help="spread the start over 5 s")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "control_plane.json")
+    args = parser.parse_args()
+    rng = random.Random(0)
+    results = []
+    print(HEADER, flush=True)
+    for n in args.workers:
+        r = asyncio.run(run_n(n, args.churn_s, args.staggered, rng))
+        r["mode"] = "staggered" if args.staggered else "simultaneous"
+        r["load_average"] = load_average()  # of the machine (2 shared cores) at the end of the run
+        results.append(r)
+        print(row(r), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

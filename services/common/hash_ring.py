@@ -1,0 +1,279 @@
+"""Consistent-hash ring over the key space [0, 2**32), shared by the coordinator and the gateway so
+both always agree on owners. Pure: no I/O, no framework imports.
+
+Each worker owns `vnodes` points; a key belongs to the first point at or clockwise after its MD5
+hash, wrapping past 2**32. Balance comes from many points (8192 by default: max/mean share within
+1.05 up to 2000 workers; README, "Control plane at scale", compares the measured alternatives),
+which stay cheap because they live in two flat numpy arrays (4 + 2 bytes a point) rather than
+Python tuples, and a worker's points come from one vectorised pass (splitmix64 over an MD5 seed).
+
+A ring holds *members*: active workers (they own keys) and inactive ones whose points are kept
+for the handoff window (ring_history reads where their arcs were). Turning a member on or off is
+O(1); only a new member's points cost an O(points) merge, and a batch of them costs one merge.
+"""
+
+import bisect
+import hashlib
+from collections.abc import Collection, Iterable, Iterator
+from typing import NamedTuple
+
+import numpy as np
+
+KEY_SPACE = 2**32
+DEFAULT_VNODES = 8192
+MAX_MEMBERS = 65_535  # owners are uint16 member numbers
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+class EmptyRingError(LookupError):
+    """owner() was asked on a ring with no workers, or with every worker excluded."""
+
+
+def hash_key(key: str) -> int:
+    return int.from_bytes(hashlib.md5(key.encode()).digest()[:4], "big")
+
+
+def points_of(worker_id: str, vnodes: int) -> np.ndarray:
+    """The worker's points, unsorted: [vnodes] uint32. splitmix64 (Steele et al.) of seed + i x golden
+    ratio, seed from MD5 so every process computes the same points."""
+    seed = np.uint64(int.from_bytes(hashlib.md5(worker_id.encode()).digest()[:8], "big"))
+    with np.errstate(over="ignore"):
+        x = seed + np.arange(1, vnodes + 1, dtype=np.uint64) * _GOLDEN
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(32)).astype(np.uint32)
+
+
+class Points(NamedTuple):
+    """The ring's sorted points and, for each, its member number. Never mutated: replaced whole."""
+    hashes: np.ndarray  # [P] uint32, ascending
+    owners: np.ndarray  # [P] uint16, member numbers
+
+
+EMPTY = Points(np.empty(0, np.uint32), np.empty(0, np.uint16))
+
+
+def merge(old: Points, new: Points) -> tuple[Points, np.ndarray]:
+    """Both sorted; O(len(old) + len(new)) (np.insert would also argsort the places). Also returns
+    where the new points went."""
+    at = np.searchsorted(old.hashes, new.hashes) + np.arange(len(new.hashes))  # their final places
+    total = len(old.hashes) + len(new.hashes)
+    hashes, owners = np.empty(total, np.uint32), np.empty(total, np.uint16)
+    rest = np.ones(total, bool)
+    rest[at] = False
+    hashes[at], owners[at] = new.hashes, new.owners
+    hashes[rest], owners[rest] = old.hashes, old.owners
+    return Points(hashes, owners), at
+
+
+class HashRing:
+    def __init__(self, vnodes: int = DEFAULT_VNODES):
+        if vnodes < 1:
+            raise ValueError(f"vnodes must be >= 1, got {vnodes}")
+        self.vnodes = vnodes
+        self._points = EMPTY
+        self._names: list[str | None] = []   # member number -> worker id (None: free)
+        self._numbers: dict[str, int] = {}   # worker id -> member number
+        self._active = bytearray()           # member number -> 1 when it owns keys
+        self._num_active = 0
+
+    def __len__(self) -> int:
+        """Points of active workers."""
+        return self._num_active * self.vnodes
+
+    def __contains__(self, worker_id: object) -> bool:
+        number = self._numbers.get(worker_id)  # type: ignore[arg-type]
+        return number is not None and self._active[number] == 1
+
+    @property
+    def workers(self) -> list[str]:
+        return sorted(w for w, n in self._numbers.items() if self._active[n])
+
+    @property
+    def members(self) -> list[str]:
+        """Active workers and those kept for the handoff window."""
+        return sorted(self._numbers)
+
+    @property
+    def num_active(self) -> int:
+        return self._num_active
+
+    def is_member(self, worker_id: str) -> bool:
+        return worker_id in self._numbers
+
+    @property
+    def num_points(self) -> int:
+        return len(self._points.hashes)
+
+    @property
+    def points(self) -> Points:
+        """The current arrays: a caller that merged off the loop checks they did not change since."""
+        return self._points
+
+    def add(self, worker_id: str) -> bool:
+        """Returns False when the worker was already active (no change)."""
+        return bool(self.update(on=[worker_id]))
+
+    def remove(self, worker_id: str) -> bool:
+        """Turns the worker off and drops its points. False when it was not active."""
+        if worker_id not in self._numbers:
+            return False
+        changed = bool(self.update(off=[worker_id]))
+        self.forget([worker_id])
+        return changed
+
+    def update(self, on: Iterable[str] = (), off: Iterable[str] = (),
+               merged: tuple[list[str], Points] | None = None) -> set[str]:
+        """Turns workers on and off (off keeps their points); returns those whose state changed.
+        `merged`: (new members, merged_with(them)), computed earlier off the event loop on these
+        very points; used when the new members are exactly those."""
+        on, off = list(dict.fromkeys(on)), list(dict.fromkeys(off))
+        new = [w for w in on + off if w not in self._numbers]  # an `off` one is kept inactive
+        if new:
+            ready = merged is not None and list(merged[0]) == new
+            self._points = merged[1] if ready else self.merged_with(new)
+            for worker_id in new:
+                self._number(worker_id)
+        changed = set()
+        for worker_id, state in [(w, 1) for w in on] + [(w, 0) for w in off]:
+            number = self._numbers.get(worker_id)
+            if number is not None and self._active[number] != state:
+                self._active[number] = state
+                self._num_active += 1 if state else -1
+                changed.add(worker_id)
+        return changed
+
+    def merged_with(self, new_members: Collection[str]) -> Points:
+        """The points with those of `new_members` merged in, numbered as update() will number
+        them. Pure (reads the current points): safe to run in a thread while the loop reads."""
+        new_members = [w for w in dict.fromkeys(new_members) if w not in self._numbers]
+        if not new_members:
+            return self._points
+        free = [n for n, name in enumerate(self._names) if name is None]
+        numbers = (free + list(range(len(self._names), len(self._names) + len(new_members))))[:len(new_members)]
+        if numbers and numbers[-1] > MAX_MEMBERS:
+            raise ValueError(f"a ring holds at most {MAX_MEMBERS} workers")
+        # One sort of (point << 16 | member number): no index array, ties next to each other.
+        keys = np.concatenate([(points_of(w, self.vnodes).astype(np.uint64) << np.uint64(16)) | np.uint64(n)
+                               for w, n in zip(new_members, numbers)])
+        keys.sort()
+        merged, at = merge(self._points, Points((keys >> np.uint64(16)).astype(np.uint32),
+                                                (keys & np.uint64(0xFFFF)).astype(np.uint16)))
+        names = {n: w for n, w in zip(numbers, new_members)}
+        return self._fix_ties(merged, at, lambda n: names.get(n) or self._names[n])
+
+    def forget(self, worker_ids: Iterable[str]) -> None:
+        """Drops the points of inactive members (their handoff window ended)."""
+        numbers = [self._numbers[w] for w in worker_ids if w in self._numbers and not self._active[self._numbers[w]]]
+        if not numbers:
+            return
+        dropped = np.zeros(len(self._names), bool)  # a table lookup: np.isin would sort the owners
+        dropped[numbers] = True
+        keep = ~dropped[self._points.owners]
+        self._points = Points(self._points.hashes[keep], self._points.owners[keep])
+        for number in numbers:
+            del self._numbers[self._names[number]]
+            self._names[number] = None
+
+    def owner(self, key: str, exclude: Collection[str] = ()) -> str:
+        """The worker of the first active point at or clockwise after the key's hash, skipping
+        excluded workers: the key's owner as if the excluded workers had left the ring."""
+        hashes, owners = self._points
+        if not exclude and self._num_active:  # the common case: one binary search
+            number = int(owners[int(hashes.searchsorted(np.uint32(hash_key(key)))) % len(hashes)])
+            if self._active[number]:
+                return self._names[number]
+        for worker_id in self.walk(key, exclude):
+            return worker_id
+        raise EmptyRingError("the hash ring has no workers" if not self._num_active
+                             else "every worker on the hash ring is excluded")
+
+    def walk(self, key: str, exclude: Collection[str] = ()) -> Iterator[str]:
+        """Each active worker once, in the order of their first point clockwise from the key's hash:
+        the owner first, then the workers a bounded-load router spills to. Lazy: taking the first
+        few costs O(log points), not a lap of the ring."""
+        excluded = frozenset(exclude)
+        wanted = self._num_active - sum(1 for w in excluded if w in self)
+        if wanted == 0:
+            return
+        for worker_id, active in self.walk_members(key):
+            if active and worker_id not in excluded:
+                yield worker_id
+                wanted -= 1
+                if wanted == 0:
+                    return
+
+    def walk_members(self, key: str) -> Iterator[tuple[str, bool]]:
+        """Every member once (active or not) with its state, clockwise from the key's hash."""
+        hashes, owners = self._points
+        num_points = len(hashes)
+        if not num_points:
+            return
+        start = int(hashes.searchsorted(np.uint32(hash_key(key))))  # a Python int: O(points)
+        seen: set[int] = set()
+        num_members = len(self._numbers)
+        for offset in range(num_points):
+            number = int(owners[(start + offset) % num_points])
+            if number not in seen:
+                seen.add(number)
+                yield self._names[number], self._active[number] == 1
+                if len(seen) == num_members:
+                    return
+
+    @classmethod
+    def of(cls, workers: Iterable[str], vnodes: int = DEFAULT_VNODES) -> "HashRing":
+        ring = cls(vnodes)
+        ring.update(on=sorted(set(workers)))
+        return ring
+
+    def copy(self) -> "HashRing":
+        ring = HashRing(self.vnodes)
+        ring._points = self._points
+        ring._names, ring._numbers = list(self._names), dict(self._numbers)
+        ring._active, ring._num_active = bytearray(self._active), self._num_active
+        return ring
+
+    def shares(self) -> dict[str, float]:
+        """Fraction of the key space each active worker owns; sums to 1 on a non-empty ring."""
+        hashes, owners = self._points
+        active = np.frombuffer(bytes(self._active), np.uint8).astype(bool) if self._active else np.zeros(0, bool)
+        mask = active[owners] if len(owners) else np.zeros(0, bool)
+        hashes, owners = hashes[mask].astype(np.int64), owners[mask]
+        if not len(hashes):
+            return {}
+        # Point i owns the arc (previous point, point]; the first one's previous point is the last
+        # one, one lap back. One distinct point (one worker, one vnode) owns the whole lap.
+        arcs = np.diff(hashes, prepend=hashes[-1] - KEY_SPACE)
+        if hashes[0] == hashes[-1]:
+            arcs[0] = KEY_SPACE
+        totals = np.bincount(owners, weights=arcs, minlength=len(self._names))
+        return {w: float(totals[n]) / KEY_SPACE for w, n in sorted(self._numbers.items()) if self._active[n]}
+
+    def _number(self, worker_id: str) -> int:
+        try:
+            number = self._names.index(None)
+            self._names[number] = worker_id
+        except ValueError:
+            number = len(self._names)
+            self._names.append(worker_id)
+            self._active.append(0)
+        self._numbers[worker_id] = number
+        return number
+
+    @staticmethod
+    def _fix_ties(points: Points, at: np.ndarray, name_of) -> Points:
+        """Equal points (two workers' 32-bit hashes collide: about P^2 / 2^33 of them, thousands
+        at a thousand workers) ordered by worker id, so every process resolves them alike whatever
+        the numbering. Only runs that hold a new point (at `at`) can be out of order."""
+        hashes, owners = points
+        last = len(hashes) - 1
+        tied = at[((at > 0) & (hashes[at] == hashes[np.maximum(at - 1, 0)]))
+                  | ((at < last) & (hashes[at] == hashes[np.minimum(at + 1, last)]))]
+        if not len(tied):
+            return points
+        owners = owners.copy()
+        for value in np.unique(hashes[tied]):  # each run re-sorted by name; a few points each
+            start, end = int(hashes.searchsorted(value)), int(hashes.searchsorted(value, side="right"))
+            owners[start:end] = sorted(owners[start:end].tolist(), key=name_of)
+        return Points(hashes, owners)

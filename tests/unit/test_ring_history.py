@@ -1,0 +1,172 @@
+"""The change log names the same previous owners as the retired rings it replaced: a reference
+implementation of that old code path (a full ring copied at each change, kept for the handoff
+window) runs beside Membership on random histories, and every key's answers must agree."""
+
+import random
+from collections.abc import Collection, Iterable, Mapping
+
+import pytest
+
+from services.common.hash_ring import HashRing
+from services.common.ring_history import MAX_PREVIOUS, ChangeLog, Peer
+from services.coordinator.membership import Membership
+
+VNODES = 16
+WINDOW_S = 60.0
+KEYS = [f"conv-{i}" for i in range(300)]
+
+
+def reference_previous_owners(key: str, retired_rings: Iterable[HashRing], addresses: Mapping[str, str],
+                              skip: Collection[str]) -> tuple[Peer, ...]:
+    """The previous_owners of services/coordinator/membership.py before the change log."""
+    seen, previous = set(skip), []
+    for ring in retired_rings:
+        worker_id = ring.owner(key)
+        if worker_id in seen or worker_id not in addresses:
+            continue
+        seen.add(worker_id)
+        previous.append(Peer(worker_id, addresses[worker_id]))
+        if len(previous) == MAX_PREVIOUS:
+            break
+    return tuple(previous)
+
+
+class ReferenceHistory:
+    """Materialised retired rings, as the coordinator kept them: at each ring change the ring as it
+    was, unless it was empty, dropped once older than the window."""
+
+    def __init__(self) -> None:
+        self.rings: list[tuple[float, HashRing]] = []  # oldest first
+        self.active: frozenset[str] = frozenset()
+
+    def observe(self, active: Iterable[str], now: float) -> None:
+        active = frozenset(active)
+        if active != self.active and self.active:
+            self.rings.append((now, HashRing.of(self.active, VNODES)))
+        self.active = active
+        self.rings = [(at, ring) for at, ring in self.rings if at >= now - WINDOW_S]
+
+    def previous(self, key: str, addresses: Mapping[str, str], skip: Collection[str]) -> tuple[Peer, ...]:
+        return reference_previous_owners(key, [r for _, r in reversed(self.rings)], addresses, skip)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def random_step(membership: Membership, rng: random.Random, worker_ids: list[str]) -> None:
+    worker_id = rng.choice(worker_ids)
+    roll = rng.random()
+    if roll < 0.45:
+        membership.register(worker_id, f"http://{worker_id}:{rng.randrange(2)}")
+    elif roll < 0.6:
+        membership.register(worker_id, f"http://{worker_id}:0", draining=True)
+    elif roll < 0.8 and worker_id in membership:
+        membership.drain(worker_id)
+    elif worker_id in membership:
+        membership.deregister(worker_id)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_change_log_names_the_same_previous_owners_as_retired_rings(seed):
+    rng = random.Random(seed)
+    clock = Clock()
+    membership = Membership(ttl_s=1e9, vnodes=VNODES, handoff_window_s=WINDOW_S, clock=clock)
+    reference = ReferenceHistory()
+    worker_ids = [f"w{i}" for i in range(rng.randrange(3, 14))]
+    checked = 0
+    for _ in range(60):
+        clock.now += rng.choice([0.0, 0.5, 3.0, 11.0, 25.0])
+        for _ in range(rng.choice([1, 1, 2, 4])):  # several changes may fold into one ring change
+            random_step(membership, rng, worker_ids)
+        membership.commit()
+        reference.observe(membership.ring.workers, clock.now)
+        addresses = {w.worker_id: w.address for w in membership.workers()}
+        for key in rng.sample(KEYS, 40):
+            exclude = set(rng.sample(worker_ids, rng.choice([0, 0, 1, 2])))
+            try:
+                route = membership.route(key, exclude)
+            except LookupError:
+                assert not (set(reference.active) - exclude)
+                continue
+            assert route.worker_id == HashRing.of(reference.active, VNODES).owner(key, exclude)
+            assert route.previous == reference.previous(key, addresses, exclude | {route.worker_id})
+            checked += len(route.previous)
+    assert checked > 0
+
+
+def test_a_long_chain_of_owners_is_capped_and_newest_first():
+    clock = Clock()
+    membership = Membership(ttl_s=1e9, vnodes=VNODES, handoff_window_s=WINDOW_S, clock=clock)
+    reference = ReferenceHistory()
+    for i in range(40):
+        membership.register(f"w{i}", f"http://w{i}")
+    membership.commit()
+    reference.observe(membership.ring.workers, clock.now)
+    drained = []
+    for _ in range(MAX_PREVIOUS + 4):
+        owner = membership.route("seq-7").worker_id
+        membership.drain(owner)
+        drained.append(owner)
+        membership.commit()
+        reference.observe(membership.ring.workers, clock.now)
+    addresses = {w.worker_id: w.address for w in membership.workers()}
+    route = membership.route("seq-7")
+    assert [p.worker_id for p in route.previous] == drained[::-1][:MAX_PREVIOUS]
+    assert route.previous == reference.previous("seq-7", addresses, {route.worker_id})
+
+
+def test_memory_does_not_grow_with_the_number_of_changes():
+    """Drains and rejoins of the same workers add log entries, never ring points."""
+    clock = Clock()
+    membership = Membership(ttl_s=1e9, vnodes=VNODES, handoff_window_s=WINDOW_S, clock=clock)
+    for i in range(20):
+        membership.register(f"w{i}", f"http://w{i}")
+    points = membership.ring.num_points
+    for step in range(200):
+        worker_id = f"w{step % 20}"
+        membership.drain(worker_id)
+        membership.commit()
+        membership.register(worker_id, f"http://{worker_id}")
+        membership.commit()
+    assert membership.ring.num_points == points == 20 * VNODES
+    assert membership.num_changes_kept == ChangeLog().max_entries
+
+
+def test_the_window_releases_the_points_of_workers_that_left():
+    clock = Clock()
+    membership = Membership(ttl_s=1e9, vnodes=VNODES, handoff_window_s=WINDOW_S, clock=clock)
+    for worker_id in ("a", "b", "c"):
+        membership.register(worker_id, f"http://{worker_id}")
+    membership.commit()
+    membership.deregister("b")
+    membership.commit()
+    assert membership.ring.members == ["a", "b", "c"] and membership.ring.workers == ["a", "c"]
+    clock.now += WINDOW_S + 1
+    membership.expire()
+    assert membership.ring.members == ["a", "c"] and membership.num_changes_kept == 0
+
+
+def test_a_replayed_log_names_the_same_owners():
+    """The gateway replays the coordinator's entries on its own ring: same answers."""
+    rng = random.Random(3)
+    clock = Clock()
+    membership = Membership(ttl_s=1e9, vnodes=VNODES, handoff_window_s=WINDOW_S, clock=clock)
+    worker_ids = [f"w{i}" for i in range(10)]
+    for _ in range(40):
+        random_step(membership, rng, worker_ids)
+        membership.commit()
+    ring, log = HashRing(VNODES), ChangeLog()
+    for entry in membership.log.entries:
+        log.next_seq = entry.seq if not log.entries else log.next_seq
+        log.append(entry)
+        ring.update(on=[w for w, on in entry.toggles if on], off=[w for w, on in entry.toggles if not on])
+    assert ring.workers == membership.ring.workers
+    addresses = {w.worker_id: w.address for w in membership.workers()}
+    for key in KEYS:
+        owner = membership.ring.owner(key)
+        assert log.previous_owners(key, ring, addresses, {owner}) == membership.route(key).previous
