@@ -38,10 +38,13 @@ TOKEN = "bench-token"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
 TTL_S = 10.0
 HEARTBEAT_S = 2.0
-# The simulated workers share one process and one httpx client, which tops out near 220 requests
-# a second on this machine (2 shared cores): 1000 workers beating every 2 s would need 500. Their
-# interval grows with N so the simulator, not the coordinator, is never the one that falls behind.
+# The simulated workers run in --sim-procs processes, each with one httpx client (one process's
+# client tops out near 220 requests a second here: it was the registration storm's bottleneck).
+# All of them share the machine's 2 cores with the services, so the heartbeat interval grows with
+# N (1000 workers beating every 2 s would be 500 requests a second): the simulators, not the
+# coordinator, would otherwise be what falls behind.
 MAX_BEATS_PER_S = 200
+CRASH_SAMPLES = 3  # the crash victims run in the bench's own process (it stops their heartbeats)
 
 
 def free_port() -> int:
@@ -75,7 +78,7 @@ class Cluster:
         self.ttl_s = ttl_s
         self.coord_url = self.gw_url = ""
         self.procs: list[subprocess.Popen] = []
-        self.stalls = {"coordinator": 0.0, "gateway": 0.0}
+        self.stalls: dict[str, float] = {}
         self.peak_rss = {"coordinator": 0.0, "gateway": 0.0}
 
     async def __aenter__(self) -> "Cluster":
@@ -114,9 +117,10 @@ class Cluster:
 
     async def read_stalls(self, client: httpx.AsyncClient) -> None:
         for name, url in (("coordinator", self.coord_url), ("gateway", self.gw_url)):
-            text = (await client.get(url + "/metrics")).text
-            line = next(line for line in text.splitlines() if line.startswith(f"kvcache_{name}_event_loop_stall_max"))
-            self.stalls[name] = float(line.split()[-1])
+            lines = (await client.get(url + "/metrics")).text.splitlines()
+            for kind in ("", "busy_"):
+                line = next(line for line in lines if line.startswith(f"kvcache_{name}_event_loop_{kind}stall_max"))
+                self.stalls[kind + name] = float(line.split()[-1])
 
     async def gateway_epoch(self, client: httpx.AsyncClient) -> tuple[int, int]:
         ring = (await client.get(self.gw_url + "/health")).json()["ring"]
@@ -127,9 +131,62 @@ def heartbeat_s(n: int) -> float:
     return max(HEARTBEAT_S, n / MAX_BEATS_PER_S)
 
 
-def worker(client: httpx.AsyncClient, cluster: Cluster, i: int, rng: random.Random, n: int = 1) -> Registration:
-    return Registration(client, cluster.coord_url, f"sim-{i}", f"http://10.0.{i // 250}.{i % 250}:8000",
-                        "sim", heartbeat_s(n), HEADERS, load=lambda: rng.randrange(4))
+def register_body(i: int) -> dict:
+    return {"worker_id": f"sim-{i}", "address": f"http://10.{i // 62500}.{i // 250 % 250}.{i % 250}:8000",
+            "model_name": "sim", "draining": False}
+
+
+def worker(client: httpx.AsyncClient, coord_url: str, i: int, rng: random.Random, n: int = 1) -> Registration:
+    body = register_body(i)
+    return Registration(client, coord_url, body["worker_id"], body["address"], body["model_name"],
+                        heartbeat_s(n), HEADERS, load=lambda: rng.randrange(4))
+
+
+class Simulators:
+    """Workers `first`..n-1 in `procs` processes (this script with --simulate): each builds its
+    Registrations, says `ready`, starts them all on `go` and stops when its stdin closes."""
+
+    def __init__(self, coord_url: str, first: int, n: int, procs: int, stagger_s: float) -> None:
+        bounds = [first + (n - first) * k // procs for k in range(procs + 1)]
+        self.procs = [subprocess.Popen([sys.executable, __file__, "--simulate", coord_url, str(a), str(b), str(n),
+                                        str(stagger_s)],
+                                       cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                      for a, b in zip(bounds, bounds[1:]) if b > a]
+        for proc in self.procs:
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("a simulator did not start")
+
+    def go(self) -> None:
+        for proc in self.procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.stdin.close()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+async def simulate(coord_url: str, first: str, end: str, n: str, stagger_s: str) -> None:
+    rng = random.Random(int(first))
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+        regs = [worker(client, coord_url, i, rng, int(n)) for i in range(int(first), int(end))]
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+        tasks = []
+        for reg in regs:
+            tasks.append(asyncio.create_task(reg.run()))
+            if float(stagger_s):
+                await asyncio.sleep(float(stagger_s) / len(regs))
+        await asyncio.to_thread(sys.stdin.read)  # until the bench closes it
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def wait_gateway(client: httpx.AsyncClient, cluster: Cluster, epoch: int, timeout_s: float = 60) -> float:
@@ -155,15 +212,15 @@ async def settle(client: httpx.AsyncClient, cluster: Cluster, n: int, timeout_s:
 
 async def registered_all(client: httpx.AsyncClient, cluster: Cluster, n: int) -> float:
     """When the coordinator had all `n` registered (perf_counter)."""
-    while len((await client.get(cluster.coord_url + "/workers")).json()["workers"]) < n:
-        await asyncio.sleep(0.1)
+    while len((await client.get(cluster.coord_url + "/workers")).json()) < n:
+        await asyncio.sleep(0.25)
     return time.perf_counter()
 
 
 async def propagation(client, cluster, regs, rng, samples: int) -> dict:
     joins, drains = [], []
     for k in range(samples):
-        reg = worker(client, cluster, 100_000 + k, rng)
+        reg = worker(client, cluster.coord_url, 100_000 + k, rng)
         t0 = time.perf_counter()
         active = (await cluster.gateway_epoch(client))[1]
         await client.post(cluster.coord_url + "/register", json=reg.body, headers=HEADERS)
@@ -180,32 +237,43 @@ async def propagation(client, cluster, regs, rng, samples: int) -> dict:
 
 async def crash(client, cluster, tasks, regs, samples: int) -> list[float]:
     """Stops the heartbeats of `samples` workers, one at a time; each lag is from its last
-    heartbeat plus the TTL to the gateway's epoch passing its expiry."""
+    heartbeat plus the TTL to the gateway's epoch passing its expiry (the coordinator's epoch
+    once the victim is gone from its list)."""
     lags = []
     for i in range(samples):
         regs[i].stopped = True
         tasks[i].cancel()
         t0 = time.perf_counter()
-        listing = (await client.get(cluster.coord_url + "/workers")).json()
-        age = next(w["last_heartbeat_age_s"] for w in listing["workers"] if w["worker_id"] == regs[i].body["worker_id"])
-        took = await wait_gateway(client, cluster, listing["epoch"] + 1, timeout_s=cluster.ttl_s + 20)
-        lags.append((took - (cluster.ttl_s - age)) * 1000)
+        worker_id = regs[i].body["worker_id"]
+        age = (await client.get(cluster.coord_url + "/workers")).json()[worker_id]["last_heartbeat_age_s"]
+        while worker_id in (await client.get(cluster.coord_url + "/workers")).json():
+            await asyncio.sleep(0.02)
+        epoch = (await client.get(cluster.coord_url + "/stats")).json()["epoch"]
+        await wait_gateway(client, cluster, epoch)
+        lags.append((time.perf_counter() - t0 - (cluster.ttl_s - age)) * 1000)
     return lags
 
 
-async def churn(client, cluster, regs, rng, seconds: float) -> dict:
+async def expiries(client, cluster) -> float:
+    """Workers the coordinator expired so far (a simulated worker whose heartbeats came late)."""
+    text = (await client.get(cluster.coord_url + "/metrics")).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("kvcache_coordinator_ring_changes_total") and 'change="expire"' in line)
+
+
+async def churn(client, cluster, n: int, rng, seconds: float) -> dict:
     """10% of the workers drain and rejoin every 10 s; lag: from the coordinator's answer to the
     last call of a wave to the gateway's epoch reaching it."""
     lags = []
     t_end = time.perf_counter() + seconds
     while time.perf_counter() < t_end:
-        wave = rng.sample(range(len(regs)), max(1, len(regs) // 10))
+        wave = rng.sample(range(n), max(1, n // 10))
         answers = await asyncio.gather(*(client.post(cluster.coord_url + "/drain", headers=HEADERS,
-                                                     json={"worker_id": regs[i].body["worker_id"]}) for i in wave))
+                                                     json={"worker_id": f"sim-{i}"}) for i in wave))
         epoch = max(a.json()["epoch"] for a in answers if a.status_code == 200)
         lags.append(await wait_gateway(client, cluster, epoch) * 1000)
         answers = await asyncio.gather(*(client.post(cluster.coord_url + "/register", headers=HEADERS,
-                                                     json=regs[i].body | {"draining": False}) for i in wave))
+                                                     json=register_body(i)) for i in wave))
         epoch = max(a.json()["epoch"] for a in answers if a.status_code == 200)
         lags.append(await wait_gateway(client, cluster, epoch) * 1000)
         await asyncio.sleep(max(0.0, 10 - (time.perf_counter() % 10)))
@@ -223,46 +291,59 @@ async def placement_us(client, cluster) -> float:
     return (time.perf_counter() - t0) / len(keys) * 1e6
 
 
-async def run_n(n: int, churn_s: float, staggered: bool, rng: random.Random) -> dict:
+async def run_n(n: int, churn_s: float, staggered: bool, rng: random.Random, sim_procs: int) -> dict:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    # The simulated workers share one client; the bench's own calls and probes have their own, so
+    # The crash victims share a client here; the bench's own calls and probes have their own, so
     # a queue of heartbeats never delays a measurement.
     async with Cluster(max(TTL_S, 3 * heartbeat_s(n))) as cluster, \
             httpx.AsyncClient(limits=limits, timeout=30) as workers_client, httpx.AsyncClient(timeout=60) as client:
         cpu0 = cluster.stats()
         watcher = asyncio.create_task(cluster.watch_rss())
-        regs = [worker(workers_client, cluster, i, rng, n) for i in range(n)]
-        t0 = time.perf_counter()
-        tasks = []
-        for i, reg in enumerate(regs):
-            if staggered:
-                await asyncio.sleep(5.0 / n)
-            tasks.append(asyncio.create_task(reg.run()))
-        registered = asyncio.create_task(registered_all(client, cluster, n))
-        settled = await settle(client, cluster, n, timeout_s=120)
-        out_registered_s = (await registered) - t0
-        out = {"workers": n, "heartbeat_s": heartbeat_s(n), "ttl_s": cluster.ttl_s, "settle_s": time.perf_counter() - t0 if settled != float("inf") else settled,
-               "registered_s": out_registered_s}
-        await asyncio.sleep(2)
-        out |= await propagation(client, cluster, regs, rng, samples=10)
-        out["placement_us"] = await placement_us(client, cluster)
-        out |= await churn(client, cluster, regs, rng, churn_s) if churn_s else {"lag_ms": []}
-        out["crash_ms"] = await crash(client, cluster, tasks, regs, samples=3)
-        cpu1 = cluster.stats()
-        await cluster.read_stalls(client)
-        watcher.cancel()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, watcher, return_exceptions=True)
-        out["cpu_s"] = {k: cpu1[k][0] - cpu0[k][0] for k in cpu1}
-        out["rss_mib"] = {k: cpu1[k][1] for k in cpu1}
-        out["peak_rss_mib"] = dict(cluster.peak_rss)
-        out["longest_stall_ms"] = {k: v * 1000 for k, v in cluster.stalls.items()}
-        return out
+        regs = [worker(workers_client, cluster.coord_url, i, rng, n) for i in range(min(n, CRASH_SAMPLES))]
+        sims = await asyncio.to_thread(Simulators, cluster.coord_url, len(regs), n, sim_procs, 5.0 if staggered else 0.0)
+        try:
+            return await measure(n, churn_s, staggered, rng, cluster, client, regs, sims, cpu0, watcher)
+        finally:
+            sims.stop()
+
+
+async def measure(n, churn_s, staggered, rng, cluster, client, regs, sims, cpu0, watcher) -> dict:
+    t0 = time.perf_counter()
+    tasks = [asyncio.create_task(reg.run()) for reg in regs]
+    sims.go()  # staggered: each simulator spreads its workers' starts over 5 s
+    registered = asyncio.create_task(registered_all(client, cluster, n))
+    settled = await settle(client, cluster, n, timeout_s=120)
+    out_registered_s = (await registered) - t0
+    out = {"workers": n, "heartbeat_s": heartbeat_s(n), "ttl_s": cluster.ttl_s, "settle_s": time.perf_counter() - t0 if settled != float("inf") else settled,
+           "registered_s": out_registered_s, "sim_procs": len(sims.procs)}
+    await asyncio.sleep(2)
+    await cluster.read_stalls(client)  # the maxima so far: those of the registration storm
+    out["storm_stall_ms"] = {k: v * 1000 for k, v in cluster.stalls.items()}
+    out |= await propagation(client, cluster, regs, rng, samples=10)
+    out["placement_us"] = await placement_us(client, cluster)
+    out |= await churn(client, cluster, n, rng, churn_s) if churn_s else {"lag_ms": []}
+    out["flapped"] = await expiries(client, cluster)  # before the crashes: none should be expired yet
+    out["crash_ms"] = await crash(client, cluster, tasks, regs, samples=len(regs))
+    cpu1 = cluster.stats()
+    await cluster.read_stalls(client)
+    watcher.cancel()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, watcher, return_exceptions=True)
+    out["cpu_s"] = {k: cpu1[k][0] - cpu0[k][0] for k in cpu1}
+    out["rss_mib"] = {k: cpu1[k][1] for k in cpu1}
+    out["peak_rss_mib"] = dict(cluster.peak_rss)
+    out["longest_stall_ms"] = {k: v * 1000 for k, v in cluster.stalls.items()}
+    return out
 
 
 def load_average() -> str:
     return Path("/proc/loadavg").read_text().split()[0]
+
+
+def stalls(ms: dict) -> str:
+    """Coordinator / gateway wall-clock stall (of it on a CPU) in ms."""
+    return " / ".join(f"{ms[name]:.0f} ({ms['busy_' + name]:.0f})" for name in ("coordinator", "gateway"))
 
 
 def row(r: dict) -> str:
@@ -271,16 +352,20 @@ def row(r: dict) -> str:
         return "-" if v is None else f"{v:.0f}"
     return (f"| {r['workers']} | {r['heartbeat_s']:g} / {r['ttl_s']:g} s | {r['mode']} | {r['registered_s']:.1f} / {r['settle_s']:.1f} s | {p(r['join_ms'], 50)} / {p(r['join_ms'], 99)} | "
             f"{p(r['drain_ms'], 50)} / {p(r['drain_ms'], 99)} | {p(r['crash_ms'], 50)} / {p(r['crash_ms'], 99)} | "
+            f"{r['flapped']:.0f} | "
             f"{p(r['lag_ms'], 50)} / {p(r['lag_ms'], 99)} | "
             f"{r['peak_rss_mib']['coordinator']:.0f} / {r['peak_rss_mib']['gateway']:.0f} | "
             f"{r['cpu_s']['coordinator']:.0f} / {r['cpu_s']['gateway']:.0f} | "
-            f"{r['longest_stall_ms']['coordinator']:.0f} / {r['longest_stall_ms']['gateway']:.0f} | "
+            f"{stalls(r['storm_stall_ms'])} | {stalls(r['longest_stall_ms'])} | "
             f"{r['placement_us']:.0f} | {r['load_average']} |")
 
 
-HEADER = ("| N | heartbeat / TTL | start | registered / routed by the gateway | join p50/p99 ms | drain p50/p99 ms | crash-TTL p50/p99 ms | churn lag p50/p99 ms "
-          "| peak RSS coord/gw MiB | CPU s coord/gw | longest loop stall coord/gw ms | placement µs | load avg |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| N | heartbeat / TTL | start | registered / routed by the gateway | join p50/p99 ms | drain p50/p99 ms | crash-TTL p50/p99 ms | expired early "
+          "| churn lag p50/p99 ms "
+          "| peak RSS coord/gw MiB | CPU s coord/gw | longest loop stall in the start, coord/gw ms (of it on a CPU) "
+          "| longest loop stall in the whole run "
+          "| placement µs | load avg |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main() -> None:
@@ -288,13 +373,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[100, 500, 1000, 2000])
     parser.add_argument("--churn-s", type=float, default=60.0)
     parser.add_argument("--staggered", action="store_true", help="spread the start over 5 s")
+    parser.add_argument("--sim-procs", type=int, default=4, help="processes running the simulated workers")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "control_plane.json")
+    parser.add_argument("--simulate", nargs=5, metavar=("COORD_URL", "FIRST", "END", "N", "STAGGER_S"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.simulate:
+        asyncio.run(simulate(*args.simulate))
+        return
     rng = random.Random(0)
     results = []
     print(HEADER, flush=True)
     for n in args.workers:
-        r = asyncio.run(run_n(n, args.churn_s, args.staggered, rng))
+        r = asyncio.run(run_n(n, args.churn_s, args.staggered, rng, args.sim_procs))
         r["mode"] = "staggered" if args.staggered else "simultaneous"
         r["load_average"] = load_average()  # of the machine (2 shared cores) at the end of the run
         results.append(r)

@@ -12,8 +12,8 @@ for the handoff window (ring_history reads where their arcs were). Turning a mem
 O(1); only a new member's points cost an O(points) merge, and a batch of them costs one merge.
 """
 
-import bisect
 import hashlib
+import heapq
 from collections.abc import Collection, Iterable, Iterator
 from typing import NamedTuple
 
@@ -23,6 +23,8 @@ KEY_SPACE = 2**32
 DEFAULT_VNODES = 8192
 MAX_MEMBERS = 65_535  # owners are uint16 member numbers
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+SHARES_SLICE = 1 << 20
+MERGE_BATCH = 64  # new workers' points merged at a time (bounds the temporaries)
 
 
 class EmptyRingError(LookupError):
@@ -74,6 +76,7 @@ class HashRing:
         self.vnodes = vnodes
         self._points = EMPTY
         self._names: list[str | None] = []   # member number -> worker id (None: free)
+        self._free: list[int] = []           # a heap of the free member numbers
         self._numbers: dict[str, int] = {}   # worker id -> member number
         self._active = bytearray()           # member number -> 1 when it owns keys
         self._num_active = 0
@@ -146,22 +149,29 @@ class HashRing:
 
     def merged_with(self, new_members: Collection[str]) -> Points:
         """The points with those of `new_members` merged in, numbered as update() will number
-        them. Pure (reads the current points): safe to run in a thread while the loop reads."""
+        them. Pure (reads the current points): safe to run in a thread while the loop reads.
+        Merged MERGE_BATCH workers at a time: a thousand at once (a coordinator restart, a
+        gateway's first sync) held 300 MB of temporaries; in batches, the old and new arrays and
+        a few MB."""
         new_members = [w for w in dict.fromkeys(new_members) if w not in self._numbers]
         if not new_members:
             return self._points
-        free = [n for n, name in enumerate(self._names) if name is None]
-        numbers = (free + list(range(len(self._names), len(self._names) + len(new_members))))[:len(new_members)]
-        if numbers and numbers[-1] > MAX_MEMBERS:
+        free = sorted(self._free)[:len(new_members)]
+        numbers = free + list(range(len(self._names), len(self._names) + len(new_members) - len(free)))
+        if numbers[-1] > MAX_MEMBERS:
             raise ValueError(f"a ring holds at most {MAX_MEMBERS} workers")
-        # One sort of (point << 16 | member number): no index array, ties next to each other.
-        keys = np.concatenate([(points_of(w, self.vnodes).astype(np.uint64) << np.uint64(16)) | np.uint64(n)
-                               for w, n in zip(new_members, numbers)])
-        keys.sort()
-        merged, at = merge(self._points, Points((keys >> np.uint64(16)).astype(np.uint32),
-                                                (keys & np.uint64(0xFFFF)).astype(np.uint16)))
-        names = {n: w for n, w in zip(numbers, new_members)}
-        return self._fix_ties(merged, at, lambda n: names.get(n) or self._names[n])
+        names = dict(zip(numbers, new_members))
+        points = self._points
+        for start in range(0, len(new_members), MERGE_BATCH):
+            batch = zip(new_members[start:start + MERGE_BATCH], numbers[start:start + MERGE_BATCH])
+            # One sort of (point << 16 | member number): no index array, ties next to each other.
+            keys = np.concatenate([(points_of(w, self.vnodes).astype(np.uint64) << np.uint64(16)) | np.uint64(n)
+                                   for w, n in batch])
+            keys.sort()
+            points, at = merge(points, Points((keys >> np.uint64(16)).astype(np.uint32),
+                                              (keys & np.uint64(0xFFFF)).astype(np.uint16)))
+            points = self._fix_ties(points, at, lambda n: names.get(n) or self._names[n])
+        return points
 
     def forget(self, worker_ids: Iterable[str]) -> None:
         """Drops the points of inactive members (their handoff window ended)."""
@@ -175,6 +185,7 @@ class HashRing:
         for number in numbers:
             del self._numbers[self._names[number]]
             self._names[number] = None
+            heapq.heappush(self._free, number)
 
     def owner(self, key: str, exclude: Collection[str] = ()) -> str:
         """The worker of the first active point at or clockwise after the key's hash, skipping
@@ -230,31 +241,38 @@ class HashRing:
     def copy(self) -> "HashRing":
         ring = HashRing(self.vnodes)
         ring._points = self._points
-        ring._names, ring._numbers = list(self._names), dict(self._numbers)
+        ring._names, ring._numbers, ring._free = list(self._names), dict(self._numbers), list(self._free)
         ring._active, ring._num_active = bytearray(self._active), self._num_active
         return ring
 
     def shares(self) -> dict[str, float]:
-        """Fraction of the key space each active worker owns; sums to 1 on a non-empty ring."""
+        """Fraction of the key space each active worker owns; sums to 1 on a non-empty ring. Reads
+        the points once (safe in a thread) in slices, so its temporaries stay a few MB at 8M points."""
         hashes, owners = self._points
         active = np.frombuffer(bytes(self._active), np.uint8).astype(bool) if self._active else np.zeros(0, bool)
         mask = active[owners] if len(owners) else np.zeros(0, bool)
-        hashes, owners = hashes[mask].astype(np.int64), owners[mask]
+        hashes, owners = hashes[mask], owners[mask]
         if not len(hashes):
             return {}
         # Point i owns the arc (previous point, point]; the first one's previous point is the last
-        # one, one lap back. One distinct point (one worker, one vnode) owns the whole lap.
-        arcs = np.diff(hashes, prepend=hashes[-1] - KEY_SPACE)
+        # one, one lap back (uint32 differences wrap modulo 2**32: exactly that arc). One distinct
+        # point (one worker, one vnode) owns the whole lap.
+        totals = np.zeros(len(self._names), np.float64)
+        for start in range(0, len(hashes), SHARES_SLICE):
+            end = min(start + SHARES_SLICE, len(hashes))
+            arcs = np.diff(hashes[start - 1:end] if start else np.concatenate([hashes[-1:], hashes[:end]]))
+            totals += np.bincount(owners[start:end], weights=arcs, minlength=len(self._names))
         if hashes[0] == hashes[-1]:
-            arcs[0] = KEY_SPACE
-        totals = np.bincount(owners, weights=arcs, minlength=len(self._names))
+            totals[:] = 0
+            totals[owners[0]] = KEY_SPACE
         return {w: float(totals[n]) / KEY_SPACE for w, n in sorted(self._numbers.items()) if self._active[n]}
 
     def _number(self, worker_id: str) -> int:
-        try:
-            number = self._names.index(None)
+        """The lowest free member number (as merged_with numbers new members), else a new one."""
+        if self._free:
+            number = heapq.heappop(self._free)
             self._names[number] = worker_id
-        except ValueError:
+        else:
             number = len(self._names)
             self._names.append(worker_id)
             self._active.append(0)

@@ -2,12 +2,14 @@
 
 from fastapi import FastAPI
 
+from services.common.memory import fix_mmap_threshold
 from services.common.runner import serve
 from services.coordinator.app import create_app
 from services.coordinator.settings import CoordinatorSettings
 
 
 def main() -> None:
+    fix_mmap_threshold()  # the ring's arrays, freed by every merge, leave RSS
     settings = CoordinatorSettings()
     app = create_app(settings)
     serve(app, settings, on_shutdown=lambda: answer_long_polls(app))

@@ -4,6 +4,7 @@
 internal bearer token. `router` holds the open routes (lookups, health, metrics).
 """
 
+import asyncio
 import re
 
 from fastapi import APIRouter, Query, Request, Response
@@ -143,9 +144,11 @@ async def workers(request: Request) -> dict:
 async def stats(request: Request) -> dict:
     membership = _membership(request)
     ring = membership.ring
+    # O(points), 0.1 s at 1000 workers: off the loop, on a copy (the arrays are shared, not copied)
+    share = await asyncio.to_thread(ring.copy().shares)
     return {"epoch": membership.epoch, "num_workers": len(membership),
             "num_draining": membership.num_draining, "ring_points": len(ring),
-            "vnodes": ring.vnodes, "share": ring.shares()}
+            "vnodes": ring.vnodes, "share": share}
 
 
 @router.get("/health")

@@ -74,7 +74,7 @@ def create_app(settings: CoordinatorSettings | None = None, *,
         app.state.instance = uuid.uuid4().hex
         app.state.started_at = clock()
         app.state.membership = build_membership(settings, app.state.metrics, clock, app.state.watch)
-        stalls = LoopStallMonitor(app.state.metrics.loop_stall)
+        stalls = LoopStallMonitor(app.state.metrics.loop_stall, app.state.metrics.loop_busy_stall)
         tasks = [asyncio.create_task(sweep_forever(app.state.membership, settings.sweep_interval_s)),
                  asyncio.create_task(build_points_forever(app.state.membership)),
                  asyncio.create_task(stalls.run())]

@@ -2,6 +2,7 @@
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from services.common.loop_stall import BUSY_HELP as LOOP_BUSY_STALL_HELP
 from services.common.loop_stall import HELP as LOOP_STALL_HELP
 from services.common.metrics import PREFIX
 
@@ -35,6 +36,8 @@ class CoordinatorMetrics:
             "epoch", "Current membership epoch.", namespace=NAMESPACE, registry=self.registry)
         self.loop_stall = Gauge("event_loop_stall_max_seconds", LOOP_STALL_HELP, namespace=NAMESPACE,
                                 registry=self.registry)
+        self.loop_busy_stall = Gauge("event_loop_busy_stall_max_seconds", LOOP_BUSY_STALL_HELP,
+                                     namespace=NAMESPACE, registry=self.registry)
         # Touch every label value so each series is exported at 0 before its first event.
         for outcome in ROUTE_OUTCOMES:
             self.route_requests.labels(outcome=outcome)

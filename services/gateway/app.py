@@ -60,7 +60,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         ring = RingSync(CoordinatorClient(client, settings.coordinator_url), placer.loads)
         app.state.proxy = GatewayProxy(client, ring, placer, metrics, migration_limit=settings.migration_limit)
         tasks = [asyncio.create_task(ring.run()),
-                 asyncio.create_task(LoopStallMonitor(metrics.loop_stall).run())]
+                 asyncio.create_task(LoopStallMonitor(metrics.loop_stall, metrics.loop_busy_stall).run())]
         await ring.wait_first()
         try:
             yield

@@ -3,6 +3,7 @@
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.common.loop_stall import BUSY_HELP as LOOP_BUSY_STALL_HELP
 from services.common.loop_stall import HELP as LOOP_STALL_HELP
 from services.common.metrics import PREFIX
 
@@ -18,6 +19,8 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.loop_stall = Gauge(f"{_NAME}_event_loop_stall_max_seconds", LOOP_STALL_HELP, registry=self.registry)
+        self.loop_busy_stall = Gauge(f"{_NAME}_event_loop_busy_stall_max_seconds", LOOP_BUSY_STALL_HELP,
+                                     registry=self.registry)
         self.requests = Counter(
             f"{_NAME}_requests_total", "HTTP requests by endpoint and status class.",
             ["endpoint", "code_class"], registry=self.registry)

@@ -3,6 +3,7 @@ from collections import Counter
 
 import pytest
 
+from services.common import hash_ring
 from services.common.hash_ring import DEFAULT_VNODES, KEY_SPACE, EmptyRingError, HashRing, hash_key, points_of
 
 SEQ_IDS = [f"seq-{i}" for i in range(5000)]
@@ -246,3 +247,28 @@ def test_a_batch_merged_off_the_loop_equals_one_built_at_once():
     at_once = HashRing.of(["d", "c", "b", "a"], 500)
     assert {s: ring.owner(s) for s in SEQ_IDS} == {s: at_once.owner(s) for s in SEQ_IDS}
     assert list(ring.walk("seq-9")) == list(at_once.walk("seq-9"))
+
+
+def test_points_merged_in_batches_are_every_workers_points_sorted_with_ties_by_id(monkeypatch):
+    """The reference is a plain sort of (point, worker id) over every worker's points; 20 workers x
+    8192 points hold a few 32-bit collisions, which must come out ordered by id whatever the
+    batching (3 workers a merge here) and the order the workers joined in."""
+    monkeypatch.setattr(hash_ring, "MERGE_BATCH", 3)
+    workers = [f"worker-{i}" for i in range(20)]
+    ring = HashRing(8192)
+    for group in (workers[13:], workers[:5], workers[5:13]):
+        ring.update(on=group)
+    expected = sorted((int(p), w) for w in workers for p in points_of(w, 8192))
+    hashes, owners = ring.points
+    names = {n: w for w, n in ring._numbers.items()}
+    assert len({h for h, _ in expected}) < len(expected)  # the case has ties
+    assert list(zip(hashes.tolist(), (names[n] for n in owners.tolist()))) == expected
+
+
+def test_freed_member_numbers_are_reused_lowest_first():
+    ring = HashRing.of(["a", "b", "c", "d"], 10)
+    ring.remove("c")
+    ring.remove("a")
+    ring.update(on=["e", "f", "g"])
+    assert [ring._numbers[w] for w in ("e", "f", "g")] == [0, 2, 4]
+    assert ring.owner("k") in ring
