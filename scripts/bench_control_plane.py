@@ -243,6 +243,7 @@ async def crash(client, cluster, tasks, regs, samples: int) -> list[float]:
     for i in range(samples):
         regs[i].stopped = True
         tasks[i].cancel()
+        await asyncio.sleep(1)  # a heartbeat already sent when it was cancelled lands first
         t0 = time.perf_counter()
         worker_id = regs[i].body["worker_id"]
         age = (await client.get(cluster.coord_url + "/workers")).json()[worker_id]["last_heartbeat_age_s"]
