@@ -41,7 +41,8 @@ class CoordinatorMetrics:
                                      namespace=NAMESPACE, registry=self.registry)
         self.kubernetes_watch_restarts = Counter(
             "kubernetes_watch_restarts", "EndpointSlice watch restarts (COORDINATOR_MEMBERSHIP=kubernetes) by "
-            "reason: expired (410 Gone: listed again), error (an ERROR event), failed (the API server unreachable or refusing: retried after a pause).",
+            "reason: expired (410 Gone: listed again), error (an ERROR event), failed (the API server "
+            "unreachable or refusing: retried after a pause).",
             ["reason"], namespace=NAMESPACE, registry=self.registry)
         # Touch every label value so each series is exported at 0 before its first event.
         for outcome in ROUTE_OUTCOMES:
