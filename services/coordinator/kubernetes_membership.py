@@ -55,7 +55,9 @@ class KubernetesMembership(Membership):
             self._drained.discard(worker_id)
         self._left.discard(worker_id)
         self._apply(worker_id)
-        return self._workers.get(worker_id, report)
+        info = self._workers.get(worker_id, report)
+        info.last_heartbeat = now
+        return info
 
     def heartbeat(self, worker_id: str, load: int | None = None) -> WorkerInfo:
         """UnknownWorker for a worker that has not registered with this process, listed or not:

@@ -40,11 +40,12 @@ def test_one_list_puts_every_ready_worker_on_the_ring_without_registrations(memb
     assert membership.num_draining == 1
 
 
-def test_a_listed_worker_that_never_registered_is_told_to_register_and_brings_its_model(membership, changes):
+def test_a_listed_worker_that_never_registered_is_told_to_register_and_brings_its_model(membership, changes, clock):
     membership.sync(listed(**{"worker-0": "active"}))
     with pytest.raises(UnknownWorker):
         membership.heartbeat("worker-0", load=1)
-    register(membership, "worker-0")
+    clock.advance(2)
+    assert register(membership, "worker-0").last_heartbeat == clock.now
     info = membership.get("worker-0")
     assert (info.model_name, info.served_model_names, info.max_model_len) == ("gpt2", ("gpt2", "chat"), 1024)
     assert [c[0] for c in changes] == ["join", "update"]  # the ring did not move
