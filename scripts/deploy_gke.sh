@@ -17,6 +17,8 @@ Options:
   --tag TAG          image tag pushed by scripts/build_images.sh (default: git short SHA)
   --overlay NAME     cpu (default) or gpu; must match infra's enable_gpu
   --namespace NS     deploy into NS instead of kvcache
+  --membership MODE  heartbeat (default) or kubernetes: the coordinator takes its workers from
+                     their EndpointSlices (k8s/components/kubernetes-membership, with its RBAC)
   --dry-run          print the rendered manifests with tags instead of digests; no gcloud,
                      no kubectl apply
   -h, --help         show this help
@@ -40,6 +42,7 @@ region="us-central1"
 tag=""
 overlay="cpu"
 namespace=""
+membership="heartbeat"
 dry_run=false
 
 while (($# > 0)); do
@@ -49,6 +52,7 @@ while (($# > 0)); do
     --tag) tag="${2:?--tag needs a value}"; shift 2 ;;
     --overlay) overlay="${2:?--overlay needs a value}"; shift 2 ;;
     --namespace) namespace="${2:?--namespace needs a value}"; shift 2 ;;
+    --membership) membership="${2:?--membership needs a value}"; shift 2 ;;
     --dry-run) dry_run=true; shift ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
@@ -57,6 +61,8 @@ done
 
 [[ -n "${project}" ]] || { usage >&2; die "--project is required"; }
 [[ "${overlay}" == cpu || "${overlay}" == gpu ]] || die "--overlay must be cpu or gpu"
+[[ "${membership}" == heartbeat || "${membership}" == kubernetes ]] \
+  || die "--membership must be heartbeat or kubernetes"
 [[ -z "${namespace}" || "${namespace}" =~ ^[a-z0-9]([-a-z0-9]*[a-z0-9])?$ ]] \
   || die "--namespace must be a DNS label"
 if [[ -z "${tag}" ]]; then
@@ -98,7 +104,11 @@ image_entry() {
   if [[ -n "${namespace}" ]]; then
     printf 'namespace: %s\n' "${namespace}"
   fi
-  printf 'resources:\n  - ../overlays/%s\nimages:\n' "${overlay}"
+  printf 'resources:\n  - ../overlays/%s\n' "${overlay}"
+  if [[ "${membership}" == kubernetes ]]; then
+    printf 'components:\n  - ../components/kubernetes-membership\n'
+  fi
+  printf 'images:\n'
   for name in "${images[@]}"; do
     image_entry "${name}"
   done

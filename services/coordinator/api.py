@@ -121,7 +121,7 @@ async def ring(request: Request, after: int = -1, seq: int = Query(0, ge=0), loa
         await state.watch.wait(wait_s)
     uptime_s = membership.now() - state.started_at
     body = RingState.model_validate(membership.state(after, seq, load_after) | {
-        "instance": state.instance, "settling": uptime_s < membership.ttl_s})
+        "instance": state.instance, "settling": membership.settling(uptime_s)})
     # Serialised once here: a returned model would be validated again by FastAPI (the full state
     # of a thousand workers twice per answer).
     return Response(body.model_dump_json(), media_type="application/json")

@@ -13,6 +13,8 @@ from services.common.auth import require_bearer
 from services.common.errors import install_error_handlers
 from services.common.loop_stall import LoopStallMonitor
 from services.coordinator.api import membership_router, router
+from services.coordinator.kubernetes_membership import KubernetesMembership
+from services.coordinator.kubernetes_watch import make_watcher
 from services.coordinator.membership import Membership
 from services.coordinator.metrics import CoordinatorMetrics
 from services.coordinator.settings import CoordinatorSettings
@@ -55,9 +57,9 @@ def build_membership(settings: CoordinatorSettings, metrics: CoordinatorMetrics,
     def on_change(change: str, _worker_id: str, epoch: int) -> None:
         metrics.record_change(change, len(membership), membership.num_draining, epoch)
 
-    membership = Membership(ttl_s=settings.ttl_s, vnodes=settings.vnodes,
-                            handoff_window_s=settings.handoff_window_s, clock=clock,
-                            on_change=on_change, on_version=watch.notify, defer_new_points=True)
+    kind = KubernetesMembership if settings.membership == "kubernetes" else Membership
+    membership = kind(ttl_s=settings.ttl_s, vnodes=settings.vnodes, handoff_window_s=settings.handoff_window_s,
+                      clock=clock, on_change=on_change, on_version=watch.notify, defer_new_points=True)
     return membership
 
 
@@ -75,9 +77,14 @@ def create_app(settings: CoordinatorSettings | None = None, *,
         app.state.started_at = clock()
         app.state.membership = build_membership(settings, app.state.metrics, clock, app.state.watch)
         stalls = LoopStallMonitor(app.state.metrics.loop_stall, app.state.metrics.loop_busy_stall)
+        # Kubernetes lists the workers: the watch holds the app's one HTTP client.
+        watcher = make_watcher(settings, app.state.membership.sync, app.state.metrics.record_watch_restart) \
+            if settings.membership == "kubernetes" else None
         tasks = [asyncio.create_task(sweep_forever(app.state.membership, settings.sweep_interval_s)),
                  asyncio.create_task(build_points_forever(app.state.membership)),
                  asyncio.create_task(stalls.run())]
+        if watcher is not None:
+            tasks.append(asyncio.create_task(watcher.run()))
         try:
             yield
         finally:
@@ -85,6 +92,8 @@ def create_app(settings: CoordinatorSettings | None = None, *,
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if watcher is not None:
+                await watcher.client.aclose()
 
     app = FastAPI(title="kvcache coordinator", lifespan=lifespan)
     install_error_handlers(app)

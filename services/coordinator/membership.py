@@ -148,21 +148,10 @@ class Membership:
         if info is None:
             info = WorkerInfo(worker_id, address, model_name, registered_at=now, last_heartbeat=now,
                               state=state, served_model_names=names, max_model_len=max_model_len)
-            self._workers[worker_id] = info
-            self._num_draining += state == "draining"
-            self._gone.pop(worker_id, None)
-            self._mark(worker_id)
-            self._changed("drain" if draining else "join", info)
+            self._add(info)
             return info
         info.last_heartbeat = now
-        moved = (info.address, info.model_name, info.served_model_names, info.max_model_len) != \
-            (address, model_name, names, max_model_len)
-        info.address, info.model_name = address, model_name
-        info.served_model_names, info.max_model_len = names, max_model_len
-        if info.state != state:
-            self._set_state(info, state)
-        elif moved:
-            self._changed("update", info)
+        self._update(info, address, model_name, names, max_model_len, state)
         return info
 
     def drain(self, worker_id: str) -> WorkerInfo:
@@ -197,13 +186,21 @@ class Membership:
     def expire(self) -> list[str]:
         """Drops workers silent for longer than ttl_s, and ring changes older than the handoff
         window; returns the dropped workers' ids."""
-        now = self._clock()
-        expired = sorted(w for w, info in self._workers.items() if info.last_heartbeat < now - self.ttl_s)
+        expired = self._silent(self._clock() - self.ttl_s)
         for worker_id in expired:
             self._remove(worker_id, "expire")
         self.commit()  # the sweep: new workers' points are left to the builder
         self._forget_released()
         return expired
+
+    def _silent(self, since: float) -> list[str]:
+        """The workers expire() drops: silent since before `since` (sorted)."""
+        return sorted(w for w, info in self._workers.items() if info.last_heartbeat < since)
+
+    def settling(self, uptime_s: float) -> bool:
+        """Whether the ring may still lack workers after a restart: until every worker had a TTL
+        to register again (routers keep their last ring meanwhile)."""
+        return uptime_s < self.ttl_s
 
     def pending_new(self) -> list[str]:
         """Workers waiting to go on the ring that have no points on it yet (sorted)."""
@@ -289,6 +286,25 @@ class Membership:
                 "last_heartbeat_age_s": round(now - w.last_heartbeat, 3), "load": w.load,
                 "load_reports": w.load_reports, "served_model_names": list(w.served_model_names),
                 "max_model_len": w.max_model_len}
+
+    def _add(self, info: WorkerInfo) -> None:
+        self._workers[info.worker_id] = info
+        self._num_draining += info.state == "draining"
+        self._gone.pop(info.worker_id, None)
+        self._mark(info.worker_id)
+        self._changed("drain" if info.state == "draining" else "join", info)
+
+    def _update(self, info: WorkerInfo, address: str, model_name: str | None, names: tuple[str, ...],
+                max_model_len: int | None, state: WorkerState) -> None:
+        """Moves a known worker (address, model names) and switches its state; no-op if unchanged."""
+        moved = (info.address, info.model_name, info.served_model_names, info.max_model_len) != \
+            (address, model_name, names, max_model_len)
+        info.address, info.model_name = address, model_name
+        info.served_model_names, info.max_model_len = names, max_model_len
+        if info.state != state:
+            self._set_state(info, state)
+        elif moved:
+            self._changed("update", info)
 
     def _mark(self, worker_id: str) -> None:
         if not self._dirty:

@@ -10,6 +10,7 @@ NAMESPACE = f"{PREFIX}_coordinator"
 ROUTE_OUTCOMES = ("ok", "invalid", "unavailable")
 HEARTBEAT_OUTCOMES = ("ok", "unknown")
 CHANGES = ("join", "leave", "expire", "update", "drain")
+WATCH_RESTART_REASONS = ("expired", "error", "failed")  # kubernetes_watch.RESTART_REASONS
 
 
 class CoordinatorMetrics:
@@ -38,6 +39,11 @@ class CoordinatorMetrics:
                                 registry=self.registry)
         self.loop_busy_stall = Gauge("event_loop_busy_stall_max_seconds", LOOP_BUSY_STALL_HELP,
                                      namespace=NAMESPACE, registry=self.registry)
+        self.kubernetes_watch_restarts = Counter(
+            "kubernetes_watch_restarts", "EndpointSlice watch restarts (COORDINATOR_MEMBERSHIP=kubernetes) by "
+            "reason: expired (410 Gone: listed again), error (an ERROR event), failed (the API server "
+            "unreachable or refusing: retried after a pause).",
+            ["reason"], namespace=NAMESPACE, registry=self.registry)
         # Touch every label value so each series is exported at 0 before its first event.
         for outcome in ROUTE_OUTCOMES:
             self.route_requests.labels(outcome=outcome)
@@ -45,9 +51,14 @@ class CoordinatorMetrics:
             self.heartbeats.labels(outcome=outcome)
         for change in CHANGES:
             self.ring_changes.labels(change=change)
+        for reason in WATCH_RESTART_REASONS:
+            self.kubernetes_watch_restarts.labels(reason=reason)
 
     def record_change(self, change: str, num_workers: int, num_draining: int, epoch: int) -> None:
         self.ring_changes.labels(change=change).inc()
         self.registered_workers.set(num_workers)
         self.draining_workers.set(num_draining)
         self.epoch.set(epoch)
+
+    def record_watch_restart(self, reason: str) -> None:
+        self.kubernetes_watch_restarts.labels(reason=reason).inc()

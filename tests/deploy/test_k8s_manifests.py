@@ -650,3 +650,49 @@ def test_overlay_patches_set_only_settings():
                 allowed = settings_env_names(SETTINGS[container["name"]]) | GENERIC_ENV
                 names = {e["name"] for e in container.get("env", [])}
                 assert names <= allowed, f"{path}: {sorted(names - allowed)}"
+
+
+def render_with_component(component: str) -> list:
+    """k8s/overlays/cpu with the component added, rendered as a user would (from under k8s/)."""
+    if shutil.which("kubectl") is None and shutil.which("kustomize") is None:
+        pytest.skip("needs kubectl or kustomize")
+    workdir = Path(tempfile.mkdtemp(prefix=".deploy-test-", dir=K8S_DIR))  # git-ignored
+    try:
+        (workdir / "kustomization.yaml").write_text(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+            f"resources:\n  - ../overlays/cpu\ncomponents:\n  - ../components/{component}\n")
+        return [d for d in yaml.safe_load_all(render_kustomization(workdir)) if d]
+    finally:
+        shutil.rmtree(workdir)
+
+
+def test_kubernetes_membership_component_lets_only_the_coordinator_watch_worker_endpointslices():
+    """The coordinator alone runs as an account bound to a read-only Role on EndpointSlices in
+    its namespace, with its token mounted, and watches the worker Service by the names the
+    workers' Service and DNS use."""
+    docs = render_with_component("kubernetes-membership")
+    coordinator = find_workload(docs, "coordinator")
+    spec = pod_spec(coordinator)
+    account = spec["serviceAccountName"]
+    assert spec["automountServiceAccountToken"] is True
+    assert find(docs, "ServiceAccount", account)["automountServiceAccountToken"] is False
+    [binding] = [d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")
+                 and {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE} in d["subjects"]]
+    assert binding["kind"] == "RoleBinding" and binding["roleRef"]["kind"] == "Role"
+    role = find(docs, "Role", binding["roleRef"]["name"])
+    assert role["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                              "verbs": ["get", "list", "watch"]}]
+    others = [w for w in docs if w["kind"] in ("Deployment", "StatefulSet") and w is not coordinator]
+    assert all(pod_spec(w).get("serviceAccountName") != account for w in others)
+    assert all(pod_spec(w)["automountServiceAccountToken"] is False for w in others)
+    env = resolve_env(only_container(coordinator), docs, sample_pod_name(coordinator))
+    settings = settings_from_env(SETTINGS["coordinator"], env)
+    assert settings.membership == "kubernetes"
+    service = find(docs, "Service", settings.k8s_service)
+    assert service["spec"]["clusterIP"] == "None"
+    assert settings.k8s_port_name in [p["name"] for p in service["spec"]["ports"]]
+    # Addresses are formed as the workers advertise themselves (`dns`, cluster.local).
+    worker_env = resolve_env(only_container(find_workload(docs, "worker")), docs, "worker-0")
+    assert (settings.k8s_address, settings.k8s_cluster_domain) == ("dns", "cluster.local")
+    assert worker_env["WORKER_ADVERTISE_ADDRESS"] == \
+        f"http://worker-0.{settings.k8s_service}.{NAMESPACE}.svc.cluster.local:{service['spec']['ports'][0]['port']}"

@@ -31,7 +31,7 @@ def env_names() -> set[str]:
 def test_configuration_table_matches_settings():
     text = README.read_text()
     table = text[text.index("## Configuration"):text.index("## Tests")]
-    documented = set(re.findall(r"`((?:GATEWAY|COORDINATOR|WORKER)_[A-Z_]+)`", table))
+    documented = set(re.findall(r"`((?:GATEWAY|COORDINATOR|WORKER)_[A-Z0-9_]+)`", table))
     assert documented == env_names()
 
 
