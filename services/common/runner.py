@@ -71,6 +71,7 @@ def server_config(app: FastAPI, settings: ServiceSettings) -> uvicorn.Config:
     """uvicorn's settings for a service: its address, and its limits on slow clients."""
     limits = ClientLimits(settings.header_timeout_s, settings.send_timeout_s)
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                          access_log=settings.access_log,
                           http=limited_http_protocol(limits), timeout_keep_alive=SERVER_KEEP_ALIVE_S,
                           timeout_graceful_shutdown=10)
 

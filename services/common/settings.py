@@ -16,6 +16,9 @@ class ServiceSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+    # One uvicorn access-log line per request (at info). It is a measured share of the gateway's
+    # CPU per relayed request (about 150 us of 1.4 ms, README "Routing tax"): off, it logs no requests.
+    access_log: bool = True
     # The bearer token the services share for their internal calls (see each service's use).
     internal_token: SecretStr = SecretStr("")
     # Or a file holding it (Compose's init service writes a random one; a mounted Secret), read

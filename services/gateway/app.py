@@ -36,6 +36,11 @@ DESCRIPTION = ("Routes each request to the worker that holds its KV cache. `/gen
                "/metrics needs `Authorization: Bearer <key>`.")
 
 
+# FastAPI's native OpenTelemetry looks up the global tracer, meter and logger providers on every
+# request (about 5 us); the gateway sets up none (its metrics are Prometheus, /metrics).
+NO_OPENTELEMETRY = {"tracing": False, "metrics": False, "logs": False}
+
+
 def render_error(request: Request, exc: ServiceError) -> Response:
     """/v1 errors in OpenAI's shape (a bad body is a 400); the gateway's own routes in ours."""
     if is_openai_path(request.url.path):
@@ -72,7 +77,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             await client.close()
 
     app = FastAPI(title="kvcache gateway", version=version("kvcache"), description=DESCRIPTION,
-                  lifespan=lifespan, redoc_url=None)
+                  lifespan=lifespan, redoc_url=None, telemetry=NO_OPENTELEMETRY)
     app.state.settings = settings
     app.state.metrics = metrics
     install_error_handlers(app, render_error)

@@ -69,7 +69,7 @@ class ChunkRelay:
             yield FinalChunk(b"".join(ending) + DONE_LINE)
         finally:
             self.metrics.active_streams.dec()
-            self.metrics.streams.labels(outcome).inc()
+            self.metrics.stream_outcomes[outcome].inc()
 
     async def _chunks(self) -> AsyncIterator[tuple[dict, str]]:
         """(chunk, the stream's outcome if it ended here)."""

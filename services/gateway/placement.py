@@ -100,6 +100,10 @@ class Placement:
     decision: str  # owner, spilled, rerouted, round_robin (the gateway metric's label)
 
 
+def _no_worker(exclude: Collection[str]) -> str:
+    return "no active worker" if not exclude else "every active worker is excluded"
+
+
 class Placer:
     def __init__(self, routing: str = "affinity", load_factor: float = 0.0) -> None:
         self.routing = routing
@@ -110,26 +114,40 @@ class Placer:
 
     def place(self, view: RingView, key: str, exclude: Collection[str] = ()) -> Placement:
         """EmptyRingError when no active worker is left after `exclude`."""
-        candidates = view.candidates(key, exclude)
-        owner = next(candidates, None)
-        if owner is None:
-            raise EmptyRingError("no active worker" if not exclude else "every active worker is excluded")
-        if self.routing == "round_robin":
-            ordered = [owner, *candidates]
-            worker_id, decision = ordered[next(self._turns) % len(ordered)], "round_robin"
-        elif self.load_factor > 0:
-            worker_id = first_under(itertools.chain([owner], candidates), self.loads.load,
-                                    self._bound(view, exclude), [])
-            decision = "owner" if worker_id == owner else "spilled"
+        if self.routing != "round_robin" and not self.load_factor:  # the default: the owner, one lookup
+            owner = worker_id = self._owner(view, key, exclude)
+            decision = "rerouted" if exclude else "owner"
         else:
-            worker_id, decision = owner, "owner"
-        if exclude and decision == "owner":
-            decision = "rerouted"
+            owner, worker_id, decision = self._choose(view, key, exclude)
         # Where the key's KV may be besides its ring history: the worker it last went to (a spill)
         # and its owner (when this request spills past it).
         sources = [self._last.get(key, worker_id), owner]
         self._remember(key, worker_id)
         return Placement(view.route(key, worker_id, exclude, first_sources=sources), decision)
+
+    @staticmethod
+    def _owner(view: RingView, key: str, exclude: Collection[str]) -> str:
+        try:
+            return view.owner(key, exclude)
+        except EmptyRingError:
+            raise EmptyRingError(_no_worker(exclude)) from None
+
+    def _choose(self, view: RingView, key: str, exclude: Collection[str]) -> tuple[str, str, str]:
+        """(owner, chosen worker, decision) for round robin or bounded loads."""
+        candidates = view.candidates(key, exclude)
+        owner = next(candidates, None)
+        if owner is None:
+            raise EmptyRingError(_no_worker(exclude))
+        if self.routing == "round_robin":
+            ordered = [owner, *candidates]
+            worker_id, decision = ordered[next(self._turns) % len(ordered)], "round_robin"
+        else:
+            worker_id = first_under(itertools.chain([owner], candidates), self.loads.load,
+                                    self._bound(view, exclude), [])
+            decision = "owner" if worker_id == owner else "spilled"
+        if exclude and decision == "owner":
+            decision = "rerouted"
+        return owner, worker_id, decision
 
     def _bound(self, view: RingView, exclude: Collection[str]) -> float:
         """factor x (total + 1) / n over the active workers not excluded: O(draining + excluded)."""

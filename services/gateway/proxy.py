@@ -327,7 +327,7 @@ class GatewayProxy:
 
     def _place(self, key: str, excluded: set[str], migrating: bool) -> RouteResponse:
         placement = self.placer.place(self.ring.current(), key, excluded)
-        self.metrics.routing_decisions.labels("migrated" if migrating else placement.decision).inc()
+        self.metrics.decisions["migrated" if migrating else placement.decision].inc()
         return placement.route
 
     def _hold(self, worker_id: str) -> Callable[[], None]:
@@ -437,7 +437,7 @@ class StreamRelay:
                     yield data
         finally:
             self.metrics.active_streams.dec()
-            self.metrics.streams.labels(outcome).inc()
+            self.metrics.stream_outcomes[outcome].inc()
 
     async def batches(self) -> AsyncIterator[list[RawEvent]]:
         migrations = 0
@@ -486,16 +486,16 @@ class StreamRelay:
             upstream = await self.proxy.open_generate(payload, exclude={previous.route.worker_id},
                                                       migrating=True)
         except ServiceError as exc:
-            self.metrics.migrations.labels("failed").inc()
+            self.metrics.migration_outcomes["failed"].inc()
             return upstream_error_event(f"migration failed: {exc.message}", exc.error_type)
         if upstream.response.status != 200:
-            self.metrics.migrations.labels("failed").inc()
+            self.metrics.migration_outcomes["failed"].inc()
             try:
                 body = json_or_none(await upstream.response.read())
             except UpstreamFailure:
                 body = None
             return upstream_error_event(f"migration failed: {error_message(body) or upstream.response.status}")
-        self.metrics.migrations.labels("ok").inc()
+        self.metrics.migration_outcomes["ok"].inc()
         self.upstream = upstream
         return None
 

@@ -168,3 +168,9 @@ def test_a_client_that_reads_with_pauses_shorter_than_the_timeout_gets_the_whole
                 time.sleep(0.4)
                 next_pause += 128 * 1024
     assert received.endswith(b"data: end\n\n\r\n0\r\n\r\n") and app.closed.is_set()
+
+
+def test_access_log_is_a_setting():
+    on = server_config(echo_app, ServiceSettings(allow_no_internal_token=True))
+    off = server_config(echo_app, ServiceSettings(allow_no_internal_token=True, access_log=False))
+    assert on.access_log and not off.access_log
