@@ -13,6 +13,9 @@ class CoordinatorSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="COORDINATOR_")
 
     port: int = Field(8081, ge=1, le=65535)
+    # Off here: a thousand workers' heartbeats are hundreds of lines a second (membership changes
+    # are still logged, one line each).
+    access_log: bool = False
     # Ring points per worker; fewer are cheaper and less even (README, "Control plane at scale").
     vnodes: int = Field(DEFAULT_VNODES, ge=1, le=65_536)
     ttl_s: float = Field(10.0, gt=0)
