@@ -216,21 +216,29 @@ class HashRing:
                     return
 
     def walk_members(self, key: str) -> Iterator[tuple[str, bool]]:
-        """Every member once (active or not) with its state, clockwise from the key's hash."""
+        """Every member once (active or not) with its state, clockwise from the key's hash. Reads
+        the owners in blocks growing from 16 points (the owner is nearly always in the first few),
+        each block one list: a point cost ~0.3 µs read one by one from numpy, and the handoff
+        window's earlier owners can take hundreds of points after a start from empty."""
         hashes, owners = self._points
         num_points = len(hashes)
         if not num_points:
             return
-        start = int(hashes.searchsorted(np.uint32(hash_key(key))))  # a Python int: O(points)
+        start = int(hashes.searchsorted(np.uint32(hash_key(key)))) % num_points  # a Python int: O(points)
         seen: set[int] = set()
         num_members = len(self._numbers)
-        for offset in range(num_points):
-            number = int(owners[(start + offset) % num_points])
-            if number not in seen:
-                seen.add(number)
-                yield self._names[number], self._active[number] == 1
-                if len(seen) == num_members:
-                    return
+        offset, size = 0, 16
+        while offset < num_points:
+            lo, take = (start + offset) % num_points, min(size, num_points - offset)
+            block = owners[lo:lo + take] if lo + take <= num_points else \
+                np.concatenate([owners[lo:], owners[:lo + take - num_points]])
+            for number in block.tolist():
+                if number not in seen:
+                    seen.add(number)
+                    yield self._names[number], self._active[number] == 1
+                    if len(seen) == num_members:
+                        return
+            offset, size = offset + take, min(size * 4, 1 << 16)
 
     @classmethod
     def of(cls, workers: Iterable[str], vnodes: int = DEFAULT_VNODES) -> "HashRing":

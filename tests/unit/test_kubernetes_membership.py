@@ -4,19 +4,9 @@ from services.coordinator.endpoint_slices import Endpoint
 from services.coordinator.kubernetes_membership import KubernetesMembership
 from services.coordinator.membership import UnknownWorker
 from tests.endpoint_slice_docs import dns_address
-from tests.unit.test_membership import FakeClock
+from tests.unit.test_membership import FakeClock, changes, clock  # noqa: F401 (the same fixtures)
 
 TTL_S = 10
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def changes() -> list:
-    return []
 
 
 @pytest.fixture
