@@ -13,7 +13,7 @@ from services.gateway.proxy import GatewayProxy
 
 router = APIRouter(tags=["vLLM-compatible"])
 RESET_RESPONSES = {200: {"description": "Every registered worker dropped its stateless (prefix cache) "
-                                        "entries; conversations keep their KV."}} | errors(401, 502, 503)
+                                        "entries; conversations keep their KV."}} | errors(401, 408, 413, 502, 503)
 
 
 def _proxy(request: Request) -> GatewayProxy:
@@ -25,7 +25,7 @@ def _check_model(proxy: GatewayProxy, model: str | None) -> None:
         raise ModelNotFound(f"model '{model}' is not served here (see /v1/models)", param="model")
 
 
-@router.post("/tokenize", response_model=None, responses=errors(400, 401, 404, 422, 502, 503))
+@router.post("/tokenize", response_model=None, responses=errors(400, 401, 404, 408, 413, 422, 502, 503))
 async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     """vLLM's body and answer: `{count, max_model_len, tokens, token_strs}`. `messages` are
     rendered with the chat template that /v1/chat/completions uses, so `count` is its prompt_tokens."""
@@ -34,7 +34,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     return await proxy.call_any("/tokenize", body.model_dump(exclude={"model"}, exclude_none=True))
 
 
-@router.post("/detokenize", response_model=None, responses=errors(400, 401, 404, 422, 502, 503))
+@router.post("/detokenize", response_model=None, responses=errors(400, 401, 404, 408, 413, 422, 502, 503))
 async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
     """`{tokens: [ids]}` -> `{prompt: text}`."""
     proxy = _proxy(request)
