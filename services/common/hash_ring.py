@@ -56,6 +56,13 @@ class Points(NamedTuple):
 EMPTY = Points(np.empty(0, np.uint32), np.empty(0, np.uint16))
 
 
+class Forgotten(NamedTuple):
+    """HashRing.without(): the member numbers dropped, the points it read, the points left."""
+    numbers: tuple[int, ...]
+    base: Points
+    points: Points
+
+
 def merge(old: Points, new: Points) -> tuple[Points, np.ndarray]:
     """Both sorted; O(len(old) + len(new)) (np.insert would also argsort the places). Also returns
     where the new points went."""
@@ -173,19 +180,36 @@ class HashRing:
             points = self._fix_ties(points, at, lambda n: names.get(n) or self._names[n])
         return points
 
-    def forget(self, worker_ids: Iterable[str]) -> None:
-        """Drops the points of inactive members (their handoff window ended)."""
-        numbers = [self._numbers[w] for w in worker_ids if w in self._numbers and not self._active[self._numbers[w]]]
+    def without(self, worker_ids: Iterable[str]) -> Forgotten:
+        """The points less those of the given inactive members: O(points), so callers on an event
+        loop run it in a thread (pure: reads the current arrays) and hand the result to forget()."""
+        base, numbers = self._points, self._forgettable(worker_ids)
         if not numbers:
-            return
+            return Forgotten(numbers, base, base)
         dropped = np.zeros(len(self._names), bool)  # a table lookup: np.isin would sort the owners
-        dropped[numbers] = True
-        keep = ~dropped[self._points.owners]
-        self._points = Points(self._points.hashes[keep], self._points.owners[keep])
-        for number in numbers:
+        dropped[list(numbers)] = True
+        keep = ~dropped[base.owners]
+        return Forgotten(numbers, base, Points(base.hashes[keep], base.owners[keep]))
+
+    def forget(self, worker_ids: Iterable[str], computed: Forgotten | None = None) -> bool:
+        """Drops the points of inactive members (their handoff window ended). `computed`: without()
+        of the same workers, taken off the loop; if the ring changed since (a merge, a worker back
+        on), nothing is dropped and False returned: the caller tries again later."""
+        worker_ids = list(worker_ids)
+        if computed is None:
+            computed = self.without(worker_ids)
+        elif computed.base is not self._points or computed.numbers != self._forgettable(worker_ids):
+            return False
+        self._points = computed.points
+        for number in computed.numbers:
             del self._numbers[self._names[number]]
             self._names[number] = None
             heapq.heappush(self._free, number)
+        return True
+
+    def _forgettable(self, worker_ids: Iterable[str]) -> tuple[int, ...]:
+        return tuple(sorted(self._numbers[w] for w in set(worker_ids)
+                            if w in self._numbers and not self._active[self._numbers[w]]))
 
     def owner(self, key: str, exclude: Collection[str] = ()) -> str:
         """The worker of the first active point at or clockwise after the key's hash, skipping

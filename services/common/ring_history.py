@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Collection, Iterable, Mapping
 from typing import NamedTuple
 
-from services.common.hash_ring import HashRing
+from services.common.hash_ring import Forgotten, HashRing
 
 # WorkerGenerateRequest.handoff_sources takes at most 16; the newest owners are the likeliest sources.
 MAX_PREVIOUS = 16
@@ -43,6 +43,7 @@ class ChangeLog:
         self.entries: deque[Entry] = deque()   # oldest first, seqs consecutive
         self.next_seq = 1
         self._toggles: dict[str, list[int]] = {}  # worker -> seqs of its entries, ascending
+        self._released: set[str] = set()  # no kept entry names them: their points may go
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -84,12 +85,29 @@ class ChangeLog:
                 if not seqs:
                     del self._toggles[worker_id]
                     released.append(worker_id)
+                    self._released.add(worker_id)
         if before_seq is not None and not self.entries:
             self.next_seq = max(self.next_seq, before_seq)
         return released
 
     def named(self, worker_id: str) -> bool:
         return worker_id in self._toggles
+
+    def releasable(self, ring: HashRing) -> list[str]:
+        """Workers whose points the ring can drop: out of the log and off the ring (sorted). Those
+        back on it or named again are no longer candidates (a later drop names them again)."""
+        self._released = {w for w in self._released
+                          if w not in self._toggles and w not in ring and ring.is_member(w)}
+        return sorted(self._released)
+
+    def forget_points(self, ring: HashRing, computed: Forgotten | None = None) -> bool:
+        """Drops the releasable workers' points from `ring`; `computed`: ring.without(them), taken
+        off the event loop (an O(points) pass: 0.1 s at a thousand workers)."""
+        released = self.releasable(ring)
+        if released and ring.forget(released, computed):
+            self._released.clear()
+            return True
+        return not released
 
     def previous_owners(self, key: str, ring: HashRing, addresses: Mapping[str, str],
                         skip: Collection[str]) -> tuple[Peer, ...]:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from services.common.hash_ring import DEFAULT_VNODES, EmptyRingError, HashRing, Points
+from services.common.hash_ring import DEFAULT_VNODES, EmptyRingError, Forgotten, HashRing, Points
 from services.common.ring_history import MAX_PREVIOUS, ChangeLog, Peer
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,6 @@ class Membership:
         self._on_version = on_version
         self._workers: dict[str, WorkerInfo] = {}
         self._num_draining = 0
-        self._released: set[str] = set()  # left the window: their points go at the next sweep
         self._dirty: set[str] = set()  # workers whose ring state may differ from what they want
         self._dirty_since = 0.0        # when the first of them changed: the old ring retired then
         self._changed_at: dict[str, int] = {}  # worker -> version of its last change
@@ -102,7 +101,6 @@ class Membership:
     def ring(self) -> HashRing:
         """Committed now, new workers' points included (a merge on this call if any are pending)."""
         self.commit(defer=False)
-        self._forget_released()
         return self._ring
 
     @property
@@ -190,7 +188,6 @@ class Membership:
         for worker_id in expired:
             self._remove(worker_id, "expire")
         self.commit()  # the sweep: new workers' points are left to the builder
-        self._forget_released()
         return expired
 
     def _silent(self, since: float) -> list[str]:
@@ -230,15 +227,15 @@ class Membership:
                     self._changed_at[worker_id] = self.version  # its record's state changed
             self._dirty_since = now
         before = self.log.first_seq
-        self._released.update(self.log.drop(before_at=now - self.handoff_window_s))
+        self.log.drop(before_at=now - self.handoff_window_s)
         if self.log.first_seq != before:
             self._bump_version()
 
-    def _forget_released(self) -> None:
-        """Drops the points of workers off the ring that no kept change names: an O(points) pass,
-        so done by the sweep (once a second), not at every read."""
-        released, self._released = self._released, set()
-        self._ring.forget(w for w in released if not self.log.named(w) and w not in self._ring)
+    def forget_released(self, computed: Forgotten | None = None) -> bool:
+        """Drops the points of workers off the ring that no kept change names. An O(points) pass:
+        the sweep computes `computed` (the ring's without() of log.releasable()) in a thread;
+        False when the ring changed meanwhile (the next sweep tries again)."""
+        return self.log.forget_points(self._ring, computed)
 
     def route(self, seq_id: str, exclude: Collection[str] = ()) -> Route:
         """The key's owner on the current ring, skipping `exclude` (workers the caller could not

@@ -66,8 +66,7 @@ class RingView:
                     self.log.next_seq = change.seq
                 self.log.append(Entry(change.seq, 0.0, tuple(change.toggles), change.num_active_before))
         self.ring.update(on=plan.on, off=plan.off, merged=None if merged is None else (plan.new, merged))
-        released = self.log.drop(before_seq=state.first_seq)
-        self.ring.forget(w for w in released if w not in self.ring)
+        self.log.drop(before_seq=state.first_seq)  # the dropped workers' points: forget_points()
         self.log.next_seq = max(self.log.next_seq, state.next_seq)
         self.instance, self.settling = state.instance, state.settling
         self.version, self.load_version, self.epoch = state.version, state.load_version, state.epoch
@@ -78,6 +77,7 @@ class RingView:
         view = cls(state.instance, state.vnodes)
         plan = view.plan(state)
         view.apply(state, plan, view.ring.merged_with(plan.new))
+        view.log.forget_points(view.ring)  # in the caller's thread, as the whole build
         return view
 
     def candidates(self, key: str, exclude: Collection[str] = ()) -> Iterator[str]:

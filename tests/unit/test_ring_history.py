@@ -148,7 +148,15 @@ def test_the_window_releases_the_points_of_workers_that_left():
     assert membership.ring.members == ["a", "b", "c"] and membership.ring.workers == ["a", "c"]
     clock.now += WINDOW_S + 1
     membership.expire()
-    assert membership.ring.members == ["a", "c"] and membership.num_changes_kept == 0
+    assert membership.ring.members == ["a", "b", "c"] and membership.num_changes_kept == 0  # not yet
+    ring = membership.committed_ring
+    computed = ring.without(membership.log.releasable(ring))  # the sweep does this in a thread
+    membership.register("d", "http://d")
+    membership.commit(defer=False)  # the ring changed meanwhile: the computed points are stale
+    assert not membership.forget_released(computed) and ring.members == ["a", "b", "c", "d"]
+    assert membership.forget_released(ring.without(membership.log.releasable(ring)))
+    assert ring.members == ["a", "c", "d"] and ring.num_points == 3 * VNODES
+    assert {ring.owner(key) for key in KEYS} == {"a", "c", "d"}
 
 
 def test_a_replayed_log_names_the_same_owners():
@@ -170,3 +178,17 @@ def test_a_replayed_log_names_the_same_owners():
     for key in KEYS:
         owner = membership.ring.owner(key)
         assert log.previous_owners(key, ring, addresses, {owner}) == membership.route(key).previous
+
+
+async def test_the_coordinators_sweep_drops_released_points_off_the_loop():
+    from services.coordinator.app import forget_released
+    clock = Clock()
+    membership = Membership(ttl_s=1e9, vnodes=VNODES, handoff_window_s=WINDOW_S, clock=clock)
+    for worker_id in ("a", "b", "c"):
+        membership.register(worker_id, f"http://{worker_id}")
+    membership.commit(defer=False)
+    membership.deregister("b")
+    clock.now += WINDOW_S + 1
+    membership.expire()
+    await forget_released(membership)
+    assert membership.ring.members == ["a", "c"] and membership.ring.num_points == 2 * VNODES
