@@ -281,6 +281,10 @@ async def churn(client, cluster, n: int, rng, seconds: float) -> dict:
     return {"lag_ms": lags}
 
 
+async def noop(value):
+    return value
+
+
 async def placement_us(client, cluster) -> float:
     state = RingState.model_validate((await client.get(cluster.coord_url + "/ring")).json())
     view = await asyncio.to_thread(RingView.of, state)
@@ -320,13 +324,19 @@ async def measure(n, churn_s, staggered, rng, cluster, client, regs, sims, cpu0,
     await asyncio.sleep(2)
     await cluster.read_stalls(client)  # the maxima so far: those of the registration storm
     out["storm_stall_ms"] = {k: v * 1000 for k, v in cluster.stalls.items()}
-    out |= await propagation(client, cluster, regs, rng, samples=10)
-    out["placement_us"] = await placement_us(client, cluster)
-    out |= await churn(client, cluster, n, rng, churn_s) if churn_s else {"lag_ms": []}
-    out["flapped"] = await expiries(client, cluster)  # before the crashes: none should be expired yet
-    out["crash_ms"] = await crash(client, cluster, tasks, regs, samples=len(regs))
+    phases = {"propagation": lambda: propagation(client, cluster, regs, rng, samples=10),
+              "placement": lambda: placement_us(client, cluster),
+              "churn": lambda: churn(client, cluster, n, rng, churn_s) if churn_s else noop({"lag_ms": []}),
+              "expiries": lambda: expiries(client, cluster),
+              "crash": lambda: crash(client, cluster, tasks, regs, samples=len(regs))}
+    out["stall_ms_after"] = {}  # the maxima after each phase (JSON only): which one set them
+    for phase, run in phases.items():
+        result = await run()
+        out |= result if isinstance(result, dict) else {phase: result}
+        await cluster.read_stalls(client)
+        out["stall_ms_after"][phase] = {k: round(v * 1000, 1) for k, v in cluster.stalls.items()}
+    out["placement_us"], out["flapped"], out["crash_ms"] = out.pop("placement"), out.pop("expiries"), out.pop("crash")
     cpu1 = cluster.stats()
-    await cluster.read_stalls(client)
     watcher.cancel()
     for task in tasks:
         task.cancel()
