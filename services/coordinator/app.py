@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import Depends, FastAPI
 
 from services.common.auth import require_bearer
+from services.common.burst_pacing import PaceBursts
 from services.common.errors import install_error_handlers
 from services.common.loop_stall import LoopStallMonitor
 from services.coordinator.api import membership_router, router
@@ -21,6 +22,8 @@ from services.coordinator.settings import CoordinatorSettings
 from services.coordinator.watch import VersionWatch
 
 log = logging.getLogger(__name__)
+
+MEMBERSHIP_WRITES = ("/register", "/heartbeat", "/deregister", "/drain")
 
 
 async def sweep_forever(membership: Membership, interval_s: float) -> None:
@@ -106,6 +109,8 @@ def create_app(settings: CoordinatorSettings | None = None, *,
                 await watcher.client.aclose()
 
     app = FastAPI(title="kvcache coordinator", lifespan=lifespan)
+    # A storm of registrations (a restart, a rollout's drains) is served a few per loop iteration.
+    app.add_middleware(PaceBursts, paths=MEMBERSHIP_WRITES)
     install_error_handlers(app)
     app.include_router(router)
     # Membership writes come only from workers; with a token set, only they can move the ring.
