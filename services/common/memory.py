@@ -1,4 +1,5 @@
-"""Large freed arrays go back to the operating system (coordinator and gateway).
+"""Memory habits of the coordinator and gateway: large freed arrays go back to the operating
+system, and the garbage collector skips what startup made.
 
 glibc serves a large allocation with mmap and unmaps it on free, but on that free it raises its
 mmap threshold to the freed size (up to 32 MiB): later arrays of that size come from the heap,
@@ -9,6 +10,7 @@ torch reallocates KV buffers all the time, and the dynamic threshold is what kee
 """
 
 import ctypes
+import gc
 import sys
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -24,3 +26,14 @@ def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
     except (OSError, AttributeError):
         return False
     return mallopt(M_MMAP_THRESHOLD, nbytes) == 1
+
+
+def freeze_startup_objects() -> int:
+    """Collects once, then moves every object alive (the frameworks, the app) into the collector's
+    permanent generation, so a full collection walks only what was made since: at a thousand
+    workers the coordinator's gen-2 collection took 46 ms, a stall of whichever request
+    triggered it (50-60 ms on its `/workers`); after the freeze, under 1 ms. Returns how many
+    objects were frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

@@ -13,6 +13,7 @@ from services.common.auth import bearer_headers
 from services.common.body_limit import BodyLimit
 from services.common.errors import ServiceError, error_response, install_error_handlers
 from services.common.loop_stall import LoopStallMonitor
+from services.common.memory import freeze_startup_objects
 from services.gateway.api import router
 from services.gateway.api_keys import ApiKeyMiddleware, load_api_keys
 from services.gateway.fast_generate import FastGenerate
@@ -67,6 +68,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         tasks = [asyncio.create_task(ring.run()),
                  asyncio.create_task(LoopStallMonitor(metrics.loop_stall, metrics.loop_busy_stall).run())]
         await ring.wait_first()
+        freeze_startup_objects()  # full collections walk only what serving makes
         try:
             yield
         finally:

@@ -34,3 +34,16 @@ def resident_after_free(mode: str) -> float:
 def test_freed_arrays_leave_rss_once_the_threshold_is_fixed():
     assert resident_after_free("default") > 20  # the heap kept the second array: why this exists
     assert resident_after_free("fixed") < 4
+
+
+def test_startup_objects_are_frozen_out_of_full_collections():
+    import gc
+
+    from services.common.memory import freeze_startup_objects
+    kept = [{"n": i} for i in range(1000)]  # alive at "startup"
+    try:
+        frozen = freeze_startup_objects()
+        assert frozen >= len(kept) and gc.get_freeze_count() == frozen
+        assert all(not gc.is_tracked(k) or k not in gc.get_objects(2) for k in kept[:3])
+    finally:
+        gc.unfreeze()  # the test process's collector as it was
