@@ -90,6 +90,7 @@ def create_app(settings: CoordinatorSettings | None = None, *,
         app.state.instance = uuid.uuid4().hex
         app.state.started_at = clock()
         app.state.membership = build_membership(settings, app.state.metrics, clock, app.state.watch)
+        freeze_startup_objects()  # a full collection was a 46 ms stall at 1000 workers
         stalls = LoopStallMonitor(app.state.metrics.loop_stall, app.state.metrics.loop_busy_stall)
         # Kubernetes lists the workers: the watch holds the app's one HTTP client.
         watcher = make_watcher(settings, app.state.membership.sync, app.state.metrics.record_watch_restart) \
@@ -99,7 +100,6 @@ def create_app(settings: CoordinatorSettings | None = None, *,
                  asyncio.create_task(stalls.run())]
         if watcher is not None:
             tasks.append(asyncio.create_task(watcher.run()))
-        freeze_startup_objects()  # a full collection was a 46 ms stall at 1000 workers
         try:
             yield
         finally:
