@@ -10,6 +10,7 @@ key that was active then. Memory: one entry per change (the toggled ids) and one
 worker; nothing grows with the product of workers and events.
 """
 
+import asyncio
 import bisect
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping
@@ -71,10 +72,9 @@ class ChangeLog:
         for worker_id, _ in entry.toggles:
             self._toggles.setdefault(worker_id, []).append(entry.seq)
 
-    def drop(self, before_at: float | None = None, before_seq: int | None = None) -> list[str]:
-        """Forgets entries older than `before_at`, before `before_seq`, or past max_entries.
-        Returns the workers no kept entry names (their kept points may go if they are inactive)."""
-        released = []
+    def drop(self, before_at: float | None = None, before_seq: int | None = None) -> None:
+        """Forgets entries older than `before_at`, before `before_seq`, or past max_entries. The
+        workers no kept entry names any more become releasable (their points may go)."""
         while self.entries and (len(self.entries) > self.max_entries
                                 or (before_at is not None and self.entries[0].at < before_at)
                                 or (before_seq is not None and self.entries[0].seq < before_seq)):
@@ -84,11 +84,9 @@ class ChangeLog:
                 del seqs[:bisect.bisect_right(seqs, entry.seq)]
                 if not seqs:
                     del self._toggles[worker_id]
-                    released.append(worker_id)
                     self._released.add(worker_id)
         if before_seq is not None and not self.entries:
             self.next_seq = max(self.next_seq, before_seq)
-        return released
 
     def named(self, worker_id: str) -> bool:
         return worker_id in self._toggles
@@ -108,6 +106,12 @@ class ChangeLog:
             self._released.clear()
             return True
         return not released
+
+    async def forget_points_off_loop(self, ring: HashRing) -> bool:
+        """forget_points() with the O(points) copy made in a thread (the coordinator's sweep, the
+        gateway's ring sync); the ring must change only on the calling loop."""
+        released = self.releasable(ring)
+        return not released or self.forget_points(ring, await asyncio.to_thread(ring.without, released))
 
     def previous_owners(self, key: str, ring: HashRing, addresses: Mapping[str, str],
                         skip: Collection[str]) -> tuple[Peer, ...]:

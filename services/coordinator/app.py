@@ -32,18 +32,10 @@ async def sweep_forever(membership: Membership, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
         try:
             membership.expire()
-            await forget_released(membership)
+            # Points of workers out of the handoff window: an O(points) copy, made in a thread.
+            await membership.log.forget_points_off_loop(membership.committed_ring)
         except Exception:  # one bad sweep must not stop expiry for the life of the process
             log.exception("membership sweep failed")
-
-
-async def forget_released(membership: Membership) -> None:
-    """The points of workers whose handoff window ended, dropped from a copy made in a thread (an
-    O(points) pass, 0.1 s at a thousand workers, was a stall of the event loop)."""
-    ring = membership.committed_ring
-    released = membership.log.releasable(ring)
-    if released:
-        membership.forget_released(await asyncio.to_thread(ring.without, released))
 
 
 async def build_points_forever(membership: Membership, interval_s: float = 0.05) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from services.common.hash_ring import DEFAULT_VNODES, EmptyRingError, Forgotten, HashRing, Points
+from services.common.hash_ring import DEFAULT_VNODES, EmptyRingError, HashRing, Points
 from services.common.ring_history import MAX_PREVIOUS, ChangeLog, Peer
 
 log = logging.getLogger(__name__)
@@ -230,12 +230,6 @@ class Membership:
         self.log.drop(before_at=now - self.handoff_window_s)
         if self.log.first_seq != before:
             self._bump_version()
-
-    def forget_released(self, computed: Forgotten | None = None) -> bool:
-        """Drops the points of workers off the ring that no kept change names. An O(points) pass:
-        the sweep computes `computed` (the ring's without() of log.releasable()) in a thread;
-        False when the ring changed meanwhile (the next sweep tries again)."""
-        return self.log.forget_points(self._ring, computed)
 
     def route(self, seq_id: str, exclude: Collection[str] = ()) -> Route:
         """The key's owner on the current ring, skipping `exclude` (workers the caller could not

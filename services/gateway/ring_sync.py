@@ -106,9 +106,7 @@ class RingSync:
         if view.ring.points is not base:  # cannot happen: only this task changes the view
             merged = None
         view.apply(state, plan, merged)
-        released = view.log.releasable(view.ring)  # out of the window: their points go, off the loop
-        if released:
-            view.log.forget_points(view.ring, await asyncio.to_thread(view.ring.without, released))
+        await view.log.forget_points_off_loop(view.ring)  # workers out of the window: their points go
         self.loads.forget(state.removed)
         self.loads.observe(state.loads, full=False)
 

@@ -189,7 +189,7 @@ def test_a_view_kept_by_deltas_routes_like_the_coordinator_and_like_a_fresh_view
         view.apply(delta, plan := view.plan(delta), view.ring.merged_with(plan.new))
         # What the gateway's ring sync and the coordinator's sweep then do (in a thread there):
         view.log.forget_points(view.ring, view.ring.without(view.log.releasable(view.ring)))
-        membership.forget_released()
+        membership.log.forget_points(membership.committed_ring)
         fresh = view_of(membership)
         assert view.ring.members == fresh.ring.members == membership.ring.members
         assert list(view.log.entries) == list(fresh.log.entries)

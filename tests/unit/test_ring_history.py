@@ -153,8 +153,8 @@ def test_the_window_releases_the_points_of_workers_that_left():
     computed = ring.without(membership.log.releasable(ring))  # the sweep does this in a thread
     membership.register("d", "http://d")
     membership.commit(defer=False)  # the ring changed meanwhile: the computed points are stale
-    assert not membership.forget_released(computed) and ring.members == ["a", "b", "c", "d"]
-    assert membership.forget_released(ring.without(membership.log.releasable(ring)))
+    assert not membership.log.forget_points(ring, computed) and ring.members == ["a", "b", "c", "d"]
+    assert membership.log.forget_points(ring, ring.without(membership.log.releasable(ring)))
     assert ring.members == ["a", "c", "d"] and ring.num_points == 3 * VNODES
     assert {ring.owner(key) for key in KEYS} == {"a", "c", "d"}
 
@@ -180,8 +180,7 @@ def test_a_replayed_log_names_the_same_owners():
         assert log.previous_owners(key, ring, addresses, {owner}) == membership.route(key).previous
 
 
-async def test_the_coordinators_sweep_drops_released_points_off_the_loop():
-    from services.coordinator.app import forget_released
+async def test_released_points_are_dropped_from_a_copy_made_off_the_loop():
     clock = Clock()
     membership = Membership(ttl_s=1e9, vnodes=VNODES, handoff_window_s=WINDOW_S, clock=clock)
     for worker_id in ("a", "b", "c"):
@@ -190,5 +189,5 @@ async def test_the_coordinators_sweep_drops_released_points_off_the_loop():
     membership.deregister("b")
     clock.now += WINDOW_S + 1
     membership.expire()
-    await forget_released(membership)
+    assert await membership.log.forget_points_off_loop(membership.committed_ring)
     assert membership.ring.members == ["a", "c"] and membership.ring.num_points == 2 * VNODES
