@@ -146,12 +146,15 @@ class Simulators:
     """Workers `first`..n-1 in `procs` processes (this script with --simulate): each builds its
     Registrations, says `ready`, starts them all on `go` and stops when its stdin closes."""
 
-    def __init__(self, coord_url: str, first: int, n: int, procs: int, stagger_s: float) -> None:
+    def __init__(self, coord_url: str, first: int, n: int, procs: int, stagger_s: float, nice: int) -> None:
         bounds = [first + (n - first) * k // procs for k in range(procs + 1)]
         self.procs = [subprocess.Popen([sys.executable, __file__, "--simulate", coord_url, str(a), str(b), str(n),
                                         str(stagger_s)],
                                        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                       for a, b in zip(bounds, bounds[1:]) if b > a]
+        self.nice = nice
+        for proc in self.procs:  # before it starts any thread (they inherit it)
+            os.setpriority(os.PRIO_PROCESS, proc.pid, nice)
         for proc in self.procs:
             if proc.stdout.readline().strip() != "ready":
                 raise RuntimeError("a simulator did not start")
@@ -296,7 +299,7 @@ async def placement_us(client, cluster) -> float:
     return (time.perf_counter() - t0) / len(keys) * 1e6
 
 
-async def run_n(n: int, churn_s: float, staggered: bool, rng: random.Random, sim_procs: int) -> dict:
+async def run_n(n: int, churn_s: float, staggered: bool, rng: random.Random, sim_procs: int, sim_nice: int) -> dict:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     # The crash victims share a client here; the bench's own calls and probes have their own, so
     # a queue of heartbeats never delays a measurement.
@@ -305,7 +308,8 @@ async def run_n(n: int, churn_s: float, staggered: bool, rng: random.Random, sim
         cpu0 = cluster.stats()
         watcher = asyncio.create_task(cluster.watch_rss())
         regs = [worker(workers_client, cluster.coord_url, i, rng, n) for i in range(min(n, CRASH_SAMPLES))]
-        sims = await asyncio.to_thread(Simulators, cluster.coord_url, len(regs), n, sim_procs, 5.0 if staggered else 0.0)
+        sims = await asyncio.to_thread(Simulators, cluster.coord_url, len(regs), n, sim_procs,
+                                     5.0 if staggered else 0.0, sim_nice)
         try:
             return await measure(n, churn_s, staggered, rng, cluster, client, regs, sims, cpu0, watcher)
         finally:
@@ -320,7 +324,8 @@ async def measure(n, churn_s, staggered, rng, cluster, client, regs, sims, cpu0,
     settled = await settle(client, cluster, n, timeout_s=120)
     out_registered_s = (await registered) - t0
     out = {"workers": n, "heartbeat_s": heartbeat_s(n), "ttl_s": cluster.ttl_s, "settle_s": time.perf_counter() - t0 if settled != float("inf") else settled,
-           "registered_s": out_registered_s, "sim_procs": len(sims.procs)}
+           "registered_s": out_registered_s, "sim_procs": len(sims.procs),
+           "sim_nice": sims.nice}
     await asyncio.sleep(2)
     await cluster.read_stalls(client)  # the maxima so far: those of the registration storm
     out["storm_stall_ms"] = {k: v * 1000 for k, v in cluster.stalls.items()}
@@ -385,6 +390,9 @@ def main() -> None:
     parser.add_argument("--churn-s", type=float, default=60.0)
     parser.add_argument("--staggered", action="store_true", help="spread the start over 5 s")
     parser.add_argument("--sim-procs", type=int, default=4, help="processes running the simulated workers")
+    parser.add_argument("--sim-nice", type=int, default=10,
+                        help="niceness of the simulator processes: they stand for other machines, so the "
+                             "services come first for the shared cores (0: compete as equals)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "control_plane.json")
     parser.add_argument("--simulate", nargs=5, metavar=("COORD_URL", "FIRST", "END", "N", "STAGGER_S"),
                         help=argparse.SUPPRESS)
@@ -396,7 +404,7 @@ def main() -> None:
     results = []
     print(HEADER, flush=True)
     for n in args.workers:
-        r = asyncio.run(run_n(n, args.churn_s, args.staggered, rng, args.sim_procs))
+        r = asyncio.run(run_n(n, args.churn_s, args.staggered, rng, args.sim_procs, args.sim_nice))
         r["mode"] = "staggered" if args.staggered else "simultaneous"
         r["load_average"] = load_average()  # of the machine (2 shared cores) at the end of the run
         results.append(r)

@@ -46,7 +46,8 @@ class RingView:
         records = {w.worker_id: w for w in state.workers}
         touched = list(dict.fromkeys([*records, *state.removed, *sorted(named)]))
         on = [w for w in touched if w in records and records[w].state == "active"]
-        off = [w for w in touched if w not in on and (self.ring.is_member(w) or w in named)]
+        turned_on = set(on)  # not `w not in on`: a list, O(N^2) for a thousand joins (9 ms)
+        off = [w for w in touched if w not in turned_on and (self.ring.is_member(w) or w in named)]
         new = [w for w in on + off if not self.ring.is_member(w)]
         return Plan(on, off, new)
 

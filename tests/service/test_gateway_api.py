@@ -15,6 +15,7 @@ from services.common.errors import error_body
 from services.common.sse import aparse_events, encode_event, parse_events
 from services.common.hash_ring import HashRing
 from services.gateway.app import create_app
+from services.gateway.routing import PARSE_OFF_LOOP_BYTES
 from services.gateway.settings import GatewaySettings
 from tests.loopback import LoopbackServer, refused_address
 
@@ -450,6 +451,19 @@ async def test_a_ring_change_reaches_the_gateway_without_a_request(cluster):
     response = await cluster.gateway.post("/generate", json={"prompt": "a", "seq_id": seq_id})
     assert events_of(response)[-1]["worker_id"] == "w2"
     assert len(cluster.ring_answers) == answered  # the request asked nothing of the coordinator
+
+
+async def test_a_large_ring_answer_is_taken_like_a_small_one(cluster):
+    """Past PARSE_OFF_LOOP_BYTES the answer is parsed in a thread: same view, same routes."""
+    parked = [f"parked-{i:03d}" for i in range(300)]  # registered, draining: off the ring
+    cluster.active, cluster.registered = ["w1", "w2"], ["w1", "w2", *parked]
+    assert len(json.dumps(cluster.snapshot())) > PARSE_OFF_LOOP_BYTES
+    await cluster.set_ring(active=["w1", "w2"], registered=["w1", "w2", *parked])
+    view = cluster.app.state.proxy.ring.view
+    assert len(view.workers) == 302 and view.draining == set(parked)
+    seq_id = owned_by("w2", ["w1", "w2"])
+    response = await cluster.gateway.post("/generate", json={"prompt": "a", "seq_id": seq_id})
+    assert events_of(response)[-1]["worker_id"] == "w2"
 
 
 async def fail(server: LoopbackServer, failure: str) -> None:
