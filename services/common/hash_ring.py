@@ -87,6 +87,7 @@ class HashRing:
         self._numbers: dict[str, int] = {}   # worker id -> member number
         self._active = bytearray()           # member number -> 1 when it owns keys
         self._num_active = 0
+        self.generation = 0  # grows with every change of members, numbers or states (cache key)
 
     def __len__(self) -> int:
         """Points of active workers."""
@@ -117,6 +118,21 @@ class HashRing:
         return len(self._points.hashes)
 
     @property
+    def num_numbers(self) -> int:
+        """Member numbers in use or free: rows of an array indexed by member number."""
+        return len(self._names)
+
+    def number_of(self, worker_id: str) -> int | None:
+        return self._numbers.get(worker_id)
+
+    def name_of(self, number: int) -> str | None:
+        return self._names[number]
+
+    def active_mask(self) -> np.ndarray:
+        """[num_numbers] uint8: 1 where the member number is active."""
+        return np.frombuffer(bytes(self._active), np.uint8)
+
+    @property
     def points(self) -> Points:
         """The current arrays: a caller that merged off the loop checks they did not change since."""
         return self._points
@@ -145,6 +161,7 @@ class HashRing:
             self._points = merged[1] if ready else self.merged_with(new)
             for worker_id in new:
                 self._number(worker_id)
+            self.generation += 1
         changed = set()
         for worker_id, state in [(w, 1) for w in on] + [(w, 0) for w in off]:
             number = self._numbers.get(worker_id)
@@ -152,6 +169,7 @@ class HashRing:
                 self._active[number] = state
                 self._num_active += 1 if state else -1
                 changed.add(worker_id)
+        self.generation += bool(changed)
         return changed
 
     def merged_with(self, new_members: Collection[str]) -> Points:
@@ -201,6 +219,7 @@ class HashRing:
         elif computed.base is not self._points or computed.numbers != self._forgettable(worker_ids):
             return False
         self._points = computed.points
+        self.generation += 1
         for number in computed.numbers:
             del self._numbers[self._names[number]]
             self._names[number] = None
@@ -275,13 +294,14 @@ class HashRing:
         ring._points = self._points
         ring._names, ring._numbers, ring._free = list(self._names), dict(self._numbers), list(self._free)
         ring._active, ring._num_active = bytearray(self._active), self._num_active
+        ring.generation = self.generation
         return ring
 
     def shares(self) -> dict[str, float]:
         """Fraction of the key space each active worker owns; sums to 1 on a non-empty ring. Reads
         the points once (safe in a thread) in slices, so its temporaries stay a few MB at 8M points."""
         hashes, owners = self._points
-        active = np.frombuffer(bytes(self._active), np.uint8).astype(bool) if self._active else np.zeros(0, bool)
+        active = self.active_mask().astype(bool)
         mask = active[owners] if len(owners) else np.zeros(0, bool)
         hashes, owners = hashes[mask], owners[mask]
         if not len(hashes):

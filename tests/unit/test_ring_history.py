@@ -5,10 +5,11 @@ window) runs beside Membership on random histories, and every key's answers must
 import random
 from collections.abc import Collection, Iterable, Mapping
 
+import numpy as np
 import pytest
 
-from services.common.hash_ring import HashRing
-from services.common.ring_history import MAX_PREVIOUS, ChangeLog, Peer
+from services.common.hash_ring import HashRing, hash_key
+from services.common.ring_history import MAX_POINTS_SCANNED, MAX_PREVIOUS, ChangeLog, Peer
 from services.coordinator.membership import Membership
 
 VNODES = 16
@@ -118,6 +119,48 @@ def test_a_long_chain_of_owners_is_capped_and_newest_first():
     route = membership.route("seq-7")
     assert [p.worker_id for p in route.previous] == drained[::-1][:MAX_PREVIOUS]
     assert route.previous == reference.previous("seq-7", addresses, {route.worker_id})
+
+
+def first_point_at(ring: HashRing, key: str, worker_id: str) -> int:
+    """How many points clockwise from the key the worker's first point is."""
+    hashes, owners = ring.points
+    start = int(hashes.searchsorted(np.uint32(hash_key(key))))
+    clockwise = owners.take(np.arange(start, start + len(hashes)), mode="wrap")
+    return int(np.flatnonzero(clockwise == ring.number_of(worker_id))[0])
+
+
+def test_a_start_from_empty_names_every_owner_within_the_points_scanned():
+    """One worker, then 299 five at a time, then a wave drains and rejoins: the first ring is so
+    small that some keys' owners on it lie past MAX_POINTS_SCANNED; every owner nearer than that
+    is named, in the retired rings' order."""
+    clock = Clock()
+    membership = Membership(ttl_s=1e9, vnodes=VNODES, handoff_window_s=WINDOW_S, clock=clock)
+    reference = ReferenceHistory()
+    workers = [f"w{i:03d}" for i in range(300)]
+    for start, end in zip([0, *range(1, 300, 5)], [*range(1, 300, 5), 300]):
+        for worker_id in workers[start:end]:
+            membership.register(worker_id, f"http://{worker_id}")
+        membership.commit()
+        reference.observe(membership.ring.workers, clock.now)
+    for worker_id in workers[::10]:
+        membership.drain(worker_id)
+    membership.commit()
+    reference.observe(membership.ring.workers, clock.now)
+    for worker_id in workers[::10]:
+        membership.register(worker_id, f"http://{worker_id}")
+    membership.commit()
+    reference.observe(membership.ring.workers, clock.now)
+    ring = membership.ring
+    assert ring.num_points > MAX_POINTS_SCANNED
+    addresses = {w.worker_id: w.address for w in membership.workers()}
+    cut = 0
+    for key in KEYS:
+        route = membership.route(key)
+        retired = [r for _, r in reversed(reference.rings)]
+        near = [r for r in retired if first_point_at(ring, key, r.owner(key)) < MAX_POINTS_SCANNED]
+        assert route.previous == reference_previous_owners(key, near, addresses, {route.worker_id})
+        cut += len(near) < len(retired)
+    assert 0 < cut < len(KEYS)  # the bound was reached for some keys, not all
 
 
 def test_memory_does_not_grow_with_the_number_of_changes():
