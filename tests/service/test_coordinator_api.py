@@ -3,6 +3,8 @@ import asyncio
 import httpx
 import pytest
 
+from services.common.schemas import RingState
+from services.coordinator.api import LARGE_ANSWER_RECORDS
 from services.coordinator.app import create_app
 from services.coordinator.settings import CoordinatorSettings
 
@@ -144,6 +146,19 @@ async def test_workers_listing(client, clock):
                   "served_model_names": [], "state": "active", "age_s": 2.5,
                   "last_heartbeat_age_s": 0.0, "load": 0}
     assert w2["model_name"] is None and w2["last_heartbeat_age_s"] == 2.5
+
+
+async def test_large_answers_are_the_same_json(client):
+    """Past LARGE_ANSWER_RECORDS, /ring and /workers are serialised in a thread: same content."""
+    worker_ids = [f"w{i:03d}" for i in range(LARGE_ANSWER_RECORDS + 20)]
+    for worker_id in worker_ids:
+        await register(client, worker_id)
+    listing = (await client.get("/workers")).json()
+    assert list(listing) == worker_ids and listing["w007"]["address"] == "http://w007:8000"
+    ring = RingState.model_validate((await client.get("/ring")).json())
+    assert ring.full and [w.worker_id for w in ring.workers] == worker_ids
+    delta = (await client.get("/ring", params={"after": 0, "seq": 1, "instance": ring.instance})).json()
+    assert not delta["full"] and len(delta["workers"]) == len(worker_ids)
 
 
 async def test_served_names_and_window_reach_the_ring(client):
