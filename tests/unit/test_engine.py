@@ -232,21 +232,29 @@ def test_a_delete_during_a_finished_requests_last_token_step_waits_for_it(loaded
         assert results == [True] and engine.store.get("s") is None
 
 
-def pin_once_the_step_ends(engine, seq_id: str, timeout_s: float = 5.0):
-    """pin_for_export as soon as the step that produced the last token has ended: `done` reaches
-    the caller from inside that step, and until it ends the request counts as stepping, so the
-    export finds its entry busy (None). Waiting for the held tail itself would take WAIT_S."""
-    deadline = time.perf_counter() + timeout_s
-    while (pinned := engine.pin_for_export(seq_id)) is None and time.perf_counter() < deadline:
-        time.sleep(0.005)
-    return pinned
+def test_an_export_during_a_finished_requests_last_token_step_waits_for_it(loaded_tiny):
+    k = 3
+    with make_engine(loaded_tiny, tail_wait_s=0.0) as engine:
+        with Gate(engine, hold_at=k + 1) as gate:  # a prefill, k - 1 decodes, then the tail's step
+            first = generate(engine, "s", PROMPT_A, max_tokens=k)
+            gate.wait_reached()
+            results: list = []
+            exporting = threading.Thread(target=lambda: results.append(engine.pin_for_export("s")))
+            exporting.start()
+            exporting.join(0.2)
+            assert exporting.is_alive()  # waiting for the step, not answering "nothing to export"
+            gate.released.set()
+            exporting.join(WAIT_S)
+        [(token_ids, _)] = results
+        assert token_ids == encode(engine, PROMPT_A) + first.token_ids  # the step wrote the last token
+        engine.unpin("s")
 
 
 def test_export_and_delete_do_not_wait_for_a_held_last_token(loaded_tiny):
     with make_engine(loaded_tiny, tail_wait_s=WAIT_S) as engine:
         first = generate(engine, "s", PROMPT_A, max_tokens=3)
         context = encode(engine, PROMPT_A) + first.token_ids
-        token_ids, _ = pin_once_the_step_ends(engine, "s")
+        token_ids, _ = engine.pin_for_export("s")  # asked at once: waits out the step of `done`
         assert token_ids == context[:-1]  # the last token's KV was never written: the puller computes it
         engine.unpin("s")
         assert engine.delete_sequence("s") is True

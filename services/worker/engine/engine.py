@@ -27,7 +27,7 @@ from services.worker.model.runner import ModelRunner, StepInput
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5  # the engine thread checks for stop this often when idle
-TAIL_STEP_WAIT_S = 5.0  # the longest a DELETE waits for a finished request's last-token step
+TAIL_STEP_WAIT_S = 5.0  # the longest a DELETE or an export waits for a finished request's last-token step
 RESET_FLUSH_S = 5.0  # the longest a prefix-cache reset waits for the tiers to forget its chunks
 
 
@@ -222,14 +222,21 @@ class Engine:
     # --- KV handoff: export to and import from other workers ---------------------------------
     def pin_for_export(self, seq_id: str) -> tuple[list[int], torch.Tensor] | None:
         """The cached token ids and the KV buffer `[layers, 2, kv_heads, capacity, head_dim]`
-        (positions 0..len(ids) valid), pinned until unpin(); None if nothing can be exported."""
-        with self.lock:
-            self._end_held_tail(seq_id)
-            entry = self.store.get(seq_id)
-            if entry is None or entry.stateless or entry.busy or entry.num_cached == 0:
-                return None
-            self.store.acquire(entry)
-            return entry.token_ids[:entry.num_cached], entry.kv.data
+        (positions 0..len(ids) valid), pinned until unpin(); None if nothing can be exported.
+        Blocking, as delete_sequence: a finished request's last-token step running now is waited
+        for (`done` reaches the client from inside that step; an export asked for at once, a
+        drain's handoff right after a turn, found the entry busy and lost the KV)."""
+        deadline = time.monotonic() + TAIL_STEP_WAIT_S
+        while True:
+            with self.lock:
+                self._end_held_tail(seq_id)
+                entry = self.store.get(seq_id)
+                if entry is not None and not entry.stateless and not entry.busy and entry.num_cached:
+                    self.store.acquire(entry)
+                    return entry.token_ids[:entry.num_cached], entry.kv.data
+                if not self._tail_stepping(seq_id) or time.monotonic() > deadline:
+                    return None
+            time.sleep(0.002)
 
     def unpin(self, seq_id: str) -> None:
         with self.lock:
