@@ -53,9 +53,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(module: str, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=os.environ | env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start(module: str, env: dict, log_path: Path | None = None) -> subprocess.Popen:
+    """`log_path`: where its output goes (else nowhere)."""
+    out = open(log_path, "w") if log_path else subprocess.DEVNULL
+    try:
+        return subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=os.environ | env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    finally:
+        if log_path:
+            out.close()
 
 
 def proc_stats(pid: int) -> tuple[float, float]:
@@ -74,8 +80,9 @@ def pct(values: list[float], p: float) -> float | None:
 
 
 class Cluster:
-    def __init__(self, ttl_s: float = TTL_S) -> None:
+    def __init__(self, ttl_s: float = TTL_S, stall_log_ms: float = 0.0, log_dir: Path | None = None) -> None:
         self.ttl_s = ttl_s
+        self.stall_log_ms, self.log_dir = stall_log_ms, log_dir
         self.coord_url = self.gw_url = ""
         self.procs: list[subprocess.Popen] = []
         self.stalls: dict[str, float] = {}
@@ -84,11 +91,16 @@ class Cluster:
     async def __aenter__(self) -> "Cluster":
         cport, gport = free_port(), free_port()
         self.coord_url, self.gw_url = f"http://127.0.0.1:{cport}", f"http://127.0.0.1:{gport}"
+        logs = {name: self.log_dir / f"{name}.log" if self.log_dir else None for name in ("coordinator", "gateway")}
         self.procs.append(start("services.coordinator", {"COORDINATOR_PORT": str(cport),
                                                         "COORDINATOR_INTERNAL_TOKEN": TOKEN,
-                                                        "COORDINATOR_TTL_S": str(self.ttl_s)}))
+                                                        "COORDINATOR_TTL_S": str(self.ttl_s),
+                                                        "COORDINATOR_LOOP_STALL_LOG_MS": str(self.stall_log_ms)},
+                                logs["coordinator"]))
         self.procs.append(start("services.gateway", {"GATEWAY_PORT": str(gport), "GATEWAY_INTERNAL_TOKEN": TOKEN,
-                                                    "GATEWAY_COORDINATOR_URL": self.coord_url}))
+                                                    "GATEWAY_COORDINATOR_URL": self.coord_url,
+                                                    "GATEWAY_LOOP_STALL_LOG_MS": str(self.stall_log_ms)},
+                                logs["gateway"]))
         async with httpx.AsyncClient() as client:
             for url in (self.coord_url, self.gw_url):
                 for _ in range(300):
@@ -314,19 +326,22 @@ async def placement_us(client, cluster) -> float:
     return (time.perf_counter() - t0) / len(keys) * 1e6
 
 
-async def run_n(n: int, churn_s: float, staggered: bool, rng: random.Random, sim_procs: int, sim_nice: int) -> dict:
+async def run_n(n: int, args: argparse.Namespace, rng: random.Random) -> dict:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     # The crash victims share a client here; the bench's own calls and probes have their own, so
     # a queue of heartbeats never delays a measurement.
-    async with Cluster(max(TTL_S, 3 * heartbeat_s(n))) as cluster, \
+    log_dir = args.service_logs / f"n{n}" if args.service_logs else None
+    if log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    async with Cluster(max(TTL_S, 3 * heartbeat_s(n)), args.stall_log_ms, log_dir) as cluster, \
             httpx.AsyncClient(limits=limits, timeout=30) as workers_client, httpx.AsyncClient(timeout=60) as client:
         cpu0 = cluster.stats()
         watcher = asyncio.create_task(cluster.watch_rss())
         regs = [worker(workers_client, cluster.coord_url, i, rng, n) for i in range(min(n, CRASH_SAMPLES))]
-        sims = await asyncio.to_thread(Simulators, cluster.coord_url, len(regs), n, sim_procs,
-                                     5.0 if staggered else 0.0, sim_nice)
+        sims = await asyncio.to_thread(Simulators, cluster.coord_url, len(regs), n, args.sim_procs,
+                                     5.0 if args.staggered else 0.0, args.sim_nice)
         try:
-            return await measure(n, churn_s, staggered, rng, cluster, client, regs, sims, cpu0, watcher)
+            return await measure(n, args.churn_s, args.staggered, rng, cluster, client, regs, sims, cpu0, watcher)
         finally:
             sims.stop()
 
@@ -408,6 +423,10 @@ def main() -> None:
     parser.add_argument("--sim-nice", type=int, default=10,
                         help="niceness of the simulator processes: they stand for other machines, so the "
                              "services come first for the shared cores (0: compete as equals)")
+    parser.add_argument("--stall-log-ms", type=float, default=0.0,
+                        help="the services log their event loop's stack when it is held this long "
+                             "(*_LOOP_STALL_LOG_MS); see --service-logs")
+    parser.add_argument("--service-logs", type=Path, help="write the services' logs here (N<n>/<service>.log)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "control_plane.json")
     parser.add_argument("--simulate", nargs=5, metavar=("COORD_URL", "FIRST", "END", "N", "STAGGER_S"),
                         help=argparse.SUPPRESS)
@@ -419,7 +438,7 @@ def main() -> None:
     results = []
     print(HEADER, flush=True)
     for n in args.workers:
-        r = asyncio.run(run_n(n, args.churn_s, args.staggered, rng, args.sim_procs, args.sim_nice))
+        r = asyncio.run(run_n(n, args, rng))
         r["mode"] = "staggered" if args.staggered else "simultaneous"
         r["load_average"] = load_average()  # of the machine (2 shared cores) at the end of the run
         results.append(r)

@@ -54,3 +54,12 @@ class ServiceSettings(BaseSettings):
         raise SystemExit(f"{prefix}INTERNAL_TOKEN is not set: give every service the same secret (the local "
                          f"runner, Compose and Kubernetes do), or set {prefix}ALLOW_NO_INTERNAL_TOKEN=true to run "
                          "with internal routes open to anyone who can reach this port")
+
+
+class StallWatchedSettings(ServiceSettings):
+    """A service that measures its event-loop stalls (services/common/loop_stall.py): the
+    coordinator and the gateway."""
+
+    # Log where the event loop's thread is (its stack) whenever the loop is held this long: what
+    # causes the stalls the event_loop_stall gauges report. 0: off (else a thread looks every 5 ms).
+    loop_stall_log_ms: float = Field(0.0, ge=0)

@@ -83,7 +83,8 @@ def create_app(settings: CoordinatorSettings | None = None, *,
         app.state.started_at = clock()
         app.state.membership = build_membership(settings, app.state.metrics, clock, app.state.watch)
         freeze_startup_objects()  # a full collection was a 46 ms stall at 1000 workers
-        stalls = LoopStallMonitor(app.state.metrics.loop_stall, app.state.metrics.loop_busy_stall)
+        stalls = LoopStallMonitor(app.state.metrics.loop_stall, app.state.metrics.loop_busy_stall,
+                                  settings.loop_stall_log_ms / 1000)
         # Kubernetes lists the workers: the watch holds the app's one HTTP client.
         watcher = make_watcher(settings, app.state.membership.sync, app.state.metrics.record_watch_restart) \
             if settings.membership == "kubernetes" else None

@@ -3,11 +3,11 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import ServiceSettings
+from services.common.settings import StallWatchedSettings
 from services.common.hash_ring import DEFAULT_VNODES
 
 
-class CoordinatorSettings(ServiceSettings):
+class CoordinatorSettings(StallWatchedSettings):
     """Environment variables: COORDINATOR_<FIELD>, e.g. COORDINATOR_VNODES=100."""
 
     model_config = SettingsConfigDict(env_prefix="COORDINATOR_")

@@ -69,7 +69,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         await ring.wait_first()
         freeze_startup_objects()  # full collections walk only what serving makes
         # Stalls are measured from here: the startup collection above delays no request.
-        tasks.append(asyncio.create_task(LoopStallMonitor(metrics.loop_stall, metrics.loop_busy_stall).run()))
+        stalls = LoopStallMonitor(metrics.loop_stall, metrics.loop_busy_stall, settings.loop_stall_log_ms / 1000)
+        tasks.append(asyncio.create_task(stalls.run()))
         try:
             yield
         finally:

@@ -3,10 +3,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import SERVER_KEEP_ALIVE_S, ServiceSettings
+from services.common.settings import SERVER_KEEP_ALIVE_S, StallWatchedSettings
 
 
-class GatewaySettings(ServiceSettings):
+class GatewaySettings(StallWatchedSettings):
     """Environment variables: GATEWAY_<FIELD>, e.g. GATEWAY_COORDINATOR_URL."""
 
     model_config = SettingsConfigDict(env_prefix="GATEWAY_")
