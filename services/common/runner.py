@@ -6,7 +6,6 @@ import gc
 import logging
 import queue
 import signal
-import threading
 from collections.abc import Callable, Iterator
 from logging.handlers import QueueHandler, QueueListener
 from typing import Protocol
@@ -23,8 +22,8 @@ def configure_logging(level: str) -> Callable[[], None]:
     only queues them. A write to stderr can block, on a pipe whose reader lags (a container
     runtime's) or a slow disk, and the event loop with it: in the coordinator's churn waves the
     loop was found held 15-32 ms inside a log line's write (README, "Control plane at scale").
-    Returns what writes out the queue and stops the writer (idempotent): the server calls it as
-    it exits."""
+    Returns what writes out the queue and stops the writer (idempotent; later lines are written
+    directly): the server calls it as it exits."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     records: queue.SimpleQueue = queue.SimpleQueue()
@@ -33,11 +32,11 @@ def configure_logging(level: str) -> Callable[[], None]:
     logging.basicConfig(level=level.upper(), handlers=[queued], force=True)
     listener = QueueListener(records, handler)
     listener.start()
-    stopped = threading.Event()
 
     def flush_and_stop() -> None:
-        if not stopped.is_set():
-            stopped.set()
+        root = logging.getLogger()
+        if queued in root.handlers:  # once
+            root.handlers = [handler]  # a line logged from here on (a thread at exit) is written directly
             listener.stop()  # writes what is queued, then ends the thread
     if logging.getLogger().level > logging.DEBUG:
         # httpx logs every call at INFO: a second line per relayed request besides the access

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -74,3 +75,19 @@ def test_log_lines_queued_before_sigterm_are_written_before_the_process_ends(tmp
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_line_logged_after_the_queue_is_written_out_is_written_too():
+    """Once the server has written out the log queue (as it exits), later lines (another thread's
+    at exit) go straight to stderr instead of into a queue nobody reads."""
+    script = ("import logging\n"
+              "from services.common.runner import configure_logging\n"
+              "flush = configure_logging('info')\n"
+              "logging.getLogger('t').info('queued line')\n"
+              "flush()\n"
+              "logging.getLogger('t').info('line after the flush')\n"
+              "flush()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    lines = done.stderr.splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == ["queued line", "line after the flush"]
