@@ -9,11 +9,12 @@ reading `start`, and to reading the first token (both include loopback HTTP), on
 0 s (an agent's next turn, sent on `done`) and 0.5 s (P1's think time).
 
     .venv/bin/python scripts/turn_overhead.py               # 2 x 15 continuations, ~1.5 min
-    .venv/bin/python scripts/turn_overhead.py --reps 40 --think-s 0 --url http://127.0.0.1:8082
+    KVCACHE_INTERNAL_TOKEN=... .venv/bin/python scripts/turn_overhead.py --reps 40 --think-s 0 --url http://127.0.0.1:8082
 """
 
 import argparse
 import json
+import os
 import random
 import statistics
 import string
@@ -67,9 +68,9 @@ def percentiles(values: list[float]) -> dict:
             "min_ms": 1000 * ordered[0], "max_ms": 1000 * ordered[-1], "n": len(ordered)}
 
 
-def measure(url: str, reps: int, think_s: float, rng: random.Random) -> dict:
+def measure(url: str, reps: int, think_s: float, rng: random.Random, headers: dict[str, str]) -> dict:
     rows = {"start": [], "first_token": [], "server_ttft": []}
-    with httpx.Client(timeout=120) as client:
+    with httpx.Client(timeout=120, headers=headers) as client:
         turn(client, url, prompt=text(64, rng), max_tokens=4, temperature=0)  # warm-up
         time.sleep(0.5)
         for _ in range(reps):
@@ -85,8 +86,8 @@ def measure(url: str, reps: int, think_s: float, rng: random.Random) -> dict:
     return {k: percentiles(v) for k, v in rows.items()}
 
 
-def measure_all(url: str, args: argparse.Namespace, rng: random.Random) -> dict:
-    return {f"think_{t:g}s": measure(url, args.reps, t, rng) for t in args.think_s}
+def measure_all(url: str, args: argparse.Namespace, rng: random.Random, headers: dict[str, str]) -> dict:
+    return {f"think_{t:g}s": measure(url, args.reps, t, rng, headers) for t in args.think_s}
 
 
 def report(results: dict) -> str:
@@ -113,7 +114,8 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(0)
     if args.url:
-        result = measure_all(args.url, args, rng)
+        token = os.environ.get("KVCACHE_INTERNAL_TOKEN")  # a worker's routes need it; a gateway ignores it
+        result = measure_all(args.url, args, rng, {"Authorization": f"Bearer {token}"} if token else {})
     else:
         resolve_model_path(MODEL, args.model_cache_dir)
         env = {"WORKER_MODEL_NAME": MODEL, "WORKER_MODEL_CACHE_DIR": str(args.model_cache_dir),
@@ -123,7 +125,8 @@ def main() -> None:
         with LocalCluster(num_workers=args.cluster or 1, log_dir=log_dir, worker_env=env, start_gateway=whole,
                           start_coordinator=whole) as cluster:
             url = cluster.gateway_url if whole else cluster.worker_urls[0]
-            result = measure_all(url, args, rng)
+            # A worker asked directly wants the internal token, as from the gateway.
+            result = measure_all(url, args, rng, {} if whole else cluster.internal_headers)
     print(report(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

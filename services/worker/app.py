@@ -15,6 +15,7 @@ from services.common.body_limit import BodyLimit
 from services.common.errors import Draining, NotReady, error_response, install_error_handlers
 from services.common.http import make_client
 from services.worker import completions_api, internal_api, kv_tensor_api, tokenize_api
+from services.worker.cpu_threads import confine_to_one_thread, confined_executor
 from services.worker.api import open_router, router
 from services.worker.drain import Drainer
 from services.worker.engine.engine import Engine, EngineConfig, EngineObserver
@@ -78,7 +79,8 @@ def kv_budget_bytes(settings: WorkerSettings, loaded: LoadedModel) -> int:
 def build_engine(settings: WorkerSettings, observer: EngineObserver | None = None) -> Engine:
     """Blocking: loads the model. Runs in a worker thread, never on the event loop."""
     if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+        torch.set_num_threads(settings.torch_threads)  # also lifts this thread's cap: put it back
+        confine_to_one_thread()
     loaded = load_model(settings.model_name, settings.model_cache_dir, settings.device, settings.dtype)
     store = KVStore(loaded.layout, kv_budget_bytes(settings, loaded))
     fp = fingerprint(settings.model_name, loaded.layout, weights_revision(loaded.model))
@@ -130,6 +132,8 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         state: WorkerState = app.state.worker
         s = settings
+        # asyncio.to_thread's threads run torch ops on themselves alone (services/worker/cpu_threads.py).
+        asyncio.get_running_loop().set_default_executor(confined_executor())
         client = make_client(connect_timeout_s=2.0, read_timeout_s=5.0)
         store = await asyncio.to_thread(open_store, s)
         state.turns = Turns(store, s.turn_lease_s, state.metrics.observe_store_call)

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import pytest_asyncio
+import torch
 
 from services.common.schemas import GenerateResult
 from services.common.sse import parse_events
@@ -351,6 +352,12 @@ async def test_a_request_is_timed_and_its_tokens_counted(worker, engine):
     assert delta["prompt_tokens_total"] == usage["context_tokens"]
     assert delta["generation_tokens_total"] == usage["completion_tokens"]
     assert all(delta[op] == 1 for op in ops), delta
+
+
+async def test_threads_beside_the_engine_run_torch_ops_alone(worker):
+    """asyncio.to_thread's threads (prefetches, handoff imports, tokenizing) run their torch ops on
+    themselves: a thread team beside the engine's slows its forwards (services/worker/cpu_threads.py)."""
+    assert await asyncio.to_thread(torch.get_num_threads) == 1
 
 
 # --- client disconnect -------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torch
 from services.worker.kv import chunks as ck
 from services.worker.kv.chunks import ChunkRef, ChunkRejected
 from services.worker.kv.store import KVLayout, SequenceEntry
+from services.worker.cpu_threads import confine_to_one_thread
 from services.worker.kv.tiers import DiskTier, HostTier
 
 logger = logging.getLogger(__name__)
@@ -258,6 +259,7 @@ class LowerTiers:
             return False
 
     def _write_loop(self) -> None:
+        confine_to_one_thread()  # its copies must not start a thread team beside the engine's
         while True:
             job = self._jobs.get()
             try:
