@@ -19,16 +19,22 @@ def bearer_headers(token: SecretStr) -> dict[str, str]:
     return {"Authorization": f"Bearer {value}"} if value else {}
 
 
+def bearer_matches(authorization: bytes, expected: bytes) -> bool:
+    """Whether an Authorization header's value carries the token (any when none is set). Compared
+    in constant time."""
+    if not expected:
+        return True
+    scheme, _, given = authorization.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), expected)
+
+
 def require_bearer(token: SecretStr):
     """A FastAPI dependency: 401 unless the request carries the token (no check when unset).
-    Compared in constant time; the token never appears in an error message or a log."""
+    The token never appears in an error message or a log."""
     expected = token.get_secret_value().encode()
 
     async def check(request: Request) -> None:
-        if not expected:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        if not bearer_matches(request.headers.get("authorization", "").encode("latin-1"), expected):
             raise Unauthorized("missing or wrong bearer token")
 
     return check

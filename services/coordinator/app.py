@@ -15,6 +15,7 @@ from services.common.errors import install_error_handlers
 from services.common.loop_stall import LoopStallMonitor
 from services.common.memory import freeze_startup_objects
 from services.coordinator.api import membership_router, router
+from services.coordinator.fast_heartbeat import FastHeartbeat
 from services.coordinator.kubernetes_membership import KubernetesMembership
 from services.coordinator.kubernetes_watch import make_watcher
 from services.coordinator.membership import Membership
@@ -106,6 +107,8 @@ def create_app(settings: CoordinatorSettings | None = None, *,
     app = FastAPI(title="kvcache coordinator", lifespan=lifespan)
     # A storm of registrations (a restart, a rollout's drains) is served a few per loop iteration.
     app.add_middleware(PaceBursts, paths=MEMBERSHIP_WRITES)
+    # Outermost: a heartbeat it answers is a few µs of the loop, not paced (its fallbacks are).
+    app.add_middleware(FastHeartbeat, token=settings.internal_token)
     install_error_handlers(app)
     app.include_router(router)
     # Membership writes come only from workers; with a token set, only they can move the ring.

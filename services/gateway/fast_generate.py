@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.body_limit import read_body, replaying
+from services.common.fast_path import json_post_headers
 from services.common.schemas import GenerateRequest
 from services.gateway.api import generate_response
 from services.gateway.idempotency import IDEMPOTENCY_KEY_RAW
@@ -23,7 +24,7 @@ class FastGenerate:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = _generate_headers(scope)
+        headers = json_post_headers(scope, "/generate")
         if headers is None:
             await self.app(scope, receive, send)
             return
@@ -42,13 +43,3 @@ class FastGenerate:
                                            key.decode("latin-1") if key is not None else None, tenant_in(scope))
         await response(scope, receive, send)
 
-
-def _generate_headers(scope: Scope) -> dict[bytes, bytes] | None:
-    """The request's headers if this path takes it (a POST /generate with a JSON body), else None."""
-    if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/generate":
-        return None
-    headers = dict(scope["headers"])
-    # What FastAPI decodes as JSON (it also takes +json types; those go to it)
-    content_type = headers.get(b"content-type", b"").lower()
-    is_json = content_type in (b"", b"application/json") or content_type.startswith(b"application/json;")
-    return headers if is_json else None

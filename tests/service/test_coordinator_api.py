@@ -1,4 +1,5 @@
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -98,6 +99,17 @@ async def test_heartbeat_keeps_epoch(client):
     response = await client.post("/heartbeat", json={"worker_id": "w1"})
     assert response.status_code == 200
     assert response.json() == {"worker_id": "w1", "epoch": 1}
+
+
+async def test_a_heartbeat_answers_alike_on_the_fast_path_and_through_the_route(client):
+    """A body over the fast path's size (JSON padded with spaces) goes through the FastAPI route."""
+    await register(client, "w1")
+    body = json.dumps({"worker_id": "w1", "load": 2})
+    fast = await client.post("/heartbeat", content=body, headers={"content-type": "application/json"})
+    routed = await client.post("/heartbeat", content=body + " " * 5000, headers={"content-type": "application/json"})
+    assert fast.status_code == routed.status_code == 200
+    assert fast.content == routed.content and fast.headers["content-type"] == routed.headers["content-type"]
+    assert 'kvcache_coordinator_heartbeats_total{outcome="ok"} 2.0' in (await client.get("/metrics")).text
 
 
 @pytest.mark.parametrize("path, body", [
