@@ -34,7 +34,7 @@ class Registration:
                 await self._beat()
             except httpx.HTTPError as exc:
                 if self.registered:
-                    logger.warning("coordinator unreachable: %s", exc)
+                    logger.warning("coordinator unreachable: %s %s", type(exc).__name__, exc)  # a timeout says nothing itself
                 self.registered = False
             await asyncio.sleep(self.interval_s)
 
