@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from services.common.schemas import RingState  # noqa: E402
+from services.common.settings import SERVER_KEEP_ALIVE_S  # noqa: E402
 from services.gateway.placement import Placer  # noqa: E402
 from services.gateway.ring_view import RingView  # noqa: E402
 from services.worker.registration import Registration  # noqa: E402
@@ -186,7 +187,9 @@ class Simulators:
 
 async def simulate(coord_url: str, first: str, end: str, n: str, stagger_s: str) -> None:
     rng = random.Random(int(first))
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    # Idle connections expire before the coordinator closes them, as a worker's client does
+    # (services/common/http.py): at the same 5 s, a heartbeat every 5 s raced the close (ReadError).
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=SERVER_KEEP_ALIVE_S - 1)
     async with httpx.AsyncClient(limits=limits, timeout=30) as client:
         regs = [worker(client, coord_url, i, rng, int(n)) for i in range(int(first), int(end))]
         print("ready", flush=True)
@@ -327,7 +330,9 @@ async def placement_us(client, cluster) -> float:
 
 
 async def run_n(n: int, args: argparse.Namespace, rng: random.Random) -> dict:
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    # Idle connections expire before the coordinator closes them, as a worker's client does
+    # (services/common/http.py): at the same 5 s, a heartbeat every 5 s raced the close (ReadError).
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=SERVER_KEEP_ALIVE_S - 1)
     # The crash victims share a client here; the bench's own calls and probes have their own, so
     # a queue of heartbeats never delays a measurement.
     log_dir = args.service_logs / f"n{n}" if args.service_logs else None
