@@ -9,7 +9,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -25,6 +27,8 @@ from services.worker.model.loader import LoadedModel
 from services.worker.model.runner import ModelRunner, StepInput
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 IDLE_WAIT_S = 0.5  # the engine thread checks for stop this often when idle
 TAIL_STEP_WAIT_S = 5.0  # the longest a DELETE or an export waits for a finished request's last-token step
@@ -123,21 +127,19 @@ class Engine:
         """True if deleted, False if unknown, None if a request is running on it. Blocking: a
         finished request's last-token step that is running now is waited for (a DELETE sent
         right after `done` must not get 409 for it)."""
-        deadline = time.monotonic() + TAIL_STEP_WAIT_S
-        while True:
-            with self.lock:
-                entry = self.store.get(seq_id)
-                if entry is None:
-                    return False
-                self._end_held_tail(seq_id)
-                ids = list(entry.token_ids)
-                if self.store.delete(seq_id):
-                    if self.tiers is not None:
-                        self.tiers.forget(ids)
-                    return True
-                if not self._tail_stepping(seq_id) or time.monotonic() > deadline:
-                    return None
-            time.sleep(0.002)
+        def attempt() -> bool | None:
+            entry = self.store.get(seq_id)
+            if entry is None:
+                return False
+            self._end_held_tail(seq_id)
+            ids = list(entry.token_ids)
+            if not self.store.delete(seq_id):
+                return None
+            if self.tiers is not None:
+                self.tiers.forget(ids)
+            return True
+
+        return self._after_tail_step(seq_id, attempt)
 
     def reset_prefix_cache(self) -> dict:
         """Blocking. Drops the stateless (prefix cache) entries and their chunks in the lower
@@ -226,16 +228,25 @@ class Engine:
         Blocking, as delete_sequence: a finished request's last-token step running now is waited
         for (`done` reaches the client from inside that step; an export asked for at once, a
         drain's handoff right after a turn, found the entry busy and lost the KV)."""
+        def attempt() -> tuple[list[int], torch.Tensor] | None:
+            self._end_held_tail(seq_id)
+            entry = self.store.get(seq_id)
+            if entry is None or entry.stateless or entry.busy or not entry.num_cached:
+                return None
+            self.store.acquire(entry)
+            return entry.token_ids[:entry.num_cached], entry.kv.data
+
+        return self._after_tail_step(seq_id, attempt)
+
+    def _after_tail_step(self, seq_id: str, attempt: Callable[[], T | None]) -> T | None:
+        """`attempt()` under the lock; while it gives None and the sequence's finished request is
+        in its last-token step now, again once that step is over (at most TAIL_STEP_WAIT_S)."""
         deadline = time.monotonic() + TAIL_STEP_WAIT_S
         while True:
             with self.lock:
-                self._end_held_tail(seq_id)
-                entry = self.store.get(seq_id)
-                if entry is not None and not entry.stateless and not entry.busy and entry.num_cached:
-                    self.store.acquire(entry)
-                    return entry.token_ids[:entry.num_cached], entry.kv.data
-                if not self._tail_stepping(seq_id) or time.monotonic() > deadline:
-                    return None
+                result = attempt()
+                if result is not None or not self._tail_stepping(seq_id) or time.monotonic() > deadline:
+                    return result
             time.sleep(0.002)
 
     def unpin(self, seq_id: str) -> None:
