@@ -47,6 +47,11 @@ HEARTBEAT_S = 2.0
 MAX_BEATS_PER_S = 200
 CRASH_SAMPLES = 3  # the crash victims run in the bench's own process (it stops their heartbeats)
 
+# The simulated workers' clients. Idle connections expire before the coordinator closes them, as a
+# worker's client does (services/common/http.py): at the same 5 s, a heartbeat every 5 s raced the
+# close (ReadError, then a re-registration).
+SIM_LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=SERVER_KEEP_ALIVE_S - 1)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -187,10 +192,7 @@ class Simulators:
 
 async def simulate(coord_url: str, first: str, end: str, n: str, stagger_s: str) -> None:
     rng = random.Random(int(first))
-    # Idle connections expire before the coordinator closes them, as a worker's client does
-    # (services/common/http.py): at the same 5 s, a heartbeat every 5 s raced the close (ReadError).
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=SERVER_KEEP_ALIVE_S - 1)
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+    async with httpx.AsyncClient(limits=SIM_LIMITS, timeout=30) as client:
         regs = [worker(client, coord_url, i, rng, int(n)) for i in range(int(first), int(end))]
         print("ready", flush=True)
         await asyncio.to_thread(sys.stdin.readline)
@@ -330,16 +332,13 @@ async def placement_us(client, cluster) -> float:
 
 
 async def run_n(n: int, args: argparse.Namespace, rng: random.Random) -> dict:
-    # Idle connections expire before the coordinator closes them, as a worker's client does
-    # (services/common/http.py): at the same 5 s, a heartbeat every 5 s raced the close (ReadError).
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=SERVER_KEEP_ALIVE_S - 1)
     # The crash victims share a client here; the bench's own calls and probes have their own, so
     # a queue of heartbeats never delays a measurement.
     log_dir = args.service_logs / f"n{n}" if args.service_logs else None
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
     async with Cluster(max(TTL_S, 3 * heartbeat_s(n)), args.stall_log_ms, log_dir) as cluster, \
-            httpx.AsyncClient(limits=limits, timeout=30) as workers_client, httpx.AsyncClient(timeout=60) as client:
+            httpx.AsyncClient(limits=SIM_LIMITS, timeout=30) as workers_client, httpx.AsyncClient(timeout=60) as client:
         cpu0 = cluster.stats()
         watcher = asyncio.create_task(cluster.watch_rss())
         regs = [worker(workers_client, cluster.coord_url, i, rng, n) for i in range(min(n, CRASH_SAMPLES))]

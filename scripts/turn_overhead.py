@@ -24,10 +24,12 @@ import uuid
 from pathlib import Path
 
 import httpx
+from pydantic import SecretStr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from services.common.auth import bearer_headers  # noqa: E402
 from services.common.sse import parse_events  # noqa: E402
 from services.localcluster import LocalCluster  # noqa: E402
 from services.worker.model.presets import resolve_model_path  # noqa: E402
@@ -114,8 +116,8 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(0)
     if args.url:
-        token = os.environ.get("KVCACHE_INTERNAL_TOKEN")  # a worker's routes need it; a gateway ignores it
-        result = measure_all(args.url, args, rng, {"Authorization": f"Bearer {token}"} if token else {})
+        token = SecretStr(os.environ.get("KVCACHE_INTERNAL_TOKEN", ""))  # a worker's routes need it
+        result = measure_all(args.url, args, rng, bearer_headers(token))
     else:
         resolve_model_path(MODEL, args.model_cache_dir)
         env = {"WORKER_MODEL_NAME": MODEL, "WORKER_MODEL_CACHE_DIR": str(args.model_cache_dir),

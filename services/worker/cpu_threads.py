@@ -17,13 +17,10 @@ at the start of every thread it owns that may run a torch op: the default execut
 """
 
 import ctypes
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 
 def _c_function(library: str | None, name: str):

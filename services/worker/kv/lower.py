@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.worker.cpu_threads import confine_to_one_thread
 from services.worker.kv import chunks as ck
 from services.worker.kv.chunks import ChunkRef, ChunkRejected
 from services.worker.kv.store import KVLayout, SequenceEntry
-from services.worker.cpu_threads import confine_to_one_thread
 from services.worker.kv.tiers import DiskTier, HostTier
 
 logger = logging.getLogger(__name__)
