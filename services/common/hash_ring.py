@@ -12,6 +12,7 @@ for the handoff window (ring_history reads where their arcs were). Turning a mem
 O(1); only a new member's points cost an O(points) merge, and a batch of them costs one merge.
 """
 
+import bisect
 import hashlib
 import heapq
 from collections.abc import Collection, Iterable, Iterator
@@ -53,6 +54,15 @@ class Points(NamedTuple):
     owners: np.ndarray  # [P] uint16, member numbers
 
 
+class PointViews(NamedTuple):
+    """Memoryviews of one Points: a key's lookup bisects these with the stdlib rather than calling
+    into numpy, whose dispatch code is the larger cost of a lookup on a cold CPU cache (a request
+    after an idle spell: README, "Routing tax")."""
+    points: Points
+    hashes: memoryview
+    owners: memoryview
+
+
 EMPTY = Points(np.empty(0, np.uint32), np.empty(0, np.uint16))
 
 
@@ -82,6 +92,7 @@ class HashRing:
             raise ValueError(f"vnodes must be >= 1, got {vnodes}")
         self.vnodes = vnodes
         self._points = EMPTY
+        self._views = PointViews(EMPTY, memoryview(EMPTY.hashes), memoryview(EMPTY.owners))
         self._names: list[str | None] = []   # member number -> worker id (None: free)
         self._free: list[int] = []           # a heap of the free member numbers
         self._numbers: dict[str, int] = {}   # worker id -> member number
@@ -233,15 +244,27 @@ class HashRing:
     def owner(self, key: str, exclude: Collection[str] = ()) -> str:
         """The worker of the first active point at or clockwise after the key's hash, skipping
         excluded workers: the key's owner as if the excluded workers had left the ring."""
-        hashes, owners = self._points
         if not exclude and self._num_active:  # the common case: one binary search
-            number = int(owners[int(hashes.searchsorted(np.uint32(hash_key(key)))) % len(hashes)])
+            number = self.point_views().owners[self.slot(key)]
             if self._active[number]:
                 return self._names[number]
         for worker_id in self.walk(key, exclude):
             return worker_id
         raise EmptyRingError("the hash ring has no workers" if not self._num_active
                              else "every worker on the hash ring is excluded")
+
+    def point_views(self) -> PointViews:
+        views = self._views
+        if views.points is not self._points:
+            points = self._points
+            views = self._views = PointViews(points, memoryview(points.hashes), memoryview(points.owners))
+        return views
+
+    def slot(self, key: str) -> int:
+        """The index of the key's point: the first at or clockwise after its hash (0 on an empty
+        ring)."""
+        hashes = self.point_views().hashes
+        return bisect.bisect_left(hashes, hash_key(key)) % len(hashes) if len(hashes) else 0
 
     def walk(self, key: str, exclude: Collection[str] = ()) -> Iterator[str]:
         """Each active worker once, in the order of their first point clockwise from the key's hash:
@@ -267,7 +290,7 @@ class HashRing:
         num_points = len(hashes)
         if not num_points:
             return
-        start = int(hashes.searchsorted(np.uint32(hash_key(key)))) % num_points  # a Python int: O(points)
+        start = self.slot(key)
         seen: set[int] = set()
         num_members = len(self._numbers)
         offset, size = 0, 16

@@ -272,3 +272,21 @@ def test_freed_member_numbers_are_reused_lowest_first():
     ring.update(on=["e", "f", "g"])
     assert [ring._numbers[w] for w in ("e", "f", "g")] == [0, 2, 4]
     assert ring.owner("k") in ring
+
+
+def test_a_keys_slot_is_its_first_point_at_or_after_its_hash_with_wrap_around():
+    ring = build_ring(3, vnodes=8)
+    hashes = ring.points.hashes.tolist()
+    for seq_id in SEQ_IDS[:2000]:
+        after = [i for i, h in enumerate(hashes) if h >= hash_key(seq_id)]
+        assert ring.slot(seq_id) == (after[0] if after else 0)
+    assert HashRing().slot("anything") == 0
+
+
+def test_lookups_follow_the_points_when_they_are_replaced():
+    ring = build_ring(2)
+    before = owners(ring)
+    ring.add("worker-2")
+    assert owners(ring) == {s: HashRing.of(["worker-0", "worker-1", "worker-2"], 100).owner(s) for s in SEQ_IDS}
+    ring.remove("worker-2")
+    assert owners(ring) == before

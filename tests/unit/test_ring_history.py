@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from services.common.hash_ring import HashRing, hash_key
+from services.common import ring_history
 from services.common.ring_history import MAX_POINTS_SCANNED, MAX_PREVIOUS, ChangeLog, Peer
 from services.coordinator.membership import Membership
 
@@ -234,3 +235,43 @@ async def test_released_points_are_dropped_from_a_copy_made_off_the_loop():
     membership.expire()
     assert await membership.log.forget_points_off_loop(membership.committed_ring)
     assert membership.ring.members == ["a", "c"] and membership.ring.num_points == 2 * VNODES
+
+
+def churned_membership(seed: int) -> Membership:
+    rng = random.Random(seed)
+    membership = Membership(ttl_s=1e9, vnodes=VNODES, handoff_window_s=WINDOW_S, clock=Clock())
+    worker_ids = [f"w{i}" for i in range(10)]
+    for _ in range(30):
+        random_step(membership, rng, worker_ids)
+        membership.commit()
+    return membership
+
+
+def test_keys_of_one_point_share_one_scan_and_a_change_rescans():
+    membership = churned_membership(5)
+    ring, log = membership.ring, membership.log
+    by_point: dict[int, list[str]] = {}
+    for key in KEYS:
+        by_point.setdefault(ring.slot(key), []).append(key)
+    shared = next(keys for keys in by_point.values() if len(keys) > 1)
+    first = log._owners_back(shared[0], ring)
+    assert log._owners_back(shared[1], ring) is first  # the first key's scan, reused
+    assert first == log._scan_owners_back(ring.slot(shared[0]), ring, log._owner_masks(ring))
+    for key in KEYS:
+        log._owners_back(key, ring)
+    assert len(log._owner_masks(ring).by_point) == len(by_point)
+    membership.register("w-new", "http://w-new")
+    membership.commit()
+    assert log._owners_back(shared[0], ring) == \
+        log._scan_owners_back(ring.slot(shared[0]), ring, log._owner_masks(ring))
+    assert len(log._owner_masks(ring).by_point) == 1  # nothing cached before the change survives it
+
+
+def test_the_per_point_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(ring_history, "MAX_CACHED_POINTS", 4)
+    membership = churned_membership(6)
+    ring, log = membership.ring, membership.log
+    for key in KEYS:
+        owners_back = log._owners_back(key, ring)
+        assert len(log._owner_masks(ring).by_point) <= 4
+        assert owners_back == log._scan_owners_back(ring.slot(key), ring, log._owner_masks(ring))
