@@ -136,3 +136,35 @@ async def test_a_failing_body_still_closes():
     with pytest.raises(RuntimeError, match="broken"):
         await run(EventStream(body(), close=close), client)
     assert close.calls == 1
+
+
+async def test_the_head_waits_for_the_first_chunk_and_goes_just_before_it():
+    produced = asyncio.Event()
+    release = asyncio.Event()
+
+    async def body():
+        await release.wait()
+        produced.set()
+        yield FinalChunk(b"data: 1\n\n")
+
+    client = Client()
+    task = asyncio.create_task(run(EventStream(body()), client))
+    await asyncio.sleep(0.05)
+    assert client.sent == []  # nothing on the wire while the body has no chunk
+    release.set()
+    await asyncio.wait_for(task, 5)
+    assert [m["type"] for m in client.sent] == ["http.response.start", "http.response.body"]
+    assert client.bodies() == [(b"data: 1\n\n", False)]
+
+
+async def test_a_ping_before_the_first_chunk_brings_the_head():
+    async def body():
+        await asyncio.sleep(0.25)
+        yield FinalChunk(b"data: 1\n\n")
+
+    client = Client()
+    await run(EventStream(body(), ping_s=0.1), client)
+    assert client.sent[0]["type"] == "http.response.start" and client.sent[0]["status"] == 200
+    bodies = client.bodies()
+    assert bodies[0] == (PING, True) and bodies[-1] == (b"data: 1\n\n", False)
+    assert [m["type"] for m in client.sent].count("http.response.start") == 1
