@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_elastic import percentile  # noqa: E402
 from bench_routing import TAX_GAP_S, TAX_MODEL, _env, _timed, ring_of  # noqa: E402
+from services.common.body_limit import read_body  # noqa: E402
 from services.localcluster import LocalCluster, answers_200, free_port  # noqa: E402
 from services.worker.model.presets import resolve_model_path  # noqa: E402
 
@@ -67,12 +68,7 @@ def asgi_relay(target: str, token: str):
             await session[0].close()
             await send({"type": "lifespan.shutdown.complete"})
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body, _ = await read_body(receive)
         if scope["method"] != "POST":  # the readiness probe
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b""})
