@@ -21,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_elastic import percentile  # noqa: E402
-from bench_routing import TAX_GAP_S, TAX_MODEL, _env, _timed, ring_of  # noqa: E402
+from bench_routing import TAX_GAP_S, TAX_MODEL, _env, _timed, ring_of, same_owner  # noqa: E402
 from services.common.body_limit import read_body  # noqa: E402
 from services.localcluster import LocalCluster, answers_200, free_port  # noqa: E402
 from services.worker.model.presets import resolve_model_path  # noqa: E402
@@ -118,8 +117,8 @@ def measure(rounds: int, model_cache_dir: Path, log_dir: Path) -> dict[str, list
             with httpx.Client(timeout=60, headers=cluster.internal_headers) as client:
                 done = 0
                 while done < WARMUP + rounds:
-                    seq = f"floor-{uuid.uuid4().hex[:12]}"
-                    if ring.owner(seq) != worker:
+                    seq, owner = same_owner(ring, [name for name, _ in paths], "floor")
+                    if owner != worker:
                         continue
                     turn = done % len(paths)
                     for name, url in paths[turn:] + paths[:turn]:  # each first in turn

@@ -19,6 +19,7 @@ import random
 import statistics
 import time
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -142,6 +143,17 @@ def _timed(client: httpx.Client, url: str, seq: str) -> float:
     return elapsed
 
 
+def same_owner(ring: HashRing, suffixes: Iterable[str], prefix: str = "tax") -> tuple[str, str]:
+    """A fresh id whose `<id>-<suffix>` sequences all have one owner, and that owner: every path
+    of a round goes to the same worker (with two workers, a random id's paths were on different
+    workers in half the rounds, and the worker's own differences went into the tax)."""
+    while True:
+        seq = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        owners = {ring.owner(f"{seq}-{suffix}") for suffix in suffixes}
+        if len(owners) == 1:
+            return seq, owners.pop()
+
+
 def scenario_routing_tax(out: Path, model_cache_dir: Path, pairs: int = TAX_PAIRS) -> dict:
     """Gateway minus direct, per round, on the default 2-worker cluster; and, as the
     measurement's noise floor, direct minus direct (a second direct request in each round)."""
@@ -153,9 +165,8 @@ def scenario_routing_tax(out: Path, model_cache_dir: Path, pairs: int = TAX_PAIR
         client = httpx.Client(timeout=60, headers=cluster.internal_headers)  # direct: the gateway's token
         times: dict[str, list[float]] = {"gw": [], "direct": [], "direct2": []}
         for i in range(TAX_WARMUP + pairs):
-            seq = f"tax-{uuid.uuid4().hex[:12]}"
-            owner_url = workers[ring.owner(seq)]
-            order = [("gw", cluster.gateway_url), ("direct", owner_url), ("direct2", owner_url)]
+            seq, owner = same_owner(ring, ("gw", "direct", "direct2"))
+            order = [("gw", cluster.gateway_url), ("direct", workers[owner]), ("direct2", workers[owner])]
             for name, url in order[i % 3:] + order[:i % 3]:  # each one first in turn
                 time.sleep(TAX_GAP_S)
                 elapsed = _timed(client, url, f"{seq}-{name}")
