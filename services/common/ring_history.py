@@ -174,13 +174,13 @@ class ChangeLog:
         num_points = len(owners)
         claimed, found = 0, []  # found: (newest entry it claimed first, member number)
         for offset in range(min(num_points, MAX_POINTS_SCANNED)):  # at most one lap
+            if claimed == masks.any_bits:  # also at once when no entry's ring had an owner
+                break
             number = owners[(start + offset) % num_points]
             new = masks.rows[number] & ~claimed  # entries claimed first at this point
             if new:
                 found.append((new.bit_length() - 1, number))
                 claimed |= new
-                if claimed == masks.any_bits:
-                    break
         return tuple(ring.name_of(number) for _, number in sorted(found, reverse=True))
 
     def _owner_masks(self, ring: HashRing) -> "OwnerMasks":

@@ -275,3 +275,30 @@ def test_the_per_point_cache_is_bounded(monkeypatch):
         owners_back = log._owners_back(key, ring)
         assert len(log._owner_masks(ring).by_point) <= 4
         assert owners_back == log._scan_owners_back(ring.slot(key), ring, log._owner_masks(ring))
+
+
+def test_a_window_whose_rings_had_no_owner_names_none_without_walking_the_ring(monkeypatch):
+    membership = Membership(ttl_s=1e9, vnodes=VNODES, handoff_window_s=WINDOW_S, clock=Clock())
+    membership.register("a", "http://a")
+    membership.commit()  # the only change: from an empty ring, which owned nothing
+    ring, log = membership.ring, membership.log
+    assert len(log.entries) == 1
+    read = []
+    views = ring.point_views()
+    monkeypatch.setattr(ring, "point_views", lambda: views._replace(owners=Recording(views.owners, read)))
+    assert all(log._owners_back(key, ring) == () for key in KEYS)
+    assert read == []
+
+
+class Recording:
+    """A sequence that records the indices read."""
+
+    def __init__(self, items, read: list[int]) -> None:
+        self.items, self.read = items, read
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> int:
+        self.read.append(i)
+        return self.items[i]
